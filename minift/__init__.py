@@ -1,0 +1,9 @@
+"""minift: fast, memory-lean fine-tuning of Llama, Mistral and Gemma (1/2/3, vision) in pure PyTorch."""
+
+from . import errors, ops
+from .errors import MiniftError
+from .loading import load
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "ops", "errors", "MiniftError", "__version__"]

@@ -1,0 +1,261 @@
+"""The one decoder: Llama, Mistral, Gemma, Gemma 2 and Gemma 3 text, driven by ModelConfig.
+
+Module names mirror transformers' checkpoint names (model.layers.N.self_attn.q_proj, ...), so a
+checkpoint's state dict maps onto this model 1:1. The hot path is plain tensors through
+`minift.ops`, shaped for torch.compile: no host syncs, no data-dependent Python control flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from .attention import attention, build_mask, packed_segments
+from .config import FULL, SLIDING, ModelConfig
+from .rope import RotaryEmbedding
+
+
+@dataclass
+class CausalLMOutput:
+    """loss: mean (or normalised sum) cross-entropy over labels != -100, None without labels.
+    logits: (batch, seq, vocab), None when the fused loss ran without materialising them."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        self.layer_type = cfg.layer_types[layer_idx]
+        h, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        cfg = self.cfg
+        b, s, _ = x.shape
+        d = cfg.head_dim
+        q = self.q_proj(x).view(b, s, -1, d).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, -1, d).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ops.rope(q, k, cos, sin)
+        out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.act = cfg.hidden_act
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if self.act == "silu":
+            h = ops.swiglu(g, u)
+        else:
+            h = ops.geglu(g, u, "tanh" if self.act == "gelu_pytorch_tanh" else "none")
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.sandwich = cfg.sandwich_norms
+        self.layer_type = cfg.layer_types[layer_idx]
+        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TextModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (transformers' `model.*`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        types = sorted(set(cfg.layer_types))
+        self.rotary = nn.ModuleDict(
+            {t: RotaryEmbedding(cfg.rope[t], cfg.head_dim, cfg.max_position_embeddings) for t in types}
+        )
+        # False, True, or "offload" (the trainer installs the offloading hooks around backward).
+        self.gradient_checkpointing: bool | str = False
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype, as transformers does
+            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
+        return x
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        *,
+        inputs_embeds: torch.Tensor | None = None,
+        bidirectional_groups: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final hidden states (batch, seq, hidden).
+
+        position_ids given without attention_mask are read as packed rows: attention never
+        crosses a place where positions do not continue (a restart), as in padding-free training."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        b, s, _ = x.shape
+        segments = None
+        if position_ids is None:
+            position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
+        elif attention_mask is None:
+            segments = packed_segments(position_ids)
+        if position_ids.shape[0] != b:
+            position_ids = position_ids.expand(b, s)
+        cos_sin = {t: self.rotary[t](position_ids) for t in self.rotary}
+        masks = {
+            t: build_mask(
+                b, s, x.device, attention_mask=attention_mask, segments=segments,
+                sliding_window=self.cfg.sliding_window if t == SLIDING else None,
+                bidirectional_groups=bidirectional_groups,
+            )
+            for t in self.rotary
+        }
+        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for layer in self.layers:
+            t = layer.layer_type
+            cos, sin = cos_sin[t]
+            if ckpt:
+                x = checkpoint(layer, x, cos, sin, masks[t], use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks[t])
+        return self.norm(x)
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        for r in self.rotary.values():
+            r.reset_buffers(device)
+
+
+def causal_lm_loss(
+    hidden: torch.Tensor,
+    head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    softcap: float | None,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Shifted next-token loss from hidden states without materialising the logits: position t
+    predicts token t+1. Mean over labels != -100, or the sum divided by `normalizer` (the
+    target-token count of a whole accumulated optimizer step)."""
+    shift = F.pad(labels[:, 1:], (0, 1), value=-100)
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if normalizer is None:
+        return ops.linear_cross_entropy(h, head_weight, shift.reshape(-1), softcap=softcap, reduction="mean")
+    total = ops.linear_cross_entropy(h, head_weight, shift.reshape(-1), softcap=softcap, reduction="sum")
+    return total / normalizer
+
+
+def logits_loss(logits: torch.Tensor, labels: torch.Tensor, normalizer: torch.Tensor | float | None = None) -> torch.Tensor:
+    """The same shifted loss from logits already computed (soft-capping already applied)."""
+    shift = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1])
+    if normalizer is None:
+        return ops.cross_entropy(flat, shift, reduction="mean")
+    return ops.cross_entropy(flat, shift, reduction="sum") / normalizer
+
+
+class CausalLM(nn.Module):
+    """A text decoder with its LM head (transformers' `*ForCausalLM`)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = TextModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.max_seq_length: int | None = None
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_buffers(self, device: torch.device | str | None = None) -> None:
+        self.model.reset_buffers(device)
+
+    @property
+    def language_model(self) -> TextModel:
+        return self.model
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        return_logits: bool | None = None,
+        loss_normalizer: torch.Tensor | float | None = None,
+    ) -> CausalLMOutput:
+        """return_logits: default True, except when training with labels, where the loss is
+        fused with the LM head (`ops.linear_cross_entropy`) and no logits are materialised."""
+        hidden = self.model(input_ids, attention_mask, position_ids)
+        return self.head(hidden, labels, return_logits=return_logits, loss_normalizer=loss_normalizer)
+
+    def head(self, hidden, labels=None, *, return_logits=None, loss_normalizer=None) -> CausalLMOutput:
+        if return_logits is None:
+            return_logits = labels is None or not self.training
+        logits = loss = None
+        if return_logits:
+            logits = self.compute_logits(hidden)
+            if labels is not None:
+                loss = logits_loss(logits, labels, loss_normalizer)
+        elif labels is not None:
+            loss = causal_lm_loss(
+                hidden, self.lm_head.weight, labels,
+                softcap=self.config.final_logit_softcapping, normalizer=loss_normalizer,
+            )
+        return CausalLMOutput(loss=loss, logits=logits)

@@ -1,0 +1,67 @@
+"""Chooses between a Triton kernel and the plain-PyTorch reference for each op call.
+
+Triton runs on CUDA tensors natively, and on CPU tensors only under the interpreter
+(`TRITON_INTERPRET=1`, which must be set before triton is imported; the tests do this).
+`auto` picks Triton for CUDA tensors and the reference elsewhere, so a CPU user gets plain
+PyTorch (which `torch.compile` fuses) and a GPU user gets the kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+try:  # triton is a Linux-only dependency; everything must still work without it
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised on machines without triton
+    HAS_TRITON = False
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_BACKENDS = ("auto", "triton", "torch")
+_backend = os.environ.get("MINIFT_OPS_BACKEND", "auto")
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(name: str) -> None:
+    """'auto' (Triton on CUDA, reference elsewhere), 'triton' (always, CPU via the interpreter) or 'torch'."""
+    global _backend
+    if name not in _BACKENDS:
+        raise ValueError(f"ops backend must be one of {_BACKENDS}, got {name!r}")
+    _backend = name
+
+
+@contextlib.contextmanager
+def backend(name: str) -> Iterator[None]:
+    """Temporarily force an ops backend: `with minift.ops.backend("triton"): ...`."""
+    old = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(old)
+
+
+def triton_runnable(t: torch.Tensor) -> bool:
+    """Whether a Triton kernel can run on this tensor's device in this process."""
+    if not HAS_TRITON:
+        return False
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Dispatch decision for an op whose main input is `t`."""
+    if _backend == "torch":
+        return False
+    if _backend == "triton":
+        return triton_runnable(t)
+    return HAS_TRITON and t.is_cuda

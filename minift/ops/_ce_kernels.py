@@ -1,0 +1,168 @@
+"""Triton kernels for cross-entropy over a large vocabulary, and their launchers.
+
+One program per row walks the vocabulary in blocks of BLOCK_V with an online logsumexp, so
+V = 262,208 needs no fp32 copy of the logits: each element is read once in the forward and
+read + written once in the gradient pass. Maths is fp32 whatever the storage dtype.
+Rows whose label is ignore_index skip the forward read entirely (the loop runs 0 times) and
+get exact zeros in the gradient pass without reading the logits.
+A label outside [0, V) that is not ignore_index is never dereferenced: its loss is NaN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest vocabulary block one program loads at a time. 4096 bf16 = 8 KiB per step with 8 warps
+# (16 elements, two 16-byte loads per thread). Tests lower it to exercise block boundaries.
+MAX_BLOCK_V = 4096
+
+
+@triton.jit
+def _tanh(y):
+    """tanh without libdevice: odd Taylor series where 1 - exp(-2|y|) would cancel, exp form elsewhere."""
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)  # in (0, 1]: never overflows
+    big = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, small, big)
+    return tl.where(y < 0.0, -t, t)
+
+
+@triton.jit
+def _softcap_grad(x, cap):
+    """z = cap * tanh(x / cap) and dz/dx = sech^2(x / cap), the latter without the 1 - t^2 cancellation."""
+    y = x / cap
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    t = _tanh(y)
+    one_pe = 1.0 + e
+    dz = tl.where(a < 0.25, 1.0 - t * t, 4.0 * e / (one_pe * one_pe))
+    return cap * t, dz
+
+
+@triton.jit
+def _grad_row(x_row, dx_row, label, lse, g, keep, V, softcap,
+              HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """dx = (softmax(z) - onehot(label)) * dz/dx * g for one row; zeros (no loads) when not keep.
+
+    dx_row may equal x_row (in place): every element is loaded before it is stored, by this program only.
+    """
+    v_load = tl.where(keep, V, 0)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(x_row + cols, mask=cols < v_load, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z, dz = _softcap_grad(x, softcap)
+            grad = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * dz
+        else:
+            grad = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+        grad = tl.where(keep, grad * g, 0.0)
+        tl.store(dx_row + cols, grad.to(dx_row.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _ce_fwd_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, lse_ptr, g_ptr, g_stride, dx_ptr, dx_stride,
+                   V, ignore_index, softcap,
+                   HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Per-row loss and lse; with WRITE_GRAD also the scaled gradient (a second pass over the row)."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * x_stride
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    in_range = (label >= 0) & (label < V)
+    v_end = tl.where(ignored, 0, V)
+
+    m = tl.full([], float("-inf"), tl.float32)
+    d = tl.full([], 0.0, tl.float32)
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        mask = cols < V
+        x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        # A block of only -inf logits must not produce exp(-inf - -inf) = NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        d = d * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe), axis=0)
+        m = m_new
+    lse = m + tl.log(tl.where(d > 0.0, d, 1.0))  # d == 0 only when m == -inf: lse stays -inf
+
+    tgt = tl.load(x_row + label, mask=in_range & (~ignored), other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        tgt = softcap * _tanh(tgt / softcap)
+    loss = tl.where(in_range, lse - tgt, float("nan"))
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
+    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    if WRITE_GRAD:
+        g = tl.load(g_ptr + row * g_stride).to(tl.float32)
+        _grad_row(x_row, dx_ptr + row * dx_stride, label, lse, g, ~ignored, V, softcap, HAS_SOFTCAP, BLOCK_V)
+
+
+@triton.jit
+def _ce_bwd_kernel(x_ptr, x_stride, labels_ptr, lse_ptr, g_ptr, g_stride, dx_ptr, dx_stride,
+                   V, ignore_index, softcap,
+                   HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Gradient of per-row losses, each scaled by its upstream grad g[row * g_stride] (stride may be 0)."""
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    g = tl.load(g_ptr + row * g_stride).to(tl.float32)
+    _grad_row(x_ptr + row * x_stride, dx_ptr + row * dx_stride, label, lse, g, label != ignore_index,
+              V, softcap, HAS_SOFTCAP, BLOCK_V)
+
+
+def _launch_config(v: int) -> tuple[int, int]:
+    block = min(triton.next_power_of_2(max(v, 1)), MAX_BLOCK_V)
+    return block, max(2, min(16, block // 512))
+
+
+def _device_guard(t: torch.Tensor):
+    """Triton launches on the current CUDA device; make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _row_stride(t: torch.Tensor) -> int:
+    return t.stride(0) if t.dim() > 0 else 0
+
+
+def ce_rows_forward(x: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, lse: torch.Tensor,
+                    ignore_index: int, softcap: float,
+                    g: torch.Tensor | None = None, dx: torch.Tensor | None = None) -> None:
+    """Write per-row loss and lse of logits x (n, V) (stride(1) == 1) into fp32 loss/lse (n,).
+
+    With dx, also write dx = d(sum_i g_i * loss_i)/dx (g 0-d or (n,), any stride); dx may be x itself.
+    """
+    n, v = x.shape
+    if n == 0:
+        return
+    block, warps = _launch_config(v)
+    write = dx is not None
+    g_arg = g if write else loss
+    with _device_guard(x):
+        _ce_fwd_kernel[(n,)](
+            x, x.stride(0), labels, loss, lse, g_arg, _row_stride(g_arg) if write else 0,
+            dx if write else x, dx.stride(0) if write else 0,
+            v, ignore_index, softcap if softcap > 0 else 1.0,
+            HAS_SOFTCAP=softcap > 0, WRITE_GRAD=write, BLOCK_V=block, num_warps=warps,
+        )
+
+
+def ce_rows_backward(x: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                     dx: torch.Tensor, ignore_index: int, softcap: float) -> None:
+    """dx (n, V) = gradient of sum_i g_i * loss_i w.r.t. logits x; dx may be x itself."""
+    n, v = x.shape
+    if n == 0:
+        return
+    block, warps = _launch_config(v)
+    with _device_guard(x):
+        _ce_bwd_kernel[(n,)](
+            x, x.stride(0), labels, lse, g, _row_stride(g), dx, dx.stride(0),
+            v, ignore_index, softcap if softcap > 0 else 1.0,
+            HAS_SOFTCAP=softcap > 0, BLOCK_V=block, num_warps=warps,
+        )

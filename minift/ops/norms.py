@@ -1,0 +1,301 @@
+"""RMSNorm and LayerNorm: Triton kernels with custom autograd, dispatched against the reference.
+
+Both ops save only their inputs: the backward kernel recomputes the row statistics from the x it
+has to load anyway, which costs no extra memory traffic. Weight/bias gradients are reduced in two
+stages without atomics (each persistent program sums its rows in fp32, torch sums the partials),
+which keeps them deterministic. Rows are processed as (BLOCK_M, BLOCK_N) tiles so small hidden
+sizes (per-head q/k norms) still give each program a useful amount of work.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from ..errors import InputError
+from . import reference as ref
+from ._backend import HAS_TRITON, use_triton
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_BLOCK_N = 65536  # one row must fit one tile; LLM hidden sizes are far below this
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rms_fwd_kernel(X, W, Y, M, N, stride_xm, stride_xn, stride_ym, eps, offset,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        y = x * rstd[:, None] * w[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rms_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
+                        eps, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for blk in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+            rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            mask = (rows < M)[:, None] & cmask[None, :]
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+            xhat = x * rstd[:, None]
+            g = dy * w[None, :]
+            c = tl.sum(g * xhat, axis=1) / N
+            dx = (g - xhat * c[:, None]) * rstd[:, None]
+            if N == 1:  # 1-D row: g - xhat*c = g*eps*rstd^2 exactly; the subtraction would keep no digits
+                dx = g * (eps * rstd * rstd * rstd)[:, None]
+            tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0)
+        tl.store(DWP + pid * N + cols, dw, mask=cmask)
+
+    @triton.jit
+    def _ln_fwd_kernel(X, W, B, Y, M, N, stride_xm, stride_xn, stride_ym, eps,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        mask = (rows < M)[:, None] & cmask[None, :]
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=1) / N
+        xc = tl.where(mask, x - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = xc * rstd[:, None] * w[None, :]
+        if HAS_BIAS:
+            y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _ln_bwd_kernel(DY, X, W, DX, DWP, DBP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
+                       eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < N
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for blk in range(pid, tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+            rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+            mask = (rows < M)[:, None] & cmask[None, :]
+            x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+            mean = tl.sum(x, axis=1) / N
+            xc = tl.where(mask, x - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
+            xhat = xc * rstd[:, None]
+            g = dy * w[None, :]
+            c1 = tl.sum(g * xhat, axis=1) / N
+            c2 = tl.sum(g, axis=1) / N
+            h = g - c2[:, None]
+            dx = (h - xhat * c1[:, None]) * rstd[:, None]
+            if N <= 2:  # centred rows span one direction: h - xhat*c1 = h*eps*rstd^2 exactly (see _rms_bwd_kernel)
+                dx = tl.where(mask, h * (eps * rstd * rstd * rstd)[:, None], 0.0)
+            tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0)
+            db += tl.sum(dy, axis=0)
+        tl.store(DWP + pid * N + cols, dw, mask=cmask)
+        tl.store(DBP + pid * N + cols, db, mask=cmask)
+
+
+def _tiles(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): one row per tile for wide rows, several for narrow ones."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(16, 4096 // block_n))
+    elems = block_m * block_n
+    num_warps = 16 if elems >= 16384 else 8 if elems >= 4096 else 4
+    return block_m, block_n, num_warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _persistent_grid(x: torch.Tensor, n_blocks: int) -> int:
+    """Programs for the backward: enough to fill the GPU, few enough that the partials stay small."""
+    per_device = 4 * _sm_count(x.device.index or 0) if x.is_cuda else 8
+    return max(1, min(n_blocks, per_device))
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A (rows, hidden) view (a copy only when no view exists); any strides, stride 0 included."""
+    return t.reshape(-1, t.shape[-1])
+
+
+# ---------------------------------------------------------------- RMSNorm custom ops
+
+
+@torch.library.custom_op("minift::rms_norm", mutates_args=())
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    x2, y2 = _rows(x), out.view(-1, x.shape[-1])
+    m, n = x2.shape
+    bm, bn, nw = _tiles(n)
+    _rms_fwd_kernel[(triton.cdiv(m, bm),)](
+        x2, weight.contiguous(), y2, m, n, x2.stride(0), x2.stride(1), y2.stride(0), eps, offset,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    return out
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps, offset):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("minift::rms_norm_backward", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return dx, torch.zeros(weight.shape, dtype=weight.dtype, device=x.device)
+    x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
+    m, n = x2.shape
+    bm, bn, nw = _tiles(n)
+    grid = _persistent_grid(x, triton.cdiv(m, bm))
+    dwp = torch.empty((grid, n), dtype=torch.float32, device=x.device)
+    _rms_bwd_kernel[(grid,)](
+        dy2, x2, weight.contiguous(), dx2, dwp, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0),
+        eps, offset, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    return dx, dwp.sum(0).to(weight.dtype)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x, weight, eps, offset):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), weight.new_empty(weight.shape)
+
+
+def _rms_setup(ctx, inputs, output):
+    x, weight, eps, offset = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps, ctx.offset = eps, offset
+
+
+def _rms_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dw = torch.ops.minift.rms_norm_backward(dy, x, weight, ctx.eps, ctx.offset)
+    return dx, dw, None, None
+
+
+_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+
+
+# ---------------------------------------------------------------- LayerNorm custom ops
+
+
+@torch.library.custom_op("minift::layer_norm", mutates_args=())
+def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return out
+    x2, y2 = _rows(x), out.view(-1, x.shape[-1])
+    m, n = x2.shape
+    bm, bn, nw = _tiles(n)
+    _ln_fwd_kernel[(triton.cdiv(m, bm),)](
+        x2, weight.contiguous(), weight if bias is None else bias.contiguous(), y2, m, n, x2.stride(0), x2.stride(1), y2.stride(0), eps,
+        HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    return out
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("minift::layer_norm_backward", mutates_args=())
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight, dbias), the latter two in fp32: the autograd wrapper casts each to its param's dtype."""
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        z = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        return dx, z, z.clone()
+    x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
+    m, n = x2.shape
+    bm, bn, nw = _tiles(n)
+    grid = _persistent_grid(x, triton.cdiv(m, bm))
+    dwp = torch.empty((2, grid, n), dtype=torch.float32, device=x.device)
+    _ln_bwd_kernel[(grid,)](
+        dy2, x2, weight.contiguous(), dx2, dwp[0], dwp[1], m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
+        dx2.stride(0), eps, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    return dx, dwp[0].sum(0), dwp[1].sum(0)
+
+
+@_layer_norm_bwd_op.register_fake
+def _(dy, x, weight, eps):
+    g = weight.new_empty(weight.shape, dtype=torch.float32)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), g, torch.empty_like(g)
+
+
+def _ln_setup(ctx, inputs, output):
+    x, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _ln_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    dx, dw, db = torch.ops.minift.layer_norm_backward(dy, x, weight, ctx.eps)
+    db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
+    return dx, dw.to(weight.dtype), db, None
+
+
+_layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+
+
+# ---------------------------------------------------------------- public functions
+
+
+def _check(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    """Shape/dtype/device checks in plain Python, so torch.compile turns them into guards, not breaks."""
+    if x.dim() < 1:
+        raise InputError(f"{op}: x must have at least one dimension (the normalised one), got a scalar")
+    if not x.is_floating_point():
+        raise InputError(f"{op}: x must be a floating-point tensor, got dtype {x.dtype}")
+    named = [("weight", weight)] + ([] if bias is None else [("bias", bias)])
+    for name, t in named:
+        if tuple(t.shape) != (x.shape[-1],):
+            raise InputError(f"{op}: {name} must have shape ({x.shape[-1]},) to match x's last dim, got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise InputError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.device != x.device:
+            raise InputError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def _kernel_ok(x: torch.Tensor) -> bool:
+    return use_triton(x) and x.dtype in _KERNEL_DTYPES and x.shape[-1] <= _MAX_BLOCK_N
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight) over the last dim, in fp32, cast to x's dtype.
+
+    offset=1.0 is Gemma's (1 + weight) form. float64 and rows wider than 65536 use the reference.
+    """
+    _check("rms_norm", x, weight)
+    if _kernel_ok(x):
+        return torch.ops.minift.rms_norm(x, weight, float(eps), float(offset))
+    return ref.rms_norm(x, weight, eps, offset)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm over the last dim (bias optional), in fp32, cast to x's dtype."""
+    _check("layer_norm", x, weight, bias)
+    if _kernel_ok(x):
+        return torch.ops.minift.layer_norm(x, weight, bias, float(eps))
+    return ref.layer_norm(x, weight, bias, eps)

@@ -1,0 +1,169 @@
+"""Property tests of the RMSNorm / LayerNorm Triton kernels (CPU runs them under the interpreter).
+
+Each example checks the forward and every gradient against a float64 reference with the
+`assert_no_worse` criterion: the kernel may not be less accurate than plain PyTorch in that dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minift.ops as ops
+from minift.errors import InputError
+from minift.ops import reference as ref
+from minift.ops._backend import use_triton
+
+from op_checks import assert_no_worse
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+HIDDEN = [1, 7, 63, 64, 65, 129, 1000]
+
+
+@st.composite
+def norm_case(draw, device: str) -> dict:
+    big = device == "cuda"
+    hidden = draw(st.sampled_from(HIDDEN + ([4096, 5120, 8192] if big else [])) | st.integers(1, 300))
+    lead = draw(st.sampled_from([(1,), (3,), (2, 5), (17,)] + ([(4, 333), (1000,)] if big else [])))
+    return dict(
+        hidden=hidden,
+        lead=lead,
+        dtype=draw(st.sampled_from(DTYPES)),
+        scale=10.0 ** draw(st.floats(-3, 3)),
+        layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
+        grad=draw(st.sampled_from(["sum", "random", "expand"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make_x(shape: tuple, scale: float, layout: str, gen: torch.Generator, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """Random values in `dtype`, laid out contiguous, as a transposed view, or with last-dim stride 2."""
+
+    def rand(*size: int) -> torch.Tensor:
+        return (torch.randn(size, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+
+    if layout == "transposed" and len(shape) >= 2:
+        return rand(shape[-1], *shape[:-1]).movedim(0, -1)
+    if layout == "strided":
+        return rand(*shape[:-1], 2 * shape[-1])[..., ::2]
+    return rand(*shape)
+
+
+def upstream(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
+    """The gradient reaching the op: ones expanded by sum(), a random tensor, or an expanded row."""
+    if mode == "sum":
+        return torch.ones((), dtype=y.dtype, device=y.device).expand(y.shape)
+    if mode == "expand":
+        row = torch.randn(y.shape[-1], generator=gen, dtype=torch.float64).to(y.device, y.dtype)
+        return row.expand(y.shape)
+    return torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
+
+
+def run(fn, inputs: list, grad: torch.Tensor, dtype: torch.dtype) -> list:
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs]
+    y = fn(*leaves)
+    y.backward(grad.to(dtype) if dtype == torch.float64 else grad)
+    return [y.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def check_all(names: list, kernel: list, torch_out: list, ref64: list, dtype: torch.dtype) -> None:
+    for name, k, t, r in zip(names, kernel, torch_out, ref64):
+        if r is not None:
+            assert_no_worse(k, t, r, dtype, name)
+
+
+def _case_inputs(c: dict, device: str, with_bias: bool):
+    gen = torch.Generator().manual_seed(c["seed"])
+    dtype, n = c["dtype"], c["hidden"]
+    x = make_x((*c["lead"], n), c["scale"], c["layout"], gen, device, dtype)
+    w = (1.0 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)).to(device, dtype)
+    b = torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype) if with_bias else None
+    return gen, x, w, b
+
+
+def rms_norm64(x, w, eps, offset):
+    """reference.rms_norm's formula in float64 (the reference itself computes in float32 even for doubles)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + w)
+
+
+def layer_norm64(x, w, b, eps):
+    return F.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def compare(fn, fn64, inputs: list, names: list, gen: torch.Generator, mode: str, dtype: torch.dtype) -> None:
+    """Kernel (forced Triton) vs the reference in `dtype`, both judged against a float64 evaluation."""
+    grad = upstream(inputs[0], mode, gen)
+    with ops.backend("triton"):
+        assert use_triton(inputs[0]), "the Triton path must be taken"
+        kernel = run(fn, inputs, grad, dtype)
+    with ops.backend("torch"):
+        torch_out = run(fn, inputs, grad, dtype)
+    ref64 = run(fn64, inputs, grad, torch.float64)
+    check_all(names, kernel, torch_out, ref64, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_rms_norm_matches_reference(device: str, data) -> None:
+    c = data.draw(norm_case(device))
+    offset = data.draw(st.sampled_from([0.0, 1.0]))
+    eps = data.draw(st.sampled_from([1e-6, 1e-5]))
+    gen, x, w, _ = _case_inputs(c, device, with_bias=False)
+    fn = lambda a, b: ops.rms_norm(a, b, eps, offset)  # noqa: E731
+    fn64 = lambda a, b: rms_norm64(a, b, eps, offset)  # noqa: E731
+    compare(fn, fn64, [x, w], ["rms_norm y", "rms_norm dx", "rms_norm dweight"], gen, c["grad"], c["dtype"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(data=st.data())
+def test_layer_norm_matches_reference(device: str, data) -> None:
+    c = data.draw(norm_case(device))
+    with_bias = data.draw(st.booleans())
+    eps = data.draw(st.sampled_from([1e-6, 1e-5]))
+    gen, x, w, b = _case_inputs(c, device, with_bias)
+    fn = lambda a, ww, bb: ops.layer_norm(a, ww, bb, eps)  # noqa: E731
+    names = ["layer_norm y", "layer_norm dx", "layer_norm dweight", "layer_norm dbias"]
+    fn64 = lambda a, ww, bb: layer_norm64(a, ww, bb, eps)  # noqa: E731
+    compare(fn, fn64, [x, w, b], names, gen, c["grad"], c["dtype"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norms_compile_fullgraph(device: str) -> None:
+    """torch.compile traces the custom ops (forward and backward) without graph breaks."""
+    backend = "inductor" if device == "cuda" else "aot_eager"  # inductor's cold CPU compile is ~30 s
+    x = torch.randn(3, 5, 65, device=device)
+    w = torch.randn(65, device=device)
+    b = torch.randn(65, device=device)
+
+    def f(x, w, b):
+        h = ops.rms_norm(x, w, 1e-6, 1.0)
+        return ops.layer_norm(h * 2, w, b, 1e-5).square().sum()
+
+    torch._dynamo.reset()
+    with ops.backend("triton"):
+        outs = []
+        for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
+            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+            loss = fn(*leaves)
+            loss.backward()
+            outs.append([loss] + [t.grad for t in leaves])
+    for e, c in zip(*outs):
+        torch.testing.assert_close(c, e)
+
+
+def test_norms_reject_bad_inputs() -> None:
+    x = torch.randn(2, 8)
+    with pytest.raises(InputError, match="weight"):
+        ops.rms_norm(x, torch.randn(7))
+    with pytest.raises(InputError, match="bias"):
+        ops.layer_norm(x, torch.randn(8), torch.randn(9))
+    with pytest.raises(InputError, match="x must be a floating"):
+        ops.rms_norm(torch.ones(2, 8, dtype=torch.int64), torch.randn(8))
+    with pytest.raises(InputError, match="weight must be a floating"):
+        ops.layer_norm(x, torch.ones(8, dtype=torch.int32), None)
+    with pytest.raises(InputError, match="scalar"):
+        ops.rms_norm(torch.tensor(1.0), torch.randn(1))
