@@ -84,16 +84,19 @@ def tiny_hf_gemma3_vision(processor=None, *, seed: int = 0, vision: dict | None 
     return model.eval()
 
 
-LEGACY_PREFIXES = (  # transformers 5 name -> the name checkpoints on the Hub used before it
+LAYOUTS = ("v5", "legacy", "save_pretrained")
+_LEGACY = (  # transformers 5 module name -> the name the original Hub checkpoints use
     ("model.language_model.", "language_model.model."),
-    ("model.vision_tower.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("lm_head.", "language_model.lm_head."),
 )
 
 
 def to_legacy_key(key: str) -> str:
-    for new, old in LEGACY_PREFIXES:
+    """transformers 5's name for a tensor → the original Hub layout's (gemma-3-*-it)."""
+    key = key.replace("model.vision_tower.vision_model.", "model.vision_tower.")
+    for new, old in _LEGACY:
         if key.startswith(new):
             return old + key[len(new):]
     return key
@@ -102,23 +105,31 @@ def to_legacy_key(key: str) -> str:
 def write_tiny_gemma3_vision(path: str | Path, *, layout: str = "v5", seed: int = 0, **overrides: Any) -> Path:
     """Writes a tiny Gemma 3 vision checkpoint (config, safetensors, tokenizer, processor) into `path`.
 
-    layout: "v5" keeps transformers 5's key names (model.language_model.*, model.vision_tower.*,
-    model.multi_modal_projector.*, lm_head.weight); "legacy" re-saves the weights under the names
-    older Hub checkpoints use (language_model.model.*, vision_tower.*, multi_modal_projector.*,
-    language_model.lm_head.weight). Overrides: see `tiny_hf_gemma3_vision`;
-    `mm_tokens_per_image` also sets the processor's image_seq_length."""
-    if layout not in ("v5", "legacy"):
-        raise ValueError(f"layout must be 'v5' or 'legacy', got {layout!r}")
+    layout: the tensor names in model.safetensors:
+      "v5": transformers 5's module names (model.language_model.*, model.vision_tower.embeddings.*,
+            model.multi_modal_projector.*; lm_head.weight only when untied);
+      "legacy": the original Hub layout (language_model.model.*, vision_tower.vision_model.*,
+            multi_modal_projector.*, language_model.lm_head.weight when untied);
+      "save_pretrained": whatever transformers' save_pretrained writes (at 5.23: the legacy
+            prefixes without the tower's `vision_model.` level).
+    Overrides: see `tiny_hf_gemma3_vision`; `mm_tokens_per_image` also sets the processor's
+    image_seq_length and vision={"image_size": ...} its image size."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
     image_size = (overrides.get("vision") or {}).get("image_size", VISION_DEFAULTS["image_size"])
     processor = tiny_gemma3_processor(overrides.get("mm_tokens_per_image", 16), image_size)
     model = tiny_hf_gemma3_vision(processor, seed=seed, **overrides)
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
-    if layout == "legacy":
-        from safetensors.torch import load_file, save_file
+    if layout != "save_pretrained":
+        from safetensors.torch import save_file
 
-        for f in sorted(path.glob("*.safetensors")):
-            sd = load_file(f)
-            save_file({to_legacy_key(k): v.contiguous() for k, v in sd.items()}, f, metadata={"format": "pt"})
+        for f in path.glob("*.safetensors*"):
+            f.unlink()
+        sd = model.state_dict()
+        if model.config.tie_word_embeddings:
+            sd.pop("lm_head.weight")
+        rename = to_legacy_key if layout == "legacy" else (lambda k: k)
+        save_file({rename(k): v.contiguous() for k, v in sd.items()}, path / "model.safetensors", metadata={"format": "pt"})
     return path

@@ -36,7 +36,7 @@ def build_mask(
         return None
     q = torch.arange(seq, device=device)
     causal = q[:, None] >= q[None, :]
-    if window is not None:
+    if window is not None and bidirectional_groups is None:
         causal = causal & (q[None, :] > q[:, None] - window)
     allowed = causal[None, None].expand(batch, 1, seq, seq)
     if segments is not None:
@@ -45,6 +45,8 @@ def build_mask(
         g = bidirectional_groups
         same = (g[:, None, :, None] == g[:, None, None, :]) & (g[:, None, :, None] >= 0)
         allowed = allowed | same
+        if window is not None:  # as transformers: AND(window, OR(causal, groups)); the window bounds only the past
+            allowed = allowed & (q[None, :] > q[:, None] - window)
     if attention_mask is not None:
         allowed = allowed & attention_mask.bool()[:, None, None, :]
     # A query that may see nothing (left padding) would give NaN; let only such a row see itself.

@@ -1,14 +1,429 @@
-"""Cross-entropy losses. (Placeholder dispatch to the reference until the Triton kernels land.)"""
+"""Cross-entropy losses for large vocabularies: `cross_entropy` on (N, V) logits and
+`linear_cross_entropy` on hidden states and the lm-head weight, never holding the (N, V) logits.
+
+Semantics (both backends): logits are upcast to fp32 (optionally soft-capped,
+z = softcap * tanh(logits / softcap)); the loss is fp32. 'mean' divides by the number of labels
+!= ignore_index, and when that number is 0 the loss is 0.0 with zero gradients (torch's
+F.cross_entropy returns NaN there; minift does not). 'none' gives per-row losses, 0 at ignored rows.
+
+Labels outside [0, V) that are not ignore_index: the kernels never read out of bounds for them
+(the target load is masked) and give that row a NaN loss. The eager check that raises InputError
+needs a device->host sync, so `check_labels=None` runs it only where it is free (CPU tensors, not
+while compiling); pass `check_labels=True` to force it on CUDA (one sync), or validate labels in
+the data pipeline with `check_label_range`. On the hot path a bad label shows up as a NaN loss.
+"""
+
 from __future__ import annotations
 
-import torch
+import math
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from ..errors import InputError
+from . import _backend
 from . import reference as ref
 
+if _backend.HAS_TRITON:
+    from . import _ce_kernels as _k
 
-def cross_entropy(logits, labels, *, ignore_index=-100, softcap=None, reduction="mean") -> torch.Tensor:
-    return ref.cross_entropy(logits, labels, ignore_index=ignore_index, softcap=softcap, reduction=reduction)
+REDUCTIONS = ("mean", "sum", "none")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+# Budget for one token chunk of logits in linear_cross_entropy, in the model dtype. Larger chunks
+# mean fewer passes over the (V, H) fp32 grad_weight accumulator (each chunk reads and writes it).
+CHUNK_BYTES = 256 << 20
 
 
-def linear_cross_entropy(hidden, weight, labels, *, ignore_index=-100, softcap=None, reduction="mean") -> torch.Tensor:
-    return ref.linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap, reduction=reduction)
+# ----------------------------------------------------------------------------- validation
+
+
+def _check_labels(labels: Tensor, n: int, device: torch.device) -> Tensor:
+    if labels.shape != (n,):
+        raise InputError(f"labels must have shape ({n},) to match the {n} rows, got {tuple(labels.shape)}")
+    if labels.dtype not in _INT_DTYPES:
+        raise InputError(f"labels must be an integer tensor, got dtype {labels.dtype}")
+    if labels.device != device:
+        raise InputError(f"labels are on {labels.device} but the inputs are on {device}")
+    return labels.long().contiguous()
+
+
+def _check_options(softcap: float | None, reduction: str) -> float:
+    """The softcap as the custom ops take it: 0.0 means off."""
+    if reduction not in REDUCTIONS:
+        raise InputError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if softcap is None:
+        return 0.0
+    softcap = float(softcap)
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise InputError(f"softcap must be None or a finite number > 0, got {softcap}")
+    return softcap
+
+
+def check_label_range(labels: Tensor, num_classes: int, ignore_index: int = -100) -> None:
+    """Raise InputError if a label is outside [0, num_classes) and not ignore_index (one host sync)."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        first = int(labels[bad][0])
+        raise InputError(
+            f"labels must be in [0, {num_classes}) or equal ignore_index={ignore_index}; "
+            f"found {first} ({int(bad.sum())} bad labels)"
+        )
+
+
+def _maybe_check_range(labels: Tensor, v: int, ignore_index: int, check_labels: bool | None) -> None:
+    if torch.compiler.is_compiling():
+        return  # data-dependent: the kernels' NaN loss is the signal inside compiled code
+    if check_labels is None:
+        check_labels = labels.device.type == "cpu"
+    if check_labels:
+        check_label_range(labels, v, ignore_index)
+
+
+def _reduce(rows: Tensor, labels: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    """Reduce fp32 per-row losses; 'mean' over non-ignored rows, 0 (not NaN) when there are none."""
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / (labels != ignore_index).sum().clamp(min=1)
+
+
+def default_chunk_size(n: int, v: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk so that one chunk of logits in `dtype` fits CHUNK_BYTES (GEMM-friendly sizes)."""
+    rows = max(1, CHUNK_BYTES // (v * torch.empty((), dtype=dtype).element_size()))
+    rows = rows // 128 * 128 if rows >= 128 else 1 << (rows.bit_length() - 1)
+    return max(1, min(rows, n))
+
+
+# ----------------------------------------------------------------------------- cross_entropy op
+
+
+@torch.library.custom_op("minift::cross_entropy", mutates_args=())
+def _ce_op(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float) -> tuple[Tensor, Tensor]:
+    """Per-row fp32 (loss, logsumexp); softcap 0.0 means off."""
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    n = x.shape[0]
+    loss = torch.empty(n, dtype=torch.float32, device=x.device)
+    lse = torch.empty(n, dtype=torch.float32, device=x.device)
+    _k.ce_rows_forward(x, labels, loss, lse, ignore_index, softcap)
+    return loss, lse
+
+
+@_ce_op.register_fake
+def _(logits, labels, ignore_index, softcap):
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("minift::cross_entropy_backward", mutates_args=())
+def _ce_bwd_op(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor, ignore_index: int, softcap: float) -> Tensor:
+    """Gradient w.r.t. logits, a new tensor in the logits' dtype (saved logits may be used elsewhere)."""
+    x = logits if logits.stride(-1) == 1 else logits.contiguous()
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _k.ce_rows_backward(x, labels, lse, grad_loss.float(), dx, ignore_index, softcap)
+    return dx
+
+
+@_ce_bwd_op.register_fake
+def _(logits, labels, lse, grad_loss, ignore_index, softcap):
+    return logits.new_empty(logits.shape)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, labels, ctx.ignore_index, ctx.softcap = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ce_backward(ctx, grad_loss, _grad_lse):
+    logits, labels, lse = ctx.saved_tensors
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return _ce_bwd_op(logits, labels, lse, grad_loss, ctx.ignore_index, ctx.softcap), None, None, None
+
+
+_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    check_labels: bool | None = None,
+) -> Tensor:
+    """Cross-entropy of (N, V) logits (any float dtype) against int labels (N,); fp32 loss.
+
+    Triton: one read of the logits forward, one read + one write (grad, logits' dtype) backward.
+    """
+    if logits.dim() != 2:
+        raise InputError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise InputError(f"logits must be a float tensor, got dtype {logits.dtype}")
+    if logits.shape[1] == 0:
+        raise InputError("logits must have at least one class (V >= 1)")
+    cap = _check_options(softcap, reduction)
+    labels = _check_labels(labels, logits.shape[0], logits.device)
+    _maybe_check_range(labels, logits.shape[1], ignore_index, check_labels)
+    if _backend.use_triton(logits):
+        rows, _ = _ce_op(logits, labels, ignore_index, cap)
+    else:
+        rows = ref.cross_entropy(logits, labels, ignore_index=ignore_index, softcap=softcap, reduction="none")
+    return _reduce(rows, labels, ignore_index, reduction)
+
+
+# ----------------------------------------------------------------------------- linear_cross_entropy ops
+
+
+def _chunk_buffer(rows: int, v: int, like: Tensor) -> Tensor:
+    """(rows, V) logits buffer whose row stride is a multiple of 16 elements (aligned vector loads)."""
+    return torch.empty((rows, -(-v // 16) * 16), dtype=like.dtype, device=like.device)[:, :v]
+
+
+_FP32_ADDMM_OK: bool | None = None  # whether cuBLAS addmm with out_dtype=fp32 works here (torch >= 2.8 CUDA)
+
+
+def _accumulate_grad_weight(gw32: Tensor, dlogits: Tensor, h: Tensor) -> None:
+    """gw32 (V, H) fp32 += dlogits.T @ h, accumulating in fp32 without a (V, H) temporary when possible."""
+    global _FP32_ADDMM_OK
+    if dlogits.dtype == torch.float32:
+        gw32.addmm_(dlogits.t(), h)
+        return
+    if dlogits.is_cuda and _FP32_ADDMM_OK is not False:
+        try:
+            torch.addmm(gw32, dlogits.t(), h, out_dtype=torch.float32, out=gw32)
+            _FP32_ADDMM_OK = True
+            return
+        except (RuntimeError, TypeError):
+            _FP32_ADDMM_OK = False
+    gw32.add_(torch.mm(dlogits.t(), h))
+
+
+def _chunks(n: int, chunk: int):
+    for s in range(0, n, chunk):
+        yield s, min(s + chunk, n)
+
+
+@torch.library.custom_op("minift::linear_cross_entropy", mutates_args=())
+def _lce_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, softcap: float, mean: bool,
+    chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, d loss/d hidden, d loss/d weight) for 'mean'/'sum', gradients computed during the forward.
+
+    Per token chunk: logits = h @ W.T (cuBLAS), the CE kernel turns them into dlogits in place,
+    then grad_hidden[chunk] = dlogits @ W and grad_weight += dlogits.T @ h (fp32). Unneeded grads
+    come back as empty tensors. Only the chunk buffer and hidden/weight-sized grads are held.
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    rows = torch.empty(n, dtype=torch.float32, device=dev)
+    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    count = (labels != ignore_index).sum().clamp(min=1)
+    scale = count.float().reciprocal() if mean else torch.ones((), dtype=torch.float32, device=dev)
+    gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
+    gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
+    write = need_grad_hidden or need_grad_weight
+    buf = _chunk_buffer(min(chunk_size, n), v, hidden)
+    for s, e in _chunks(n, chunk_size):
+        x = buf[: e - s]
+        torch.mm(hidden[s:e], weight.t(), out=x)
+        _k.ce_rows_forward(x, labels[s:e], rows[s:e], lse[s:e], ignore_index, softcap,
+                           g=scale if write else None, dx=x if write else None)
+        if need_grad_hidden:
+            torch.mm(x, weight, out=gh[s:e])
+        if need_grad_weight:
+            _accumulate_grad_weight(gw32, x, hidden[s:e])
+    loss = rows.sum() / count if mean else rows.sum()
+    gw = gw32.to(weight.dtype) if gw32 is not None else weight.new_empty(0)
+    return loss, gh, gw
+
+
+@_lce_op.register_fake
+def _(hidden, weight, labels, ignore_index, softcap, mean, chunk_size, need_grad_hidden, need_grad_weight):
+    gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
+    return hidden.new_empty((), dtype=torch.float32), gh, gw
+
+
+def _lce_setup(ctx, inputs, output):
+    ctx.need = (inputs[7], inputs[8])
+    ctx.save_for_backward(output[1], output[2])
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _lce_backward(ctx, grad_loss, _gh, _gw):
+    gh, gw = ctx.saved_tensors
+    none = (None,) * 7
+    if grad_loss is None:
+        return (None, None) + none
+    # grad_loss is a 0-d fp32 tensor: the products stay in the grads' dtype, computed in fp32.
+    dh = gh * grad_loss if ctx.need[0] else None
+    dw = gw * grad_loss if ctx.need[1] else None
+    return (dh, dw) + none
+
+
+_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+@torch.library.custom_op("minift::linear_cross_entropy_rows", mutates_args=())
+def _lce_rows_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, softcap: float, chunk_size: int,
+) -> tuple[Tensor, Tensor]:
+    """Per-row (loss, lse) for reduction='none'; the backward recomputes logits chunk by chunk
+    (per-row upstream grads cannot be folded into a grad_weight computed ahead of time)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    buf = _chunk_buffer(min(chunk_size, n), v, hidden)
+    for s, e in _chunks(n, chunk_size):
+        x = buf[: e - s]
+        torch.mm(hidden[s:e], weight.t(), out=x)
+        _k.ce_rows_forward(x, labels[s:e], rows[s:e], lse[s:e], ignore_index, softcap)
+    return rows, lse
+
+
+@_lce_rows_op.register_fake
+def _(hidden, weight, labels, ignore_index, softcap, chunk_size):
+    n = hidden.shape[0]
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("minift::linear_cross_entropy_rows_backward", mutates_args=())
+def _lce_rows_bwd_op(
+    hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, grad_rows: Tensor, ignore_index: int,
+    softcap: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
+) -> tuple[Tensor, Tensor]:
+    n, v = hidden.shape[0], weight.shape[0]
+    dev = hidden.device
+    g = grad_rows.float()
+    gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
+    gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
+    buf = _chunk_buffer(min(chunk_size, n), v, hidden)
+    for s, e in _chunks(n, chunk_size):
+        x = buf[: e - s]
+        torch.mm(hidden[s:e], weight.t(), out=x)
+        _k.ce_rows_backward(x, labels[s:e], lse[s:e], g[s:e], x, ignore_index, softcap)
+        if need_grad_hidden:
+            torch.mm(x, weight, out=gh[s:e])
+        if need_grad_weight:
+            _accumulate_grad_weight(gw32, x, hidden[s:e])
+    gw = gw32.to(weight.dtype) if gw32 is not None else weight.new_empty(0)
+    return gh, gw
+
+
+@_lce_rows_bwd_op.register_fake
+def _(hidden, weight, labels, lse, grad_rows, ignore_index, softcap, chunk_size, need_grad_hidden, need_grad_weight):
+    gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
+    return gh, gw
+
+
+def _lce_rows_setup(ctx, inputs, output):
+    hidden, weight, labels, ctx.ignore_index, ctx.softcap, ctx.chunk_size = inputs
+    ctx.save_for_backward(hidden, weight, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _lce_rows_backward(ctx, grad_rows, _grad_lse):
+    hidden, weight, labels, lse = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_rows is None or not (need_h or need_w):
+        return (None,) * 6
+    gh, gw = _lce_rows_bwd_op(hidden, weight, labels, lse, grad_rows, ctx.ignore_index, ctx.softcap,
+                              ctx.chunk_size, need_h, need_w)
+    return (gh if need_h else None), (gw if need_w else None), None, None, None, None
+
+
+_lce_rows_op.register_autograd(_lce_rows_backward, setup_context=_lce_rows_setup)
+
+
+# ----------------------------------------------------------------------------- linear_cross_entropy API
+
+
+def _check_linear(hidden: Tensor, weight: Tensor, labels: Tensor, softcap: float | None, reduction: str,
+                  chunk_size: int | None) -> tuple[Tensor, float, int]:
+    if hidden.dim() != 2:
+        raise InputError(f"hidden must be 2-D (N, H) (flatten batch and sequence), got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise InputError(f"weight must be 2-D (V, H), got shape {tuple(weight.shape)}")
+    if hidden.shape[1] != weight.shape[1]:
+        raise InputError(f"hidden's last dim {hidden.shape[1]} != weight's last dim {weight.shape[1]} (weight is (V, H))")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise InputError(f"hidden and weight must share one float dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.device != weight.device:
+        raise InputError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+    if weight.shape[0] == 0:
+        raise InputError("weight must have at least one row (V >= 1)")
+    if chunk_size is not None and chunk_size < 1:
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
+    cap = _check_options(softcap, reduction)
+    labels = _check_labels(labels, hidden.shape[0], hidden.device)
+    n, v = hidden.shape[0], weight.shape[0]
+    return labels, cap, chunk_size or default_chunk_size(n, v, hidden.dtype)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    check_labels: bool | None = None,
+) -> Tensor:
+    """cross_entropy(hidden @ weight.T, labels) without the (N, V) logits; hidden (N, H), weight (V, H).
+
+    Triton: chunks of `chunk_size` tokens (default: CHUNK_BYTES of logits). For 'mean'/'sum' the
+    gradients are computed in the forward (when hidden/weight require grad) and scaled by the
+    upstream grad in the backward; 'none' recomputes each chunk's logits in the backward.
+    """
+    labels, cap, chunk = _check_linear(hidden, weight, labels, softcap, reduction, chunk_size)
+    _maybe_check_range(labels, weight.shape[0], ignore_index, check_labels)
+    if not _backend.use_triton(hidden):
+        rows = ref.linear_cross_entropy(hidden, weight, labels, ignore_index=ignore_index, softcap=softcap, reduction="none")
+        return _reduce(rows, labels, ignore_index, reduction)
+    if reduction == "none":
+        return _lce_rows_op(hidden, weight, labels, ignore_index, cap, chunk)[0]
+    grad_on = torch.is_grad_enabled()
+    loss, _, _ = _lce_op(hidden, weight, labels, ignore_index, cap, reduction == "mean", chunk,
+                         grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
+    return loss
+
+
+def _chunk_rows(h: Tensor, w: Tensor, y: Tensor, ignore_index: int, softcap: float | None) -> Tensor:
+    z = (h @ w.t()).float()
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return F.cross_entropy(z, y, ignore_index=ignore_index, reduction="none")
+
+
+def linear_cross_entropy_chunked_reference(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Plain-PyTorch linear_cross_entropy, chunked over tokens and checkpointed per chunk.
+
+    Holds one chunk's fp32 logits at a time (recomputed in the backward); `torch.compile` fuses each
+    chunk's upcast, softcap and logsumexp. The baseline the fused Triton version is benchmarked against.
+    """
+    labels, _, chunk = _check_linear(hidden, weight, labels, softcap, reduction, chunk_size)
+    parts = [
+        checkpoint(_chunk_rows, hidden[s:e], weight, labels[s:e], ignore_index, softcap, use_reentrant=False)
+        for s, e in _chunks(hidden.shape[0], chunk)
+    ]
+    rows = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return _reduce(rows, labels, ignore_index, reduction)

@@ -42,7 +42,7 @@ if HAS_TRITON:
             c = 0.5 * (1.0 + tl.math.erf(e * 0.7071067811865476))
             return e * c, c + e * tl.exp(-0.5 * e * e) * 0.3989422804014327
         else:
-            k: tl.constexpr = 0.7978845608028654
+            k = 0.7978845608028654
             s = tl.sigmoid(2.0 * k * (e + 0.044715 * e * e * e))  # 0.5 * (1 + tanh(z))
             return e * s, s + 2.0 * k * e * s * (1.0 - s) * (1.0 + 3.0 * 0.044715 * e * e)
 
@@ -86,23 +86,34 @@ def _act_torch(e: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _act_fwd(e: torch.Tensor, g: torch.Tensor, act: int) -> torch.Tensor:
     """h = act(e) * g, computed in float32, rounded once."""
-    if not use_triton(e):
-        if act == 0:
-            return ref.swiglu(e, g)
-        return ref.geglu(e, g, "none" if act == 1 else "tanh")
-    h = torch.empty_like(e)
-    n = e.numel()
-    if n:
-        _act_fwd_kernel[(triton.cdiv(n, _BLOCK),)](e, g, out_arg(h), n, ACT=act, BLOCK=_BLOCK, BF16_BITS=bf16_bits(h), num_warps=4)
-    return h
+    if use_triton(e):
+        return _act_fwd_triton(e, g, act)
+    if act == 0:
+        return ref.swiglu(e, g)
+    return ref.geglu(e, g, "none" if act == 1 else "tanh")
 
 
 def _act_bwd(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(h, de, dg) from dh = dL/dh and the saved e, g; h reuses dh's (private) buffer."""
-    if not use_triton(e):
-        ef, gf, dhf = e.float(), g.float(), dh.float()
-        a, da = _act_torch(ef, act)
-        return (a * gf).to(e.dtype), (dhf * gf * da).to(e.dtype), (dhf * a).to(e.dtype)
+    """(h, de, dg) from dh = dL/dh and the saved e, g."""
+    if use_triton(e):
+        return _act_bwd_triton(dh, e, g, act)
+    ef, gf, dhf = e.float(), g.float(), dh.float()
+    a, da = _act_torch(ef, act)
+    return (a * gf).to(e.dtype), (dhf * gf * da).to(e.dtype), (dhf * a).to(e.dtype)
+
+
+def _act_fwd_triton(e: torch.Tensor, g: torch.Tensor, act: int) -> torch.Tensor:
+    h = torch.empty_like(e)
+    n = e.numel()
+    if n:
+        _act_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            e, g, out_arg(h), n, ACT=act, BLOCK=_BLOCK, BF16_BITS=bf16_bits(h), num_warps=4,
+        )
+    return h
+
+
+def _act_bwd_triton(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, act: int):
+    """h is written over dh (a private buffer of the backward), de and dg are fresh."""
     de, dg = torch.empty_like(e), torch.empty_like(g)
     n = e.numel()
     if n:
@@ -148,6 +159,16 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty(0)
 
 
+def _no_grads(inputs: tuple) -> list:
+    """A None gradient per op input, shaped as register_autograd wants: a list of Nones for a
+    tensor list (an empty base meta counts as one), None for everything else."""
+    def one(v):
+        if isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v):
+            return [None] * len(v)
+        return None
+    return [one(v) for v in inputs]
+
+
 # ---- lora_linear ----------------------------------------------------------------------------------
 
 
@@ -188,14 +209,16 @@ def _(grad, x, base, meta, lora_a, lora_b, scale, need_dx):
 def _lora_linear_setup(ctx, inputs, output):
     x, base, meta, lora_a, lora_b, scale, _ = inputs
     ctx.save_for_backward(x, lora_a, lora_b, *base)
-    ctx.meta, ctx.scale = meta, scale
+    ctx.meta, ctx.scale, ctx.no_grads = meta, scale, _no_grads(inputs)
 
 
 def _lora_linear_backward(ctx, grad):
     x, lora_a, lora_b, *base = ctx.saved_tensors
     need_dx = ctx.needs_input_grad[0]
     dx, da, db = _lora_linear_bwd_op(grad, x, base, ctx.meta, lora_a, lora_b, ctx.scale, need_dx)
-    return (dx if need_dx else None), None, None, da, db, None, None
+    grads = list(ctx.no_grads)
+    grads[0], grads[3], grads[4] = (dx if need_dx else None), da, db
+    return tuple(grads)
 
 
 _lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
@@ -361,7 +384,7 @@ def _lora_mlp_setup(ctx, inputs, output):
     bases = [proj[0], proj[4], proj[8]]
     ctx.lens = [len(bs) for bs in bases]
     ctx.metas = [proj[1], proj[5], proj[9]]
-    ctx.scales, ctx.act = inputs[13], inputs[14]
+    ctx.scales, ctx.act, ctx.no_grads = inputs[13], inputs[14], _no_grads(inputs)
     ctx.save_for_backward(x, e, g, proj[2], proj[3], proj[6], proj[7], proj[10], proj[11], *bases[0], *bases[1], *bases[2])
 
 
@@ -374,11 +397,11 @@ def _lora_mlp_backward(ctx, grad, _grad_e, _grad_g):
     res = _lora_mlp_bwd_op(
         grad, x, e, g, bases[0], gm, ga, gb, bases[1], um, ua, ub, bases[2], dm, da, db, ctx.scales, ctx.act, need_dx,
     )
-    grads = [res[0] if need_dx else None]
-    for i, t in enumerate((ga, gb, ua, ub, da, db)):
-        grads.append(None if t is None else res[1 + i])
-    dx, dga, dgb, dua, dub, dda, ddb = grads
-    return dx, None, None, dga, dgb, None, None, dua, dub, None, None, dda, ddb, None, None
+    grads = list(ctx.no_grads)
+    grads[0] = res[0] if need_dx else None
+    for i, (pos, t) in enumerate(zip((3, 4, 7, 8, 11, 12), (ga, gb, ua, ub, da, db))):
+        grads[pos] = None if t is None else res[1 + i]
+    return tuple(grads)
 
 
 _lora_mlp_op.register_autograd(_lora_mlp_backward, setup_context=_lora_mlp_setup)

@@ -1,0 +1,127 @@
+"""Shapes of real models and random-weight checkpoints of those shapes (load and step speed do
+not depend on the weights' values), plus the environment block every benchmark prints."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "tiny-llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, head_dim=16,
+                       tie_word_embeddings=True),
+    "llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, head_dim=64,
+                         rope_theta=500000.0, tie_word_embeddings=True, max_position_embeddings=131072),
+    "llama-3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, head_dim=128,
+                         rope_theta=500000.0, tie_word_embeddings=False, max_position_embeddings=131072),
+    "gemma-3-4b": dict(model_type="gemma3_text", hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, vocab_size=262208,
+                       sliding_window=1024, query_pre_attn_scalar=256, max_position_embeddings=131072),
+}
+VISION = {
+    "gemma-3-4b-vision": dict(text="gemma-3-4b", vision=dict(hidden_size=1152, intermediate_size=4304,
+                              num_hidden_layers=27, num_attention_heads=16, image_size=896, patch_size=14,
+                              vision_use_head=False), mm_tokens_per_image=256),
+    "tiny-gemma3-vision": dict(text=None, vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=64, patch_size=8, vision_use_head=False),
+                               mm_tokens_per_image=16),
+}
+TINY_GEMMA3_TEXT = dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=1024,
+                        sliding_window=32, query_pre_attn_scalar=16)
+
+
+def hf_config(shape: str):
+    from transformers import AutoConfig, Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    if shape in SHAPES:
+        spec = dict(SHAPES[shape])
+        return AutoConfig.for_model(spec.pop("model_type"), **spec)
+    v = VISION[shape]
+    t = dict(SHAPES[v["text"]] if v["text"] else TINY_GEMMA3_TEXT)
+    t.pop("model_type")
+    V = t["vocab_size"]
+    return Gemma3Config(text_config=Gemma3TextConfig(**t), vision_config=SiglipVisionConfig(**v["vision"]),
+                        mm_tokens_per_image=v["mm_tokens_per_image"], boi_token_index=V - 4,
+                        eoi_token_index=V - 3, image_token_index=V - 2)
+
+
+def write_random_checkpoint(shape: str, path: str | Path, shard_bytes: int = 2 << 30) -> Path:
+    """config.json + bf16 safetensors shards (+ index) + a word-level tokenizer, for `shape`."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, Gemma3ForConditionalGeneration
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = hf_config(shape)
+    with torch.device("meta"):
+        model = (Gemma3ForConditionalGeneration(cfg) if shape in VISION else AutoModelForCausalLM.from_config(cfg))
+    sd = model.state_dict()
+    tied = getattr(cfg, "tie_word_embeddings", False) or getattr(cfg.get_text_config(), "tie_word_embeddings", False)
+    if tied:
+        sd.pop("lm_head.weight", None)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator(device=dev).manual_seed(0)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in sd.items():
+        n = t.numel() * 2
+        if size + n > shard_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        x = torch.empty(t.shape, dtype=torch.bfloat16, device=dev)
+        x.normal_(0.0, 0.02, generator=g) if "norm" not in k else x.fill_(1.0 if "gemma" not in shape else 0.0)
+        shards[-1][k] = x.cpu()
+        size += n
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for name, shard in zip(names, shards):
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg.save_pretrained(path)
+    _word_tokenizer(cfg.get_text_config().vocab_size).save_pretrained(path)
+    return path
+
+
+def _word_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials)}
+    vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def environment() -> dict:
+    import transformers
+
+    env = dict(date=datetime.date.today().isoformat(), torch=torch.__version__, transformers=transformers.__version__,
+               python=platform.python_version(), cpu=platform.processor() or platform.machine())
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except Exception:
+        pass
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:
+        pass
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+    else:
+        env["device"] = "cpu"
+    return env

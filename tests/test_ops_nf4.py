@@ -1,0 +1,137 @@
+"""NF4 dequantisation: bit-identical to bitsandbytes (reference and Triton), converters, checks."""
+
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minift.ops as ops
+from minift.errors import InputError, QuantizationError
+from minift.ops import nf4
+from minift.ops import reference as ref
+from minift.ops.nf4 import NF4Weight
+
+bnbF = pytest.importorskip("bitsandbytes.functional")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def quantize(rows: int, cols: int, dtype: torch.dtype, nested: bool, device: str, seed: int = 0, log_mag: float = 0.0):
+    """A weight with per-column magnitudes spread over ~6 decades around 10**log_mag (kept inside
+    float16's range), quantised by bitsandbytes."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = 10 ** (torch.rand(cols, generator=gen) * 6 - 3 + log_mag)
+    w = (torch.randn(rows, cols, generator=gen) * spread).clamp(-6e4, 6e4).to(dtype).to(device)
+    data, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    return data, qs
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    rows=st.integers(1, 160),
+    cols64=st.integers(1, 6),
+    dtype=st.sampled_from(DTYPES),
+    nested=st.booleans(),
+    seed=st.integers(0, 2**16),
+    log_mag=st.floats(-3.0, 1.0),
+)
+def test_dequantize_bit_identical_to_bnb(device, rows, cols64, dtype, nested, seed, log_mag):
+    data, qs = quantize(rows, 64 * cols64, dtype, nested, device, seed, log_mag)
+    want = bnbF.dequantize_4bit(data, qs, quant_type="nf4")
+    w = NF4Weight.from_bnb(data, qs)
+    assert w.nested == nested
+
+    got_ref = ref.dequantize_nf4(w)
+    assert got_ref.dtype == dtype and got_ref.shape == want.shape
+    assert torch.equal(got_ref, want)
+
+    with ops.backend("triton"), mock.patch.object(nf4, "_dequant_triton", wraps=nf4._dequant_triton) as spy:
+        got = ops.dequantize_nf4(w)
+    assert spy.call_count == 1
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_many_nested_blocks(device, dtype):
+    # 1200 absmax blocks: five nested blocks of 256, the last one partial.
+    data, qs = quantize(200, 384, dtype, True, device, seed=3)
+    assert qs.state2.absmax.numel() == 5
+    want = bnbF.dequantize_4bit(data, qs, quant_type="nf4")
+    w = NF4Weight.from_bnb(data, qs)
+    with ops.backend("triton"):
+        assert torch.equal(ops.dequantize_nf4(w), want)
+    assert torch.equal(w.dequantize(), want)  # device's default path
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_quant_state_round_trip(nested):
+    data, qs = quantize(8, 128, torch.bfloat16, nested, "cpu")
+    w = NF4Weight.from_bnb(data, qs)
+    qs2 = w.to_bnb_quant_state()
+    assert qs2.nested == nested and qs2.quant_type == "nf4" and tuple(qs2.shape) == (8, 128)
+    assert torch.equal(bnbF.dequantize_4bit(w.data, qs2, quant_type="nf4"), bnbF.dequantize_4bit(data, qs, quant_type="nf4"))
+    # a state dict round trip (what pre-quantised checkpoints hold) gives the same weight
+    qs3 = bnbF.QuantState.from_dict(qs.as_dict(packed=True), device=torch.device("cpu"))
+    assert torch.equal(ref.dequantize_nf4(NF4Weight.from_bnb(data, qs3)), ref.dequantize_nf4(w))
+
+
+def test_compile_fullgraph_matches_eager():
+    data, qs = quantize(16, 192, torch.bfloat16, True, "cpu", seed=5)
+    w = NF4Weight.from_bnb(data, qs)
+    with ops.backend("triton"):
+        eager = ops.dequantize_nf4(w)
+        compiled = torch.compile(lambda w: ops.dequantize_nf4(w) * 2, fullgraph=True)(w)
+    assert torch.equal(compiled, eager * 2)
+
+
+def test_opcheck():
+    data, qs = quantize(4, 128, torch.float16, True, "cpu")
+    ts, meta = nf4.pack_base(NF4Weight.from_bnb(data, qs))
+    torch.library.opcheck(torch.ops.minift.dequantize_nf4.default, (ts, meta))
+
+
+def _weight(**changes) -> NF4Weight:
+    data, qs = quantize(4, 128, torch.float32, True, "cpu")
+    w = NF4Weight.from_bnb(data, qs)
+    for k, v in changes.items():
+        setattr(w, k, v)
+    return w
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(absmax=torch.zeros(3, dtype=torch.uint8)), "absmax"),
+        (dict(data=torch.zeros(256, 1, dtype=torch.int8)), "data"),
+        (dict(data=torch.zeros(100, 1, dtype=torch.uint8)), "data"),
+        (dict(code=torch.zeros(8)), "code"),
+        (dict(nested_code=None), "nested_absmax"),
+        (dict(offset=torch.zeros(2)), "offset"),
+        (dict(nested_absmax=torch.zeros(2)), "nested_absmax"),
+        (dict(blocksize=48), "blocksize"),
+        (dict(dtype=torch.int8), "dtype"),
+        (dict(shape=torch.Size([4, 0])), "shape"),
+    ],
+)
+def test_bad_metadata_names_the_field(changes, field):
+    with pytest.raises(InputError, match=rf"w\.{field}"):
+        ops.dequantize_nf4(_weight(**changes))
+
+
+def test_non_nested_absmax_must_be_float32():
+    data, qs = quantize(4, 128, torch.float32, False, "cpu")
+    w = NF4Weight.from_bnb(data, qs)
+    w.absmax = w.absmax.half()
+    with pytest.raises(InputError, match=r"w\.absmax"):
+        ops.dequantize_nf4(w)
+
+
+def test_from_bnb_rejects_fp4():
+    w = torch.randn(4, 128)
+    data, qs = bnbF.quantize_4bit(w, blocksize=64, quant_type="fp4")
+    with pytest.raises(QuantizationError, match="quant_type"):
+        NF4Weight.from_bnb(data, qs)
