@@ -147,13 +147,10 @@ def build_model(cfg: dict[str, Any], *, text_only: bool = False) -> nn.Module:
     """The minift module for a config.json dict (call under `torch.device('meta')`)."""
     mt = cfg["model_type"]
     if mt in VISION_MODEL_TYPES:
-        text_cfg = dict(cfg.get("text_config") or {})
-        text_cfg.setdefault("model_type", "gemma3_text")
-        if text_only:
-            text_cfg.setdefault("tie_word_embeddings", cfg.get("tie_word_embeddings", True))
-            return CausalLM(ModelConfig.from_hf(text_cfg, source="config.json text_config"))
-        from .arch.vision import build_vision_model
+        from .arch.vision import build_vision_model, gemma3_text_config
 
+        if text_only:
+            return CausalLM(ModelConfig.from_hf(gemma3_text_config(cfg), source="config.json text_config"))
         return build_vision_model(cfg)
     if mt in TEXT_MODEL_TYPES:
         return CausalLM(ModelConfig.from_hf(cfg))
@@ -194,7 +191,8 @@ def load_weights(
 ) -> None:
     """Fills a meta-device model from the checkpoint in `path`, checking names and shapes.
 
-    `quantizer` (see minift.quant) takes over the linear weights it claims."""
+    `quantizer` (see minift.quant) takes over the linear weights (16-bit, or packed with their
+    quant state) of the modules it claims, and loads them after the rest, a module at a time."""
     files = weight_files(path)
     to_name = key_mapper(cfg, text_only)
     expected, aliases = _tensor_names(model)
@@ -235,12 +233,9 @@ def load_weights(
             raise ShapeMismatchError(
                 f"{files[k]}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(want.shape)} from config.json"
             )
-        if quantizer is not None and quantizer.claims_weight(name):
-            quantizer.quantize(model, name, t)
-            continue
         _set_tensor(model, name, t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype))
     if quant_keys:
-        quantizer.load_prequantized(model, files, quant_keys)
+        quantizer.load_quantized(model, files, quant_keys)
     model.reset_buffers(device)
     model.tie_weights()
 
@@ -316,12 +311,15 @@ def load(
     if load_in_4bit or prequant:
         from .quant import make_quantizer
 
-        quantizer = make_quantizer(cfg, compute_dtype=dt, device=dev, quantize_vision=quantize_vision,
-                                   text_only=text_only, path=path)
         if full_finetuning:
             from .errors import QuantizationError
 
-            raise QuantizationError("full_finetuning=True needs a 16-bit model; drop load_in_4bit or use LoRA")
+            raise QuantizationError(
+                "full_finetuning=True needs a 16-bit model; drop load_in_4bit (or, for a pre-quantised checkpoint, "
+                "load its 16-bit original) or train LoRA adapters"
+            )
+        quantizer = make_quantizer(cfg, compute_dtype=dt, device=dev, quantize_vision=quantize_vision,
+                                   text_only=text_only, path=path, load_in_4bit=load_in_4bit)
     with torch.device("meta"):
         model = build_model(cfg, text_only=text_only)
     model.tie_weights()

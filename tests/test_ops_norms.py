@@ -17,7 +17,7 @@ from minift.errors import InputError
 from minift.ops import reference as ref
 from minift.ops._backend import use_triton
 
-from op_checks import assert_no_worse
+from op_checks import EXTRA_TOL, assert_no_worse
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -70,10 +70,17 @@ def run(fn, inputs: list, grad: torch.Tensor, dtype: torch.dtype) -> list:
     return [y.detach()] + [None if t is None else t.grad for t in leaves]
 
 
-def check_all(names: list, kernel: list, torch_out: list, ref64: list, dtype: torch.dtype) -> None:
-    for name, k, t, r in zip(names, kernel, torch_out, ref64):
-        if r is not None:
-            assert_no_worse(k, t, r, dtype, name)
+def weight_grad_factor(xhat: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> float:
+    """Tolerance factor for a weight gradient sum_rows(dy * xhat) whose terms cancel.
+
+    Any fp32 reduction can be off by about rows * 2^-24 * sum|terms|. When the terms cancel (a
+    one-element row normalises to +-1, so dweight is a sum of signs) that bound exceeds EXTRA_TOL
+    and neither torch nor the kernel resolves the sum, so the allowance grows with its condition.
+    """
+    terms = (grad.double() * xhat).reshape(-1, xhat.shape[-1])
+    total = terms.sum(0).norm().item()
+    cond = terms.abs().sum(0).norm().item() / total if total > 0 else float("inf")
+    return max(1.0, cond * (terms.shape[0] + 2) * 2.0**-24 / EXTRA_TOL[dtype])
 
 
 def _case_inputs(c: dict, device: str, with_bias: bool):
@@ -94,16 +101,19 @@ def layer_norm64(x, w, b, eps):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
-def compare(fn, fn64, inputs: list, names: list, gen: torch.Generator, mode: str, dtype: torch.dtype) -> None:
+def compare(fn, fn64, xhat64, inputs: list, names: list, gen: torch.Generator, mode: str, dtype: torch.dtype) -> None:
     """Kernel (forced Triton) vs the reference in `dtype`, both judged against a float64 evaluation."""
     grad = upstream(inputs[0], mode, gen)
+    wfactor = weight_grad_factor(xhat64(inputs[0].double()), grad, dtype)
     with ops.backend("triton"):
         assert use_triton(inputs[0]), "the Triton path must be taken"
         kernel = run(fn, inputs, grad, dtype)
     with ops.backend("torch"):
         torch_out = run(fn, inputs, grad, dtype)
     ref64 = run(fn64, inputs, grad, torch.float64)
-    check_all(names, kernel, torch_out, ref64, dtype)
+    for name, k, t, r in zip(names, kernel, torch_out, ref64):
+        if r is not None:
+            assert_no_worse(k, t, r, dtype, name, factor=wfactor if name.endswith("dweight") else 1.0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -115,7 +125,8 @@ def test_rms_norm_matches_reference(device: str, data) -> None:
     gen, x, w, _ = _case_inputs(c, device, with_bias=False)
     fn = lambda a, b: ops.rms_norm(a, b, eps, offset)  # noqa: E731
     fn64 = lambda a, b: rms_norm64(a, b, eps, offset)  # noqa: E731
-    compare(fn, fn64, [x, w], ["rms_norm y", "rms_norm dx", "rms_norm dweight"], gen, c["grad"], c["dtype"])
+    xhat64 = lambda a: rms_norm64(a, 1.0, eps, 0.0)  # noqa: E731
+    compare(fn, fn64, xhat64, [x, w], ["rms_norm y", "rms_norm dx", "rms_norm dweight"], gen, c["grad"], c["dtype"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -128,7 +139,8 @@ def test_layer_norm_matches_reference(device: str, data) -> None:
     fn = lambda a, ww, bb: ops.layer_norm(a, ww, bb, eps)  # noqa: E731
     names = ["layer_norm y", "layer_norm dx", "layer_norm dweight", "layer_norm dbias"]
     fn64 = lambda a, ww, bb: layer_norm64(a, ww, bb, eps)  # noqa: E731
-    compare(fn, fn64, [x, w, b], names, gen, c["grad"], c["dtype"])
+    xhat64 = lambda a: layer_norm64(a, None, None, eps)  # noqa: E731
+    compare(fn, fn64, xhat64, [x, w, b], names, gen, c["grad"], c["dtype"])
 
 
 @pytest.mark.parametrize("device", DEVICES)

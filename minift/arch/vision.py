@@ -95,17 +95,17 @@ class VisionLMConfig:
         text = ModelConfig.from_hf(gemma3_text_config(cfg), source=f"{source} text_config")
         vision = VisionConfig.from_hf(cfg["vision_config"], source=f"{source} vision_config")
 
-        def get(name: str, alias: str, default: int) -> int:
-            v = cfg.get(name, cfg.get(alias))
+        def get(name: str, default: int) -> int:  # *_index, or transformers' *_id alias of it
+            v = cfg.get(name, cfg.get(name.replace("_index", "_id")))
             return int(default if v is None else v)
 
         out = cls(
             text=text,
             vision=vision,
-            mm_tokens_per_image=get("mm_tokens_per_image", "mm_tokens_per_image", 256),
-            image_token_index=get("image_token_index", "image_token_id", 262_144),
-            boi_token_index=get("boi_token_index", "boi_token_id", 255_999),
-            eoi_token_index=get("eoi_token_index", "eoi_token_id", 256_000),
+            mm_tokens_per_image=get("mm_tokens_per_image", 256),
+            image_token_index=get("image_token_index", 262_144),
+            boi_token_index=get("boi_token_index", 255_999),
+            eoi_token_index=get("eoi_token_index", 256_000),
             tie_word_embeddings=text.tie_word_embeddings,
             raw=dict(cfg),
         )

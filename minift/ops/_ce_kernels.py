@@ -36,7 +36,7 @@ def _tanh(y):
 @triton.jit
 def _softcap_grad(x, cap):
     """z = cap * tanh(x / cap) and dz/dx = sech^2(x / cap), the latter without the 1 - t^2 cancellation."""
-    y = x / cap
+    y = x * (1.0 / cap)
     a = tl.abs(y)
     e = tl.exp(-2.0 * a)
     t = _tanh(y)
@@ -46,9 +46,11 @@ def _softcap_grad(x, cap):
 
 
 @triton.jit
-def _grad_row(x_row, dx_row, label, lse, g, keep, V, softcap,
+def _grad_row(x_row, dx_row, target, lse, g, keep, V, softcap,
               HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """dx = (softmax(z) - onehot(label)) * dz/dx * g for one row; zeros (no loads) when not keep.
+    """dx = (softmax(z) - onehot(target)) * dz/dx * g for one row; zeros (no loads) when not keep.
+
+    target is an int32 column, -1 for an out-of-range label (no one-hot term).
 
     dx_row may equal x_row (in place): every element is loaded before it is stored, by this program only.
     """
@@ -59,9 +61,9 @@ def _grad_row(x_row, dx_row, label, lse, g, keep, V, softcap,
         x = tl.load(x_row + cols, mask=cols < v_load, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
             z, dz = _softcap_grad(x, softcap)
-            grad = (tl.exp(z - lse) - tl.where(cols == label, 1.0, 0.0)) * dz
+            grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * dz
         else:
-            grad = tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)
+            grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
         grad = tl.where(keep, grad * g, 0.0)
         tl.store(dx_row + cols, grad.to(dx_row.dtype.element_ty), mask=mask)
 
@@ -78,6 +80,7 @@ def _ce_fwd_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, lse_ptr, g_ptr, g_stri
     in_range = (label >= 0) & (label < V)
     v_end = tl.where(ignored, 0, V)
 
+    inv_cap = 1.0 / softcap
     m = tl.full([], float("-inf"), tl.float32)
     d = tl.full([], 0.0, tl.float32)
     for start in range(0, v_end, BLOCK_V):
@@ -85,7 +88,7 @@ def _ce_fwd_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, lse_ptr, g_ptr, g_stri
         mask = cols < V
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_SOFTCAP:
-            x = tl.where(mask, softcap * _tanh(x / softcap), float("-inf"))
+            x = tl.where(mask, softcap * _tanh(x * inv_cap), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # A block of only -inf logits must not produce exp(-inf - -inf) = NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -95,13 +98,14 @@ def _ce_fwd_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, lse_ptr, g_ptr, g_stri
 
     tgt = tl.load(x_row + label, mask=in_range & (~ignored), other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        tgt = softcap * _tanh(tgt / softcap)
+        tgt = softcap * _tanh(tgt * inv_cap)
     loss = tl.where(in_range, lse - tgt, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
     if WRITE_GRAD:
         g = tl.load(g_ptr + row * g_stride).to(tl.float32)
-        _grad_row(x_row, dx_ptr + row * dx_stride, label, lse, g, ~ignored, V, softcap, HAS_SOFTCAP, BLOCK_V)
+        target = tl.where(in_range, label, -1).to(tl.int32)
+        _grad_row(x_row, dx_ptr + row * dx_stride, target, lse, g, ~ignored, V, softcap, HAS_SOFTCAP, BLOCK_V)
 
 
 @triton.jit
@@ -113,7 +117,8 @@ def _ce_bwd_kernel(x_ptr, x_stride, labels_ptr, lse_ptr, g_ptr, g_stride, dx_ptr
     label = tl.load(labels_ptr + row)
     lse = tl.load(lse_ptr + row)
     g = tl.load(g_ptr + row * g_stride).to(tl.float32)
-    _grad_row(x_ptr + row * x_stride, dx_ptr + row * dx_stride, label, lse, g, label != ignore_index,
+    target = tl.where((label >= 0) & (label < V), label, -1).to(tl.int32)
+    _grad_row(x_ptr + row * x_stride, dx_ptr + row * dx_stride, target, lse, g, label != ignore_index,
               V, softcap, HAS_SOFTCAP, BLOCK_V)
 
 

@@ -93,7 +93,7 @@ def _reduce(rows: Tensor, labels: Tensor, ignore_index: int, reduction: str) -> 
 
 def default_chunk_size(n: int, v: int, dtype: torch.dtype) -> int:
     """Tokens per chunk so that one chunk of logits in `dtype` fits CHUNK_BYTES (GEMM-friendly sizes)."""
-    rows = max(1, CHUNK_BYTES // (v * torch.empty((), dtype=dtype).element_size()))
+    rows = max(1, CHUNK_BYTES // (v * dtype.itemsize))
     rows = rows // 128 * 128 if rows >= 128 else 1 << (rows.bit_length() - 1)
     return max(1, min(rows, n))
 

@@ -1,0 +1,197 @@
+"""Per-op benchmark on a CUDA GPU: minift's Triton kernels vs torch eager (the reference), torch.compile
+of the reference, and Liger Kernel where it has the op. Forward and forward+backward time (median,
+triton.testing.do_bench), extra peak memory, and for memory-bound ops the achieved fraction of the
+device-to-device copy bandwidth measured in the same run. Prints one JSON object per line.
+
+  python bench/ops.py [--ops rms_norm,linear_cross_entropy] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DT = torch.bfloat16
+N = 8192  # tokens
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy, counting bytes read plus written."""
+    import triton.testing
+
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() / (ms * 1e-3)
+
+
+def measure(fn: Callable[[], object], backward: bool) -> tuple[float, float]:
+    """(median ms, extra peak GiB over what was allocated before) for fn (+ its backward)."""
+    import triton.testing
+
+    def step():
+        out = fn()
+        if backward:
+            t = out[0] if isinstance(out, tuple) else out
+            t.backward(torch.ones_like(t) if t.dim() else None)
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median", grad_to_none=None)
+    return ms, peak
+
+
+def leaf(*shape, scale=1.0, grad=True):
+    return (torch.randn(*shape, device="cuda", dtype=DT) * scale).requires_grad_(grad)
+
+
+def cases(quick: bool):
+    import minift.ops as mo
+    import minift.ops.reference as ref
+
+    try:
+        import liger_kernel.transformers.functional as lk
+    except Exception:  # liger not installed: skip its column
+        lk = None
+    hiddens = [2048] if quick else [2048, 2560, 4096]
+    for H in hiddens:
+        x, w = leaf(N, H), leaf(H, scale=0.1)
+        byt = {False: 2 * N * H * 2, True: (2 + 3) * N * H * 2}
+        impls = {"minift": lambda: mo.rms_norm(x, w, 1e-6, 1.0), "eager": lambda: ref.rms_norm(x, w, 1e-6, 1.0),
+                 "compiled": torch.compile(lambda: ref.rms_norm(x, w, 1e-6, 1.0))}
+        if lk:
+            impls["liger"] = lambda: lk.liger_rms_norm(x, w, 1e-6, 1.0, "gemma", False)
+        yield "rms_norm", dict(N=N, H=H), impls, byt
+        b = leaf(H, scale=0.1)
+        impls = {"minift": lambda: mo.layer_norm(x, w, b, 1e-6), "eager": lambda: ref.layer_norm(x, w, b, 1e-6),
+                 "compiled": torch.compile(lambda: ref.layer_norm(x, w, b, 1e-6))}
+        if lk:
+            impls["liger"] = lambda: lk.liger_layer_norm(x, w, b, 1e-6)
+        yield "layer_norm", dict(N=N, H=H), impls, byt
+    for name, (h, hk, d) in {"llama-1b": (32, 8, 64), "gemma-3-4b": (8, 4, 256)}.items():
+        B, S = 4, N // 4
+        q = leaf(B, S, h, d).transpose(1, 2)
+        k = leaf(B, S, hk, d).transpose(1, 2)
+        pos = torch.arange(S, device="cuda").expand(B, S)
+        inv = 1.0 / (10000 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+        emb = torch.cat([pos[..., None] * inv] * 2, -1)
+        cos, sin = emb.cos(), emb.sin()
+        qk = B * S * (h + hk) * d * 2
+        byt = {False: 2 * qk + 2 * B * S * d * 4, True: 4 * qk + 4 * B * S * d * 4}
+        impls = {"minift": lambda: mo.rope(q, k, cos, sin), "eager": lambda: ref.rope(q, k, cos, sin),
+                 "compiled": torch.compile(lambda: ref.rope(q, k, cos, sin))}
+        if lk:
+            impls["liger"] = lambda: lk.liger_rope(q, k, cos.to(DT), sin.to(DT))
+        yield "rope", dict(shape=name, B=B, S=S), impls, byt
+    for I in ([8192] if quick else [8192, 10240, 14336]):
+        g, u = leaf(N, I), leaf(N, I)
+        byt = {False: 3 * N * I * 2, True: 3 * N * I * 2 + 5 * N * I * 2}
+        impls = {"minift": lambda: mo.swiglu(g, u), "eager": lambda: ref.swiglu(g, u),
+                 "compiled": torch.compile(lambda: ref.swiglu(g, u))}
+        if lk:
+            impls["liger"] = lambda: lk.liger_swiglu(g, u)
+        yield "swiglu", dict(N=N, I=I), impls, byt
+        impls = {"minift": lambda: mo.geglu(g, u, "tanh"), "eager": lambda: ref.geglu(g, u, "tanh"),
+                 "compiled": torch.compile(lambda: ref.geglu(g, u, "tanh"))}
+        if lk:
+            impls["liger"] = lambda: lk.liger_geglu(g, u)
+        yield "geglu", dict(N=N, I=I), impls, byt
+    for V in ([128256] if quick else [128256, 262208]):
+        logits = leaf(N, V, scale=2.0)
+        labels = torch.randint(0, V, (N,), device="cuda")
+        labels[::7] = -100
+        byt = {False: N * V * 2, True: 3 * N * V * 2}
+        impls = {"minift": lambda: mo.cross_entropy(logits, labels),
+                 "eager": lambda: ref.cross_entropy(logits, labels),
+                 "compiled": torch.compile(lambda: ref.cross_entropy(logits, labels))}
+        if lk:
+            impls["liger"] = lambda: lk.liger_cross_entropy(logits, labels)
+        yield "cross_entropy", dict(N=N, V=V), impls, byt
+        del logits
+        for H in ([2048] if quick else [2048, 2560, 4096]):
+            hid, W = leaf(N, H), leaf(V, H, scale=0.02)
+            from minift.ops.cross_entropy import linear_cross_entropy_chunked_reference as chunked
+
+            impls = {"minift": lambda: mo.linear_cross_entropy(hid, W, labels),
+                     "eager": lambda: ref.linear_cross_entropy(hid, W, labels),
+                     "compiled_chunked": torch.compile(lambda: chunked(hid, W, labels))}
+            if lk:
+                impls["liger"] = lambda: lk.liger_fused_linear_cross_entropy(hid, W, labels)
+            yield "linear_cross_entropy", dict(N=N, V=V, H=H), impls, None
+            del hid, W
+    yield from lora_cases(quick)
+
+
+def lora_cases(quick: bool):
+    import bitsandbytes.functional as bnbf
+
+    import minift.ops as mo
+    import minift.ops.reference as ref
+
+    for H, I in ([(2048, 8192)] if quick else [(2048, 8192), (2560, 10240), (4096, 14336)]):
+        w = torch.randn(I, H, device="cuda", dtype=DT) * 0.02
+        data, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        nf4 = mo.NF4Weight.from_bnb(data, qs)
+        impls = {"minift": lambda: mo.dequantize_nf4(nf4), "eager": lambda: ref.dequantize_nf4(nf4),
+                 "bitsandbytes": lambda: bnbf.dequantize_4bit(data, qs)}
+        yield "dequantize_nf4", dict(H=H, I=I), impls, {False: I * H * 2.5, True: None}
+        x = leaf(N, H)
+        A = (torch.randn(16, H, device="cuda") * 0.01).requires_grad_(True)
+        Bm = (torch.randn(I, 16, device="cuda") * 0.01).requires_grad_(True)
+        for base_name, base in (("bf16", w), ("nf4", nf4)):
+            impls = {"minift": lambda base=base: mo.lora_linear(x, base, A, Bm, 2.0),
+                     "eager": lambda base=base: ref.lora_linear(x, base, A, Bm, 2.0)}
+            impls["compiled"] = torch.compile(impls["eager"])
+            yield "lora_linear", dict(N=N, H=H, I=I, r=16, base=base_name), impls, None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ops", default=None, help="comma list of op names (default: all)")
+    ap.add_argument("--quick", action="store_true", help="one shape per op")
+    a = ap.parse_args()
+    from common import environment
+
+    env = environment()
+    bw = copy_bandwidth()
+    print(json.dumps(dict(kind="copy_bandwidth", tb_s=round(bw / 1e12, 3), **env)), flush=True)
+    wanted = set(a.ops.split(",")) if a.ops else None
+    for op, shape, impls, byt in cases(a.quick):
+        if wanted and op not in wanted:
+            continue
+        for backward in (False, True):
+            if backward and op == "dequantize_nf4":
+                continue
+            row = dict(kind="op", op=op, **shape, pass_="fwd+bwd" if backward else "fwd")
+            for impl, fn in impls.items():
+                try:
+                    ms, peak = measure(fn, backward)
+                except Exception as e:  # an impl lacking a case must not hide the others
+                    row[impl] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
+                    continue
+                cell = dict(ms=round(ms, 4), peak_gib=round(peak, 3))
+                if byt and byt.get(backward):
+                    cell["bw_frac"] = round(byt[backward] / (ms * 1e-3) / bw, 3)
+                row[impl] = cell
+            if "minift" in row and "ms" in row["minift"]:
+                for impl in impls:
+                    if impl != "minift" and "ms" in row.get(impl, {}):
+                        row[f"speedup_vs_{impl}"] = round(row[impl]["ms"] / row["minift"]["ms"], 3)
+            print(json.dumps(row), flush=True)
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Packing, collation and the step → examples schedule.
+
+The schedule is a pure function of (seed, epoch, step), so a resumed run sees exactly the data
+an uninterrupted one would, and a step's examples never depend on how it is split into
+micro-batches.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .tokenize import IGNORE, Example
+
+
+@dataclass
+class Batch:
+    """Model keyword arguments for one micro-batch plus host-side counts (no device sync)."""
+
+    tensors: dict[str, torch.Tensor]
+    n_targets: int
+    n_tokens: int
+
+    def to(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if device.type == "cpu":
+            return dict(self.tensors)
+        pin = device.type == "cuda"
+        return {k: (v.pin_memory() if pin else v).to(device, non_blocking=True) for k, v in self.tensors.items()}
+
+
+def pack(examples: list[Example], max_length: int) -> list[Example]:
+    """Best-fit-decreasing packing into rows of at most max_length tokens.
+
+    Each row holds whole sequences back to back; position ids restart at 0 for each, and the
+    label of each sequence's first token is -100, so after the model's label shift no token is
+    trained to predict the first token of the next sequence. Attention is kept within a sequence
+    by the model (position restarts, no attention_mask). Rows list their sequences in dataset
+    order, which makes the result deterministic."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, bin id), sorted
+    for i in order:
+        n = len(examples[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            space, b = free.pop(k)
+        else:
+            space, b = max_length, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if space - n > 0:
+            bisect.insort(free, (space - n, b))
+    rows = []
+    for members in bins:
+        members.sort()
+        seqs = [examples[i] for i in members]
+        labels = []
+        for ex in seqs:
+            lab = ex.labels.clone()
+            lab[0] = IGNORE
+            labels.append(lab)
+        rows.append(Example(
+            input_ids=torch.cat([ex.input_ids for ex in seqs]),
+            labels=torch.cat(labels),
+            position_ids=torch.cat([torch.arange(len(ex)) for ex in seqs]),
+        ))
+    return rows
+
+
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Dynamic padding to the longest example (right padding, attention_mask, -100 labels on
+    pads); packed rows (with position_ids) are padded by an extra segment instead, so they stay
+    padding-free for attention. No attention_mask is built when nothing needs padding."""
+    lengths = [len(ex) for ex in examples]
+    longest = max(lengths)
+    b = len(examples)
+    ids = torch.full((b, longest), pad_id, dtype=torch.long)
+    labels = torch.full((b, longest), IGNORE, dtype=torch.long)
+    for r, ex in enumerate(examples):
+        ids[r, : len(ex)] = ex.input_ids
+        labels[r, : len(ex)] = ex.labels
+    out: dict[str, torch.Tensor] = {"input_ids": ids, "labels": labels}
+    packed = examples[0].position_ids is not None
+    if packed:
+        pos = torch.zeros((b, longest), dtype=torch.long)
+        for r, ex in enumerate(examples):
+            pos[r, : len(ex)] = ex.position_ids
+            pos[r, len(ex):] = torch.arange(longest - len(ex))
+        out["position_ids"] = pos
+    elif min(lengths) != longest:
+        am = torch.zeros((b, longest), dtype=torch.long)
+        for r, n in enumerate(lengths):
+            am[r, :n] = 1
+        out["attention_mask"] = am
+    if any(ex.token_type_ids is not None for ex in examples):
+        tt = torch.zeros((b, longest), dtype=torch.long)
+        for r, ex in enumerate(examples):
+            if ex.token_type_ids is not None:
+                tt[r, : len(ex)] = ex.token_type_ids
+        out["token_type_ids"] = tt
+    pv = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
+    if pv:
+        out["pixel_values"] = torch.cat(pv)
+    n_targets = int((labels[:, 1:] != IGNORE).sum())
+    return Batch(out, n_targets, sum(lengths))
+
+
+@dataclass
+class Schedule:
+    """Which units (examples or packed rows) each optimizer step takes."""
+
+    n_units: int
+    batch_size: int
+    grad_accum: int
+    seed: int
+    shuffle: bool = True
+
+    @property
+    def per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_units / self.per_step)
+
+    def total_steps(self, max_steps: int | None, epochs: float) -> int:
+        return max_steps if max_steps is not None else max(1, math.ceil(epochs * self.steps_per_epoch))
+
+    def order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n_units))
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n_units, generator=g).tolist()
+
+    def step_units(self, step: int, _cache: dict | None = None) -> list[list[int]]:
+        """Micro-batches (lists of unit indices) of global step `step` (0-based)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        cache = _cache if _cache is not None else {}
+        if cache.get("epoch") != epoch:
+            cache["epoch"], cache["order"] = epoch, self.order(epoch)
+        units = cache["order"][k * self.per_step: (k + 1) * self.per_step]
+        return [units[i: i + self.batch_size] for i in range(0, len(units), self.batch_size)]
+
+    def epoch_of(self, step: int) -> float:
+        return step / self.steps_per_epoch

@@ -1,0 +1,226 @@
+"""Canonical rows → token ids and labels, with responses-only masking by incremental rendering.
+
+Why incremental rendering: a chat template is opaque Jinja, so the only robust way to know where
+an assistant turn sits is to ask the template itself. For assistant turn i, the conversation up
+to i rendered with the generation prompt ends exactly where the turn's content starts, and the
+conversation through i ends where the turn (with its end-of-turn token) ends. Those character
+positions are mapped to tokens through the tokenizer's offsets (or, for slow tokenizers and
+processors, by tokenising the prefixes), so BPE merges across boundaries cannot shift them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from .formats import has_images, images_of, text_only
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One tokenised example. labels are input_ids with -100 where no loss is taken (unshifted:
+    the model predicts labels[t+1] at position t)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor | None = None
+    token_type_ids: torch.Tensor | None = None
+    truncated: bool = False
+    position_ids: torch.Tensor | None = None  # packed rows only: restarts at 0 per sequence
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens the loss is taken on (labels[1:], since position 0 is never predicted)."""
+        return int((self.labels[1:] != IGNORE).sum())
+
+
+@dataclass
+class Encoder:
+    """Tokenises canonical rows for one tokenizer or processor."""
+
+    tokenizer: Any
+    processor: Any = None
+    max_length: int = 2048
+    responses_only: bool = False
+    stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_images_too_long": 0})
+
+    def __post_init__(self) -> None:
+        self.has_offsets = bool(getattr(self.tokenizer, "is_fast", False))
+
+    # -- rendering -----------------------------------------------------------------------
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        owner = self.processor if self.processor is not None else self.tokenizer
+        if getattr(owner, "chat_template", None) is None and getattr(self.tokenizer, "chat_template", None) is None:
+            raise DataError(
+                "the tokenizer has no chat template, so 'messages'/'conversations' rows cannot be rendered; "
+                "set tokenizer.chat_template or give a 'text' column"
+            )
+        msgs = messages if self.processor is not None else text_only(messages)
+        try:
+            return owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        except DataError:
+            raise
+        except Exception as e:  # jinja raises TemplateError, templates raise their own messages
+            raise DataError(f"the chat template failed to render a conversation: {e}") from e
+
+    def assistant_spans(self, messages: list[dict[str, Any]], full: str, train_from: int) -> list[tuple[int, int, int]]:
+        """(start char, end char, message index) of each trained assistant turn in `full`."""
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant" or i < train_from:
+                continue
+            try:
+                pre = self.render(messages[:i], generation_prompt=True)
+                thru = self.render(messages[: i + 1])
+            except DataError:
+                pre = thru = None
+            if pre is not None and thru is not None and full.startswith(thru) and thru.startswith(pre):
+                spans.append((len(pre), len(thru), i))
+                continue
+            # Templates that rewrite earlier turns (or refuse a prefix): find the content itself.
+            content = m["content"] if isinstance(m["content"], str) else "".join(
+                p["text"] for p in m["content"] if p["type"] == "text")
+            content = content.strip()
+            start = spans[-1][1] if spans else 0
+            k = full.find(content, start) if content else -1
+            if k < 0 or self.processor is not None:
+                raise DataError(
+                    f"assistant turn {i} could not be located in the rendered conversation: the chat template does "
+                    "not render prefixes of the conversation consistently (template mismatch); "
+                    "train_on_responses_only needs a template that renders turns in order"
+                )
+            spans.append((k, k + len(content), i))
+        return spans
+
+    # -- tokenisation --------------------------------------------------------------------
+    def _ids(self, text: str, special: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _label_chat_text(self, full: str, spans: list[tuple[int, int, int]]) -> tuple[list[int], list[int]]:
+        if self.has_offsets:
+            enc = self.tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+            ids, offs = enc["input_ids"], enc["offset_mapping"]
+            labels = [IGNORE] * len(ids)
+            j = 0
+            for s, e, _ in spans:  # token overlaps the span: it carries some of the turn
+                while j < len(ids) and offs[j][1] <= s:
+                    j += 1
+                while j < len(ids) and offs[j][0] < e:
+                    if offs[j][1] > offs[j][0]:
+                        labels[j] = ids[j]
+                    j += 1
+            return ids, labels
+        ids = self._ids(full, False)
+        labels = [IGNORE] * len(ids)
+        for s, e, _ in spans:
+            a, b = len(self._ids(full[:s], False)), len(self._ids(full[:e], False))
+            labels[a:b] = ids[a:b]
+        return ids, labels
+
+    def encode(self, row: dict[str, Any]) -> Example | None:
+        """A canonical row (see formats.normalize_row) → Example; None when dropped."""
+        kind = row["kind"]
+        pixel_values = token_type_ids = None
+        if kind == "text":
+            if self.responses_only:
+                raise DataError(
+                    "train_on_responses_only needs 'messages', 'conversations' or 'prompt'/'completion' rows; "
+                    "plain 'text' rows do not say where responses are"
+                )
+            ids = self._append_eos(self._ids(row["text"], True))
+            labels = list(ids)
+        elif kind == "pc":
+            p = self._ids(row["prompt"], True)
+            c = self._append_eos(self._ids(row["completion"], False))
+            ids = p + c
+            labels = ([IGNORE] * len(p) if self.responses_only else list(p)) + list(c)
+        else:
+            msgs = row["messages"]
+            if has_images(msgs):
+                if self.processor is None:
+                    raise DataError(
+                        "a row holds images but a tokenizer, not a processor, was given; load a vision checkpoint "
+                        "(minift.load returns its processor) and pass the processor to the Trainer"
+                    )
+                return self._encode_vision(row)
+            full = self.render(msgs)
+            if self.responses_only:
+                ids, labels = self._label_chat_text(full, self.assistant_spans(msgs, full, row["train_from"]))
+            else:
+                ids = self._ids(full, False)
+                labels = list(ids)
+        return self._finish(ids, labels)
+
+    def _append_eos(self, ids: list[int]) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+    def _finish(self, ids, labels, pixel_values=None, token_type_ids=None) -> Example:
+        ids_t = torch.as_tensor(ids, dtype=torch.long)
+        lab_t = torch.as_tensor(labels, dtype=torch.long)
+        tt = None if token_type_ids is None else torch.as_tensor(token_type_ids, dtype=torch.long)
+        truncated = len(ids_t) > self.max_length
+        if truncated:
+            self.stats["truncated"] += 1
+            ids_t, lab_t = ids_t[: self.max_length], lab_t[: self.max_length]
+            tt = None if tt is None else tt[: self.max_length]
+        return Example(ids_t, lab_t, pixel_values, tt, truncated)
+
+    # -- vision --------------------------------------------------------------------------
+    def _process(self, text: str, images: list[Any]) -> dict[str, torch.Tensor]:
+        kw: dict[str, Any] = dict(text=[text], return_tensors="pt", add_special_tokens=False)
+        if images:
+            kw["images"] = [images]
+        return self.processor(**kw)
+
+    def _encode_vision(self, row: dict[str, Any]) -> Example | None:
+        msgs = row["messages"]
+        full = self.render(msgs)
+        images = images_of(msgs)
+        out = self._process(full, images)
+        ids = out["input_ids"][0]
+        if self.responses_only:
+            # Token positions of each span by processing the prefixes (with their images), since
+            # the processor expands every image placeholder into many tokens.
+            labels = torch.full_like(ids, IGNORE)
+            for s, e, i in self.assistant_spans(msgs, full, row["train_from"]):
+                a = self._process(full[:s], images_of(msgs[:i]))["input_ids"].shape[1]
+                b = self._process(full[:e], images_of(msgs[: i + 1]))["input_ids"].shape[1]
+                labels[a:b] = ids[a:b]
+        else:
+            labels = ids.clone()
+        tt = out.get("token_type_ids")
+        if tt is None:
+            tt = (ids == self.image_token_id()).long().unsqueeze(0)
+        tt = tt[0]
+        if "pixel_values" in out:
+            labels = labels.masked_fill(tt == 1, IGNORE)  # image tokens are never targets
+        if len(ids) > self.max_length and bool((tt[self.max_length:] == 1).any()):
+            self.stats["dropped_images_too_long"] += 1  # cutting inside an image would break the model
+            return None
+        return self._finish(ids, labels, out.get("pixel_values"), tt)
+
+    def image_token_id(self) -> int:
+        tok = getattr(self.processor, "image_token_id", None)
+        if tok is None:
+            tok = self.tokenizer.convert_tokens_to_ids(getattr(self.processor, "image_token", "<image_soft_token>"))
+        return int(tok)
+
+
+def make_encoder(tokenizer_or_processor: Any, *, max_length: int, responses_only: bool) -> Encoder:
+    """An Encoder for a tokenizer, or a processor (which carries its tokenizer)."""
+    if is_processor(tokenizer_or_processor):
+        return Encoder(tokenizer_or_processor.tokenizer, tokenizer_or_processor, max_length, responses_only)
+    return Encoder(tokenizer_or_processor, None, max_length, responses_only)
+
+
+def is_processor(obj: Any) -> bool:
+    return hasattr(obj, "image_processor") and hasattr(obj, "tokenizer")
