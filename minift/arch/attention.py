@@ -1,13 +1,51 @@
 """Attention masks and the attention product.
 
-Masks are boolean (batch, 1, q, k), True where a query may look. Building one is skipped when
-plain causal attention suffices, so SDPA can take its fused causal (flash) path.
+Masks are boolean (batch, 1, q, k), True where a query may look, or, on CUDA, the same mask as
+a flex attention BlockMask (`flex.py`): a dense mask forces SDPA off its flash kernel, and
+soft-capping off SDPA altogether. Building one is skipped when plain causal attention
+suffices, so SDPA can take its fused causal (flash) path.
 """
 
 from __future__ import annotations
 
+from typing import Literal, Union
+
 import torch
 import torch.nn.functional as F
+
+from . import flex as _flex
+
+Backend = Literal["auto", "sdpa", "flex"]
+Mask = Union[torch.Tensor, "_flex.BlockMask", None]
+_backend: Backend = "auto"
+
+
+def set_attention_backend(backend: Backend) -> None:
+    """"auto": flex attention on CUDA wherever a mask or soft-capping is needed, SDPA (or the
+    eager soft-capping path) elsewhere. "sdpa": never flex. "flex": flex on any device (CPU
+    runs PyTorch's uncompiled reference: for tests). Plain causal attention without
+    soft-capping always takes SDPA's flash path."""
+    global _backend
+    if backend not in ("auto", "sdpa", "flex"):
+        raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', not {backend!r}")
+    if backend == "flex" and not _flex.AVAILABLE:
+        raise ValueError("this torch has no torch.nn.attention.flex_attention")
+    _backend = backend
+
+
+def get_attention_backend() -> Backend:
+    return _backend
+
+
+def uses_flex(device: torch.device | str) -> bool:
+    """Whether masks on `device` are built as BlockMasks under the current backend."""
+    if _backend == "auto":
+        return _flex.AVAILABLE and torch.device(device).type == "cuda"
+    return _backend == "flex"
+
+
+def is_block_mask(mask: Mask) -> bool:
+    return mask is not None and not isinstance(mask, torch.Tensor)
 
 
 def packed_segments(position_ids: torch.Tensor) -> torch.Tensor:
@@ -54,15 +92,42 @@ def build_mask(
     return allowed | (empty & torch.eye(seq, dtype=torch.bool, device=device))
 
 
+def make_mask(
+    batch: int,
+    seq: int,
+    device: torch.device,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    sliding_window: int | None = None,
+    bidirectional_groups: torch.Tensor | None = None,
+    softcap: float | None = None,
+) -> Mask:
+    """The mask `attention` takes for one layer type, built once per forward: None (plain causal,
+    no soft-capping: SDPA flash), a flex BlockMask (see `uses_flex`), or build_mask's tensor."""
+    window = sliding_window if sliding_window is not None and sliding_window < seq else None
+    plain = attention_mask is None and segments is None and window is None and bidirectional_groups is None
+    if plain and softcap is None:
+        return None
+    kw = dict(attention_mask=attention_mask, segments=segments, sliding_window=window,
+              bidirectional_groups=bidirectional_groups)
+    if uses_flex(device):
+        return _flex.block_mask(batch, seq, device, **kw)
+    return build_mask(batch, seq, device, **kw)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: Mask,
     scale: float,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale [soft-capped] + mask) v for q (b, h, s, d), k/v (b, hk, s, d)."""
+    """softmax(q k^T * scale [soft-capped] + mask) v for q (b, h, s, d), k/v (b, hk, s, d).
+    mask: None for plain causal, a boolean (b, 1, s, s) tensor, or a flex BlockMask."""
+    if is_block_mask(mask):
+        return _flex.flex(q, k, v, mask, scale, softcap)
     if softcap is None:
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]

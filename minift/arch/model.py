@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from .attention import attention, build_mask, packed_segments
+from .attention import Mask, attention, make_mask, packed_segments
 from .config import FULL, SLIDING, ModelConfig
 from .rope import RotaryEmbedding
 
@@ -53,7 +53,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
         cfg = self.cfg
         b, s, _ = x.shape
         d = cfg.head_dim
@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -151,11 +151,12 @@ class TextModel(nn.Module):
         if position_ids.shape[0] != b:
             position_ids = position_ids.expand(b, s)
         cos_sin = {t: self.rotary[t](position_ids) for t in self.rotary}
+        # One mask per layer type per forward (a BlockMask on CUDA, see attention.make_mask).
         masks = {
-            t: build_mask(
+            t: make_mask(
                 b, s, x.device, attention_mask=attention_mask, segments=segments,
                 sliding_window=self.cfg.sliding_window if t == SLIDING else None,
-                bidirectional_groups=bidirectional_groups,
+                bidirectional_groups=bidirectional_groups, softcap=self.cfg.attn_logit_softcapping,
             )
             for t in self.rotary
         }

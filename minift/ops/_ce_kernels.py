@@ -22,27 +22,30 @@ MAX_BLOCK_V = 4096
 
 
 @triton.jit
-def _tanh(y):
-    """tanh without libdevice: odd Taylor series where 1 - exp(-2|y|) would cancel, exp form elsewhere."""
+def _tanh_parts(y):
+    """(tanh(y), e = exp(-2|y|), r = 1 / (1 + e)) without libdevice: an odd Taylor series where
+    1 - e would cancel (|y| < 0.25, error < 1e-8 relative), (1 - e) / (1 + e) elsewhere (no overflow)."""
     a = tl.abs(y)
-    e = tl.exp(-2.0 * a)  # in (0, 1]: never overflows
-    big = (1.0 - e) / (1.0 + e)
+    e = tl.exp(-2.0 * a)
+    r = 1.0 / (1.0 + e)
     a2 = a * a
     small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-    t = tl.where(a < 0.25, small, big)
-    return tl.where(y < 0.0, -t, t)
+    t = tl.where(a < 0.25, small, (1.0 - e) * r)
+    return tl.where(y < 0.0, -t, t), e, r
 
 
 @triton.jit
-def _softcap_grad(x, cap):
-    """z = cap * tanh(x / cap) and dz/dx = sech^2(x / cap), the latter without the 1 - t^2 cancellation."""
-    y = x * (1.0 / cap)
-    a = tl.abs(y)
-    e = tl.exp(-2.0 * a)
-    t = _tanh(y)
-    one_pe = 1.0 + e
-    dz = tl.where(a < 0.25, 1.0 - t * t, 4.0 * e / (one_pe * one_pe))
-    return cap * t, dz
+def _softcap(x, cap, inv_cap):
+    t, _, _ = _tanh_parts(x * inv_cap)
+    return cap * t
+
+
+@triton.jit
+def _softcap_grad(x, cap, inv_cap):
+    """z = cap * tanh(x / cap) and dz/dx = sech^2(x / cap) = 4e / (1 + e)^2: accurate everywhere, unlike
+    1 - tanh^2, which cancels where the cap saturates."""
+    t, e, r = _tanh_parts(x * inv_cap)
+    return cap * t, 4.0 * e * r * r
 
 
 @triton.jit
@@ -55,12 +58,13 @@ def _grad_row(x_row, dx_row, target, lse, g, keep, V, softcap,
     dx_row may equal x_row (in place): every element is loaded before it is stored, by this program only.
     """
     v_load = tl.where(keep, V, 0)
+    inv_cap = 1.0 / softcap
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < V
         x = tl.load(x_row + cols, mask=cols < v_load, other=0.0).to(tl.float32)
         if HAS_SOFTCAP:
-            z, dz = _softcap_grad(x, softcap)
+            z, dz = _softcap_grad(x, softcap, inv_cap)
             grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * dz
         else:
             grad = tl.exp(x - lse) - tl.where(cols == target, 1.0, 0.0)
@@ -88,7 +92,7 @@ def _ce_fwd_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, lse_ptr, g_ptr, g_stri
         mask = cols < V
         x = tl.load(x_row + cols, mask=mask, other=float("-inf")).to(tl.float32)
         if HAS_SOFTCAP:
-            x = tl.where(mask, softcap * _tanh(x * inv_cap), float("-inf"))
+            x = tl.where(mask, _softcap(x, softcap, inv_cap), float("-inf"))
         m_new = tl.maximum(m, tl.max(x, axis=0))
         # A block of only -inf logits must not produce exp(-inf - -inf) = NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -98,7 +102,7 @@ def _ce_fwd_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, lse_ptr, g_ptr, g_stri
 
     tgt = tl.load(x_row + label, mask=in_range & (~ignored), other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
-        tgt = softcap * _tanh(tgt * inv_cap)
+        tgt = _softcap(tgt, softcap, inv_cap)
     loss = tl.where(in_range, lse - tgt, float("nan"))
     tl.store(loss_ptr + row, tl.where(ignored, 0.0, loss))
     tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))

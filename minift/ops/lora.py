@@ -202,8 +202,7 @@ def _lora_linear_bwd_op(
 
 @_lora_linear_bwd_op.register_fake
 def _(grad, x, base, meta, lora_a, lora_b, scale, need_dx):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else _empty(x)), \
-        torch.empty_like(lora_a), torch.empty_like(lora_b)
+    return (x.new_empty(x.shape) if need_dx else _empty(x)), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
 
 
 def _lora_linear_setup(ctx, inputs, output):
@@ -372,9 +371,9 @@ def _dtypes(a, b):
 
 @_lora_mlp_bwd_op.register_fake
 def _(grad, x, e, g, g_base, g_meta, g_a, g_b, u_base, u_meta, u_a, u_b, d_base, d_meta, d_a, d_b, scales, act, need_dx):
-    res = [torch.empty_like(x, memory_format=torch.contiguous_format) if need_dx else _empty(x)]
+    res = [x.new_empty(x.shape) if need_dx else _empty(x)]
     for t in (g_a, g_b, u_a, u_b, d_a, d_b):
-        res.append(_empty(x) if t is None else torch.empty_like(t))
+        res.append(_empty(x) if t is None else t.new_empty(t.shape))
     return res
 
 

@@ -1,7 +1,7 @@
 """Rotary position embedding (rotate-half, as transformers): a Triton kernel with custom autograd.
 
-One program per (batch, position) token loads that token's cos/sin once and rotates every q and k
-head with it, so arbitrary per-row position ids (packed sequences) cost nothing extra. The kernel
+Each program takes a block of (batch, position) tokens, loads their cos/sin once and rotates every q
+and k head with them, so arbitrary per-row position ids (packed sequences) cost nothing extra. The kernel
 takes full strides, so q/k straight from `.view(b, s, h, d).transpose(1, 2)` and expanded
 gradients are read in place, and outputs keep q/k's memory layout. The backward is the same
 rotation transposed (sin negated, halves swapped), so it reuses the forward kernel.
@@ -22,44 +22,53 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rotate_heads(X, O, H, sx_h, sx_d, so_h, so_d, c1, c2, s1, s2, HALF, d, dmask, BLOCK_H: tl.constexpr):
-        """y1 = x1*c1 - x2*s1, y2 = x2*c2 + x1*s2 for all H heads of one token, BLOCK_H heads at a time."""
+    def _rotate_heads(X, O, x_tok, o_tok, tmask, H, sx_h, sx_d, so_h, so_d, c1, c2, s1, s2, HALF, d, dmask,
+                      BLOCK_H: tl.constexpr):
+        """y1 = x1*c1 - x2*s1, y2 = x2*c2 + x1*s2 for all H heads of a block of tokens, BLOCK_H heads at a time.
+
+        x_tok/o_tok: (BLOCK_T,) int64 offsets of each token; c*/s*: (BLOCK_T, 1, BLOCK_D) fp32.
+        """
         for h0 in range(0, H, BLOCK_H):
             h = h0 + tl.arange(0, BLOCK_H).to(tl.int64)
-            m = (h < H)[:, None] & dmask[None, :]
-            xp = X + h[:, None] * sx_h + d[None, :] * sx_d
+            m = tmask[:, None, None] & (h < H)[None, :, None] & dmask[None, None, :]
+            xp = X + x_tok[:, None, None] + h[None, :, None] * sx_h + d[None, None, :] * sx_d
             x1 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
             x2 = tl.load(xp + HALF * sx_d, mask=m, other=0.0).to(tl.float32)
-            op = O + h[:, None] * so_h + d[None, :] * so_d
+            op = O + o_tok[:, None, None] + h[None, :, None] * so_h + d[None, None, :] * so_d
             tl.store(op, (x1 * c1 - x2 * s1).to(O.dtype.element_ty), mask=m)
             tl.store(op + HALF * so_d, (x2 * c2 + x1 * s2).to(O.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF,
+    def _rope_kernel(Q, K, QO, KO, COS, SIN, T, S, HQ, HK, HALF,
                      sq_b, sq_h, sq_s, sq_d, sqo_b, sqo_h, sqo_s, sqo_d,
                      sk_b, sk_h, sk_s, sk_d, sko_b, sko_h, sko_s, sko_d,
                      sc_b, sc_s, sc_d, ss_b, ss_s, ss_d,
-                     BACKWARD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                     BLOCK_D: tl.constexpr):
-        pid = tl.program_id(0)
-        b = (pid // S).to(tl.int64)
-        pos = (pid % S).to(tl.int64)
+                     BACKWARD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_HQ: tl.constexpr,
+                     BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # flat (batch, position) token
+        tmask = t < T
+        b = t // S
+        pos = t % S
         d = tl.arange(0, BLOCK_D)
         dmask = d < HALF
-        cp = COS + b * sc_b + pos * sc_s + d * sc_d
-        sp = SIN + b * ss_b + pos * ss_s + d * ss_d
-        c1 = tl.load(cp, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        c2 = tl.load(cp + HALF * sc_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        s1 = tl.load(sp, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        s2 = tl.load(sp + HALF * ss_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        m = tmask[:, None] & dmask[None, :]
+        cp = COS + (b * sc_b + pos * sc_s)[:, None] + d[None, :] * sc_d
+        sp = SIN + (b * ss_b + pos * ss_s)[:, None] + d[None, :] * ss_d
+        c1 = tl.load(cp, mask=m, other=0.0).to(tl.float32)[:, None, :]
+        c2 = tl.load(cp + HALF * sc_d, mask=m, other=0.0).to(tl.float32)[:, None, :]
+        s1 = tl.load(sp, mask=m, other=0.0).to(tl.float32)[:, None, :]
+        s2 = tl.load(sp + HALF * ss_d, mask=m, other=0.0).to(tl.float32)[:, None, :]
         if BACKWARD:  # the transposed rotation: dx1 = dy1*c1 + dy2*s2, dx2 = dy2*c2 - dy1*s1
             tmp = s1
             s1 = -s2
             s2 = -tmp
-        _rotate_heads(Q + b * sq_b + pos * sq_s, QO + b * sqo_b + pos * sqo_s, HQ, sq_h, sq_d, sqo_h, sqo_d,
+        _rotate_heads(Q, QO, b * sq_b + pos * sq_s, b * sqo_b + pos * sqo_s, tmask, HQ, sq_h, sq_d, sqo_h, sqo_d,
                       c1, c2, s1, s2, HALF, d, dmask, BLOCK_HQ)
-        _rotate_heads(K + b * sk_b + pos * sk_s, KO + b * sko_b + pos * sko_s, HK, sk_h, sk_d, sko_h, sko_d,
+        _rotate_heads(K, KO, b * sk_b + pos * sk_s, b * sko_b + pos * sko_s, tmask, HK, sk_h, sk_d, sko_h, sko_d,
                       c1, c2, s1, s2, HALF, d, dmask, BLOCK_HK)
+
+
+_TILE = 4096  # elements per half-tile: enough work per program without spilling registers
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
@@ -67,18 +76,21 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     qo, ko = torch.empty_like(q), torch.empty_like(k)
     b, hq, s, d = q.shape
     hk = k.shape[1]
-    if b * s == 0 or d == 0:
+    tokens = b * s
+    if tokens == 0 or d == 0:
         return qo, ko
     cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)  # batch 1 broadcasts with stride 0
     block_d = triton.next_power_of_2(d // 2)
-    cap = max(1, 4096 // block_d)  # bound the per-iteration tile (and registers) for many heads
-    block_hq = min(triton.next_power_of_2(hq), cap) if hq else 1
-    block_hk = min(triton.next_power_of_2(hk), cap) if hk else 1
-    num_warps = 8 if max(block_hq, block_hk) * block_d >= 4096 else 4
-    _rope_kernel[(b * s,)](
-        q, k, qo, ko, cos, sin, s, hq, hk, d // 2,
+    cap = max(1, _TILE // block_d)  # many heads: loop over head blocks rather than grow the tile
+    block_hq = min(triton.next_power_of_2(max(hq, 1)), cap)
+    block_hk = min(triton.next_power_of_2(max(hk, 1)), cap)
+    block_t = max(1, min(_TILE // (max(block_hq, block_hk) * block_d), triton.next_power_of_2(tokens), 64))
+    num_warps = 8 if block_t * max(block_hq, block_hk) * block_d >= 4096 else 4
+    _rope_kernel[(triton.cdiv(tokens, block_t),)](
+        q, k, qo, ko, cos, sin, tokens, s, hq, hk, d // 2,
         *q.stride(), *qo.stride(), *k.stride(), *ko.stride(), *cos.stride(), *sin.stride(),
-        BACKWARD=backward, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d, num_warps=num_warps)
+        BACKWARD=backward, BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_D=block_d,
+        num_warps=num_warps)
     return qo, ko
 
 

@@ -6,8 +6,8 @@ sequences; here they go to pinned CPU memory during the forward, on a side strea
 compute), and come back asynchronously during the backward, each layer's input prefetched while
 the layer after it recomputes. torch's non-reentrant checkpoint saves a layer's inputs through
 the saved-tensor hooks active around it, so hooks installed around the decoder see exactly the
-checkpointed layer inputs (plus the final norm's input); everything saved inside a checkpointed
-layer goes to the checkpoint's own hooks. On CPU the tensors are already in host memory and are
+checkpointed layer inputs (the hooks are switched off again at the final norm); everything saved
+inside a checkpointed layer goes to the checkpoint's own hooks. On CPU the tensors are already in host memory and are
 kept as they are (same code path, no copies).
 """
 
@@ -101,17 +101,21 @@ class ActivationOffloader:
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
             self._ctx.__enter__()
 
-    def _exit(self, module: nn.Module, args: Any, output: Any) -> None:
+    def _exit(self, *args: Any) -> None:
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)
 
     def install(self, decoder: nn.Module) -> "ActivationOffloader":
-        """Hooks around `decoder`'s forward (a TextModel, whose layers are checkpointed)."""
+        """Hooks around `decoder`'s layers (a TextModel, whose layers are checkpointed): on from
+        the start of its forward until its final norm, so exactly the layer inputs are caught."""
         self._removables = [
             decoder.register_forward_pre_hook(self._enter),
             decoder.register_forward_hook(self._exit, always_call=True),
         ]
+        norm = getattr(decoder, "norm", None)
+        if isinstance(norm, nn.Module):
+            self._removables.append(norm.register_forward_pre_hook(self._exit))
         return self
 
     def remove(self) -> None:

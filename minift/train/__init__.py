@@ -1,0 +1,6 @@
+"""minift's training loop: `Trainer` and `TrainConfig` (see trainer.py for how a step runs)."""
+
+from .config import TrainConfig
+from .trainer import NonFiniteLossError, Trainer, TrainSummary
+
+__all__ = ["Trainer", "TrainConfig", "TrainSummary", "NonFiniteLossError"]

@@ -1,0 +1,382 @@
+"""`Trainer`: the training loop.
+
+One optimizer step = grad_accum micro-batches. Their target tokens are counted on the host
+before any forward pass, and each micro-batch's loss is its summed cross-entropy divided by that
+count (`loss_normalizer`), so the accumulated gradient is exactly that of one big batch. Losses
+accumulate on the device; the host reads them back only at logging / saving / eval points.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import DataError, MiniftError, TrainConfigError
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import Batch, Schedule, collate, pack
+from .formats import check_columns, columns_of, normalize_row
+from .offload import ActivationOffloader
+from .optim import make_optimizer, make_scheduler, trainable_parameters
+from .report import Metrics, ensure_logging, log, peak_memory_gb, plot_losses
+from .tokenize import Example, is_processor, make_encoder
+
+DEFAULT_MAX_LENGTH = 2048
+
+
+class NonFiniteLossError(MiniftError, FloatingPointError):
+    """The training loss became NaN or inf; training stopped (the last checkpoint is kept)."""
+
+
+@dataclass
+class TrainSummary:
+    """What `Trainer.train()` returns. losses[i] is the loss of optimizer step i + 1 (mean over
+    the step's target tokens)."""
+
+    steps: int
+    losses: list[float]
+    tokens: int
+    time_s: float
+    tokens_per_s: float
+    peak_memory_gb: float
+    eval_loss: float | None = None
+    output_dir: str = ""
+    final_path: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    truncated: int = 0
+    resumed_from: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Trainer:
+    """Fine-tunes a minift model (LoRA, 4-bit LoRA, full, modules_to_save) on a dataset.
+
+    train_dataset / eval_dataset: a datasets.Dataset or a list of dicts holding 'text',
+    'messages', 'conversations' (ShareGPT) or 'prompt' + 'completion' rows (chats may carry PIL
+    images for a vision model's processor). formatting_func maps each raw row first (to a dict
+    row or a text string)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer_or_processor: Any,
+        train_dataset: Any,
+        *,
+        eval_dataset: Any = None,
+        config: TrainConfig | None = None,
+        formatting_func: Callable[[Any], Any] | None = None,
+    ):
+        ensure_logging()
+        self.cfg = cfg = config if config is not None else TrainConfig()
+        cfg.validate()
+        self.model = model
+        self.tokenizer = tokenizer_or_processor
+        self.formatting_func = formatting_func
+        self.output_dir = self._check_output_dir(Path(cfg.output_dir))
+        self.max_length = cfg.max_seq_length or getattr(model, "max_seq_length", None) or DEFAULT_MAX_LENGTH
+        self.device = next(model.parameters()).device
+        self.encoder = make_encoder(tokenizer_or_processor, max_length=self.max_length,
+                                    responses_only=cfg.train_on_responses_only)
+        tok = self.encoder.tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = int(pad) if pad is not None else 0
+
+        self.train_units = self._prepare(train_dataset, "train_dataset")
+        n_targets = sum(int((u.labels[1:] != -100).sum()) for u in self.train_units)
+        if n_targets == 0:
+            cause = (
+                "train_on_responses_only=True found no assistant tokens: the chat template may not match the data "
+                "(no 'assistant' turns, or a template that does not render them), or every response was truncated "
+                f"away by max_seq_length={self.max_length}"
+                if cfg.train_on_responses_only else
+                f"every example is a single token or was masked (max_seq_length={self.max_length})"
+            )
+            raise DataError(f"train_dataset: all labels are -100 after formatting, so there is nothing to learn: {cause}")
+        self.eval_units = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.schedule = Schedule(len(self.train_units), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle)
+        self.total_steps = self.schedule.total_steps(cfg.max_steps, cfg.epochs)
+        self.optimizer = make_optimizer(model, cfg)
+        self.lr_scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
+        self.params = [p for _, p in trainable_parameters(model)]
+        self.step = 0
+        self.losses: list[float] = []
+        self.tokens = 0
+        self.checkpoints: list[str] = []
+        self.last_checkpoint: Path | None = None
+        self.metrics: Metrics | None = None
+
+    # -- setup ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_output_dir(path: Path) -> Path:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise TrainConfigError(f"TrainConfig.output_dir={str(path)!r} is not a writable directory: {e}") from e
+        return path
+
+    def _rows(self, dataset: Any, name: str) -> list[dict[str, Any]]:
+        try:
+            n = len(dataset)
+        except TypeError as e:
+            raise DataError(f"{name}: expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__}") from e
+        if n == 0:
+            raise DataError(f"{name} is empty")
+        if self.formatting_func is None:
+            check_columns(columns_of(dataset), name)
+        return [normalize_row(dataset[i], i, self.formatting_func) for i in range(n)]
+
+    def _prepare(self, dataset: Any, name: str) -> list[Example]:
+        rows = self._rows(dataset, name)
+        stats = self.encoder.stats
+        before = dict(stats)
+        examples = [ex for ex in (self.encoder.encode(r) for r in rows) if ex is not None]
+        truncated = stats["truncated"] - before["truncated"]
+        dropped = stats["dropped_images_too_long"] - before["dropped_images_too_long"]
+        if truncated:
+            log.info("%s: %d of %d examples were longer than max_seq_length=%d and were truncated",
+                     name, truncated, len(rows), self.max_length)
+        if dropped:
+            log.info("%s: %d examples dropped: their image tokens run past max_seq_length=%d",
+                     name, dropped, self.max_length)
+        if name == "train_dataset":
+            self.truncated = truncated
+        if not examples:
+            raise DataError(f"{name}: no example is left after formatting (see the lines above)")
+        if self.cfg.packing:
+            if any(ex.pixel_values is not None for ex in examples):
+                raise TrainConfigError("TrainConfig.packing=True is not supported with images; set packing=False")
+            rows_ = pack(examples, self.max_length)
+            log.info("%s: packed %d examples into %d rows of <= %d tokens", name, len(examples), len(rows_),
+                     self.max_length)
+            return rows_
+        return examples
+
+    def _batch(self, units: list[Example], idx: list[int]) -> Batch:
+        return collate([units[i] for i in idx], self.pad_id)
+
+    def _set_checkpointing(self) -> tuple[Any, ActivationOffloader | None]:
+        inner = getattr(self.model, "model", None)
+        old = getattr(inner, "gradient_checkpointing", None)
+        if inner is None or old is None:
+            return None, None
+        inner.gradient_checkpointing = self.cfg.gradient_checkpointing
+        off = None
+        if self.cfg.gradient_checkpointing == "offload":
+            decoder = getattr(self.model, "language_model", inner)
+            off = ActivationOffloader(self.model.config.hidden_size).install(decoder)
+        return old, off
+
+    # -- the loop ------------------------------------------------------------------------
+    def train(self) -> TrainSummary:
+        """Runs to max_steps (or epochs), logging, evaluating and checkpointing on the way."""
+        cfg, model = self.cfg, self.model
+        resumed = self._maybe_resume()
+        if resumed is None:
+            self._seed()
+        self.metrics = Metrics(self.output_dir / "metrics.jsonl", self.step if resumed is not None else 0)
+        from tqdm.auto import tqdm
+
+        was_training = model.training
+        model.train()
+        old_ckpt, offloader = self._set_checkpointing()
+        self._offloader = offloader
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress_bar, desc="training",
+                   dynamic_ncols=True)
+        cache: dict[str, Any] = {}
+        pending: list[tuple[int, torch.Tensor, float, Any]] = []
+        self._t0, self._tokens0 = time.perf_counter(), self.tokens
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            for step in range(self.step, self.total_steps):
+                micro = [self._batch(self.train_units, mb) for mb in self.schedule.step_units(step, cache)]
+                norm = float(max(1, sum(b.n_targets for b in micro)))
+                lr = self.lr_scheduler.get_last_lr()[0]
+                loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+                for b in micro:
+                    out = model(**b.to(self.device), loss_normalizer=norm)
+                    out.loss.backward()
+                    loss_sum += out.loss.detach().float()
+                gnorm = None
+                if cfg.max_grad_norm:
+                    gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step = step + 1
+                self.tokens += sum(b.n_tokens for b in micro)
+                pending.append((self.step, loss_sum, lr, gnorm))
+                last = self.step == self.total_steps
+                if self.step % cfg.logging_steps == 0 or last:
+                    self._flush(pending, bar)
+                if self.eval_units is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0 and not last:
+                    self.evaluate()
+                if cfg.save_steps and self.step % cfg.save_steps == 0:
+                    self._flush(pending, bar)
+                    self.save_checkpoint()
+                bar.update(1)
+            self._flush(pending, bar)
+        finally:
+            bar.close()
+            if offloader is not None:
+                offloader.remove()
+            if old_ckpt is not None:
+                model.model.gradient_checkpointing = old_ckpt
+            model.train(was_training)
+        eval_loss = self.evaluate() if self.eval_units is not None else None
+        final = self.save_final()
+        plot_losses(self.metrics.records, self.output_dir / "loss.png") if cfg.plot else None
+        elapsed = time.perf_counter() - self._t0
+        new_tokens = self.tokens - self._tokens0
+        return TrainSummary(
+            steps=self.step, losses=list(self.losses), tokens=self.tokens, time_s=elapsed,
+            tokens_per_s=new_tokens / max(elapsed, 1e-9), peak_memory_gb=peak_memory_gb(self.device),
+            eval_loss=eval_loss, output_dir=str(self.output_dir), final_path=str(final) if final else None,
+            checkpoints=list(self.checkpoints), truncated=getattr(self, "truncated", 0),
+            resumed_from=str(resumed) if resumed is not None else None,
+        )
+
+    def _seed(self) -> None:
+        s = self.cfg.seed
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)  # also seeds every CUDA device
+
+    def _flush(self, pending: list, bar: Any) -> None:
+        """Reads the pending step losses back (one sync), checks them, logs the last one."""
+        if not pending:
+            return
+        vals = torch.stack([p[1] for p in pending]).tolist()
+        gn = [p[3] for p in pending]
+        gvals = torch.stack(gn).float().tolist() if all(g is not None for g in gn) else [None] * len(gn)
+        for (step, _, lr, _), v in zip(pending, vals):
+            self.losses.append(v)
+            if not math.isfinite(v):
+                pending.clear()
+                self.metrics.write({"step": step, "loss": v, "lr": lr, "tokens": self.tokens, "nonfinite": True})
+                where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                         else "no checkpoint was saved before it")
+                msg = (f"loss is {v} at step {step}: training stopped ({where}). Lower lr, check the data for "
+                       "empty or corrupt examples, or use max_grad_norm")
+                log.error(msg)
+                raise NonFiniteLossError(msg)
+        step, _, lr, _ = pending[-1]
+        elapsed = time.perf_counter() - self._t0
+        tps = (self.tokens - self._tokens0) / max(elapsed, 1e-9)
+        mem = peak_memory_gb(self.device)
+        rec = {"step": step, "loss": vals[-1], "lr": lr, "tokens": self.tokens, "epoch": self.schedule.epoch_of(step),
+               "grad_norm": gvals[-1], "tokens_per_s": tps, "elapsed_s": elapsed, "peak_memory_gb": mem}
+        self.metrics.write(rec)
+        bar.set_postfix(loss=f"{vals[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
+                        mem=f"{mem:.2f}GB" + ("" if self.device.type == "cuda" else " rss"), refresh=False)
+        pending.clear()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over every target token of eval_dataset (also logged to metrics.jsonl)."""
+        if self.eval_units is None:
+            raise TrainConfigError("evaluate() needs an eval_dataset")
+        model = self.model
+        was_training = model.training
+        model.eval()
+        total = torch.zeros((), device=self.device, dtype=torch.float32)
+        n = 0
+        bs = self.cfg.batch_size
+        try:
+            for i in range(0, len(self.eval_units), bs):
+                b = self._batch(self.eval_units, list(range(i, min(i + bs, len(self.eval_units)))))
+                out = model(**b.to(self.device), return_logits=False, loss_normalizer=1.0)
+                total += out.loss.float()
+                n += b.n_targets
+        finally:
+            model.train(was_training)
+        loss = total.item() / max(n, 1)
+        log.info("step %d: eval loss %.4f over %d tokens", self.step, loss, n)
+        if self.metrics is not None:
+            self.metrics.write({"step": self.step, "eval": True, "eval_loss": loss, "eval_tokens": n})
+        return loss
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "losses": self.losses, "tokens": self.tokens, "total_steps": self.total_steps,
+            "data": {"epoch": self.step // self.schedule.steps_per_epoch,
+                     "step_in_epoch": self.step % self.schedule.steps_per_epoch,
+                     "units": self.schedule.n_units, "per_step": self.schedule.per_step},
+            "config": self.cfg.to_dict(), "max_length": self.max_length,
+        }
+
+    def save_checkpoint(self) -> Path:
+        """output_dir/checkpoint-{step}: weights, optimizer, scheduler, RNG and data position."""
+        path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.lr_scheduler,
+                                    self._state(), total_limit=self.cfg.save_total_limit)
+        self.last_checkpoint = path
+        self.checkpoints = [str(p) for _, p in ckpt.list_checkpoints(self.output_dir)]
+        log.info("saved %s", path)
+        return path
+
+    def _maybe_resume(self) -> Path | None:
+        ckpt.clean_partial(self.output_dir)
+        if not self.cfg.resume_from:
+            return None
+        path = ckpt.resolve_resume(self.cfg.resume_from, self.output_dir)
+        if path is None:
+            log.info("resume_from='latest': no checkpoint in %s yet, starting from scratch", self.output_dir)
+            return None
+        state = json.loads((path / ckpt.STATE_FILE).read_text())
+        c = state.get("config", {})
+        mismatched = [k for k in ("batch_size", "grad_accum", "seed", "packing", "shuffle")
+                      if k in c and c[k] != getattr(self.cfg, k)]
+        if state.get("max_length") != self.max_length:
+            mismatched.append("max_seq_length")
+        if state["data"]["units"] != self.schedule.n_units:
+            mismatched.append("dataset size")
+        if mismatched:
+            raise TrainConfigError(
+                f"cannot resume from {path}: {', '.join(mismatched)} differ from the checkpoint's run, so the data "
+                "order would not continue where it stopped"
+            )
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
+        self.step = int(state["step"])
+        self.losses = [float(v) for v in state["losses"]][: self.step]
+        self.tokens = int(state["tokens"])
+        self.last_checkpoint = path
+        self.checkpoints = [str(p) for _, p in ckpt.list_checkpoints(self.output_dir)]
+        log.info("resumed from %s at step %d", path, self.step)
+        return path
+
+    def save_final(self) -> Path | None:
+        """The trained result in output_dir/final: the adapter (LoRA, PEFT format) or, for full
+        fine-tuning, the trainable weights as safetensors with config and tokenizer."""
+        out = self.output_dir / "final"
+        if ckpt.has_lora(self.model):
+            self.model.save_adapter(out, overwrite=True, tokenizer=self.tokenizer)
+        elif not all(p.requires_grad for p in self.model.parameters() if p.is_floating_point()):
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.save_trainable(self.model, out / "trainable.safetensors")  # a partial set: not loadable alone
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            ckpt.save_trainable(self.model, out / "model.safetensors")
+            src = getattr(self.model, "source_path", None)
+            if src is not None and (Path(src) / "config.json").is_file():
+                (out / "config.json").write_text((Path(src) / "config.json").read_text())
+            try:
+                self.tokenizer.save_pretrained(str(out))
+            except Exception as e:  # a tokenizer that cannot save should not lose the weights
+                log.warning("could not save the tokenizer/processor: %s", e)
+        log.info("saved the result to %s", out)
+        return out
