@@ -20,7 +20,7 @@ from torch import nn
 from ._files import atomic_dir, write_tokenizer_files
 from .errors import AdapterError
 from .lora import (
-    LoraLinear, LoraSettings, ModulesToSave, add_modules_to_save, attach, match_modules_to_save, has_adapters, hf_path, linear_modules,
+    LoraLinear, LoraSettings, ModulesToSave, _tied_pair, add_modules_to_save, attach, match_modules_to_save, has_adapters, hf_path, linear_modules,
     lora_layers, minift_path, saved_modules,
 )
 
@@ -202,7 +202,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     for path, parts in lora.items():
         r = parts["lora_A"].shape[0]
         a = _pattern_value(cfg.get("alpha_pattern"), hf_path(model, path), alpha)
-        layer = LoraLinear(lin[path], r, a / (math.sqrt(r) if rslora else r), float(cfg.get("lora_dropout") or 0.0), dora)
+        layer = LoraLinear(lin[path], r, a / (math.sqrt(r) if rslora else r), float(cfg.get("lora_dropout") or 0.0),
+                           dora).train(lin[path].training)
         with torch.no_grad():
             layer.lora_A.weight.copy_(parts["lora_A"])
             layer.lora_B.weight.copy_(parts["lora_B"])
@@ -258,6 +259,10 @@ def _plan_modules_to_save(model: nn.Module, cfg: dict[str, Any], other: dict[str
         if owner is None:
             raise AdapterError(f"{where}: tensor {k} belongs to no module of modules_to_save {names}")
         placed[owner][mp[len(owner) + 1:]] = t
+    tied = _tied_pair(model)
+    if tied and placed.get(tied[0]) and not placed.get(tied[1]) or tied and placed.get(tied[1]) and not placed.get(tied[0]):
+        # PEFT (without ensure_weight_tying) trained one of a tied pair alone: it unties, as in PEFT
+        placed = {p: v for p, v in placed.items() if v or p not in tied}
     for p, got in placed.items():
         if not got:
             raise AdapterError(f"{where}: modules_to_save selects {hf_path(model, p)}, but the adapter holds no tensors for it")

@@ -434,16 +434,16 @@ def _tied_pair(model: nn.Module) -> tuple[str, str] | None:
     return paths[id(emb)], paths[id(head)]
 
 
-def match_modules_to_save(model: nn.Module, names: list[str], lora_paths: list[str]) -> list[str]:
-    """Paths of the modules `names` select (PEFT's suffix rule; a tied head brings its embedding
-    and vice versa), checked before anything changes."""
+def match_modules_to_save(model: nn.Module, names: list[str], lora_paths: list[str], *, tie: bool = True) -> list[str]:
+    """Paths of the modules `names` select (PEFT's rule: the path ends with the name), checked
+    before anything changes; with `tie`, a tied head brings its embedding and vice versa."""
     if isinstance(names, str) or not all(isinstance(n, str) for n in names):
         raise AdapterError(f"modules_to_save: expected a list of module names, got {names!r}")
     mods = dict(model.named_modules())
     found: list[str] = []
     for n in names:
-        hit = [p for p, m in mods.items()
-               if p and (suffix_match(p, n) or suffix_match(hf_path(model, p), n)) and any(True for _ in m.parameters())]
+        hit = [p for p, m in mods.items()  # PEFT's rule here is a plain endswith ("norm" takes q_norm too)
+               if p and (p.endswith(n) or hf_path(model, p).endswith(n)) and any(True for _ in m.parameters())]
         hit = [p for p in hit if not any(p.startswith(q + ".") for q in hit if q != p)]
         if not hit:
             raise AdapterError(f"modules_to_save: {n!r} matches no module with parameters")
@@ -453,7 +453,7 @@ def match_modules_to_save(model: nn.Module, names: list[str], lora_paths: list[s
                                "adapted or trained in full, not both")
         found += [p for p in hit if p not in found]
     tied = _tied_pair(model)
-    if tied and (tied[0] in found or tied[1] in found):
+    if tie and tied and (tied[0] in found or tied[1] in found):
         found = [p for p in found if p not in tied] + list(tied)
     return sorted(found)
 
@@ -470,14 +470,15 @@ def add_modules_to_save(model: nn.Module, paths: list[str]) -> None:
     copies = {p: copy.deepcopy(mods[p], memo) for p in paths}
     for p, cp in copies.items():
         cp.requires_grad_(True)
-        _set_module(model, p, ModulesToSave(mods[p], cp))
+        _set_module(model, p, ModulesToSave(mods[p], cp).train(mods[p].training))
 
 
 def peft_modules_to_save(model: nn.Module, wrapped: list[str], all_paths: list[str]) -> list[str]:
     """Leaf names when they pick exactly the wrapped modules among the model's, else full paths."""
     hf_wrapped = {hf_path(model, p) for p in wrapped}
     leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_wrapped})
-    picked = {hf_path(model, p) for p in all_paths if any(suffix_match(hf_path(model, p), s) for s in leaves)}
+    picked = {hf_path(model, p) for p in all_paths if any(hf_path(model, p).endswith(s) for s in leaves)}
+    picked = {p for p in picked if not any(p.startswith(q + ".") for q in picked)}
     return leaves if picked == hf_wrapped else sorted(hf_wrapped)
 
 
@@ -550,7 +551,7 @@ def add_lora(
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(int(seed))
     for p in chosen:
-        layer = LoraLinear(cands[p], r, settings.scaling, dropout, dora)
+        layer = LoraLinear(cands[p], r, settings.scaling, dropout, dora).train(cands[p].training)
         init_adapter(layer, init, gen)
         _set_module(model, p, layer)
     add_modules_to_save(model, wrapped)

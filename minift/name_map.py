@@ -15,6 +15,7 @@ repo means nothing in its twin) and with `load(..., use_name_map=False)`.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -77,7 +78,9 @@ def on_hub(repo: str, token: str | bool | None = None) -> bool:
     if constants.HF_HUB_OFFLINE:
         return False
     try:
-        HfApi().model_info(repo, timeout=HUB_TIMEOUT_S, token=token)
+        info = HfApi().model_info(repo, timeout=HUB_TIMEOUT_S, token=token)
+        if getattr(info, "gated", False):  # listed, but only downloadable once its terms are accepted
+            return HfApi().file_exists(repo, "config.json", token=token)
         return True
     except Exception:  # no network, no such repo, gated, rate-limited: all mean "not this one"
         return False
@@ -85,7 +88,7 @@ def on_hub(repo: str, token: str | bool | None = None) -> bool:
 
 def map_name(name: str, *, load_in_4bit: bool, revision: str | None = None, token: str | bool | None = None) -> str:
     """`name`, or its pre-quantised (load_in_4bit) / 16-bit twin when that is cached or on the hub."""
-    if revision is not None:
+    if revision is not None or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
         return name
     try:
         cands = twin_candidates(name, load_in_4bit)
@@ -95,5 +98,6 @@ def map_name(name: str, *, load_in_4bit: bool, revision: str | None = None, toke
         return name
     if found is None:
         return name
-    logger.info("minift: loading %s instead of %s (%s)", found, name, "pre-quantised 4-bit" if load_in_4bit else "16-bit")
+    kind = "pre-quantised 4-bit" if load_in_4bit else "16-bit"
+    logger.info("minift: loading %s instead of %s (%s twin)", found, name, kind)
     return found

@@ -65,7 +65,8 @@ class Linear4bit(nn.Module):
         nested = nested_blocksize is not None
         f32 = dict(dtype=torch.float32, device=device)
         self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device))
-        self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8 if nested else torch.float32, device=device))
+        absmax_dtype = torch.uint8 if nested else torch.float32
+        self.register_buffer("absmax", torch.empty(blocks, dtype=absmax_dtype, device=device))
         self.register_buffer("quant_map", torch.empty(16, **f32))
         self.register_buffer("nested_absmax", torch.empty(-(-blocks // nested_blocksize), **f32) if nested else None)
         self.register_buffer("nested_quant_map", torch.empty(256, **f32) if nested else None)
@@ -299,7 +300,10 @@ class BnbQuantizer:
             parts[part] = t
             if len(parts) == want[m]:
                 del pending[m]
-                w = self._from_parts(model, m, parts, files[k]) if self.prequantized else self._quantize(model, m, t, files[k])
+                if self.prequantized:
+                    w = self._from_parts(model, m, parts, files[k])
+                else:
+                    w = self._quantize(model, m, t, files[k])
                 self._store(model, m, w)
 
     # -- helpers -------------------------------------------------------------------------------------
@@ -325,9 +329,12 @@ class BnbQuantizer:
         """An NF4Weight from a bitsandbytes checkpoint's tensors, every field checked."""
         p = f"{m}.weight"
         qs_keys = [k for k in parts if k.startswith(_QS_PREFIX)]
-        kinds = [k[len(_QS_PREFIX):] for k in qs_keys]
-        if any(kd != "nf4" for kd in kinds):
-            raise QuantizationError(f"{p}: quantised as {kinds[0]!r}; minift loads NF4 4-bit checkpoints only")
+        other = [k[len(_QS_PREFIX):] for k in qs_keys if k != _QS_PREFIX + "nf4"]
+        if other:
+            raise QuantizationError(f"{p}: quantised as {other[0]!r}; minift loads NF4 4-bit checkpoints only")
+        unknown = sorted(k for k in parts if k and k not in _AUX and k not in qs_keys)
+        if unknown:
+            raise QuantizationError(f"{p}.{unknown[0]}: not a bitsandbytes 4-bit quant-state entry")
         for need in ("", "absmax", "quant_map", _QS_PREFIX + "nf4"):
             if need not in parts:
                 raise QuantizationError(f"{p}{'.' + need if need else ''} missing: {file} holds an incomplete "
@@ -401,7 +408,9 @@ def make_quantizer(
                                     "16-bit checkpoints and bitsandbytes NF4 4-bit ones")
         qtype = qc.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' default when absent
         if qtype != "nf4":
-            raise QuantizationError(f"bnb_4bit_quant_type {qtype!r} is not supported; minift loads NF4 4-bit checkpoints")
+            raise QuantizationError(
+                f"bnb_4bit_quant_type {qtype!r} is not supported; minift loads NF4 4-bit checkpoints"
+            )
         if not load_in_4bit:
             warnings.warn(
                 f"{path}: is a pre-quantised 4-bit (NF4) checkpoint, so it loads 4-bit although load_in_4bit=False; "

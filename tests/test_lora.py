@@ -179,7 +179,7 @@ VISION_SELECTIONS = [
     (dict(), r".*\.(?:self_attn|mlp)\.(?:q_proj|k_proj|v_proj|o_proj|out_proj|gate_proj|up_proj|down_proj|fc1|fc2)"),
     (dict(vision=False), r"model\.language_model\.layers\.\d+\.(?:self_attn|mlp)\.\w+_proj"),
     (dict(language=False, mlp=False), r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.\w+"),
-    (dict(attention=False), r".*\.mlp\.\w+"),
+    (dict(attention=False), r".*\.mlp\.(?:fc1|fc2|gate_proj|up_proj|down_proj)"),
 ]
 
 
@@ -308,7 +308,7 @@ def test_load_adapter_errors(ckpts, tmp_path):
     pm = peft_model(other, r=4)
     pm.save_pretrained(tmp_path / "wide_ad")
     model, _ = minift.load(ckpts["llama"])
-    with pytest.raises(AdapterError, match=r"model\.layers\.\d\.\w+\.\w+_proj.*\(r, 64\)"):
+    with pytest.raises(AdapterError, match=r"adapter for model\.layers\.\d\.\w+\.\w+_proj does not fit.*base weight is \(\d+, \d+\)"):
         minift.load_adapter(model, tmp_path / "wide_ad")
     three = write_tiny_checkpoint(tmp_path / "deep", "llama", num_hidden_layers=3, tie_word_embeddings=False)
     peft_model(three, r=4, targets=["q_proj"]).save_pretrained(tmp_path / "deep_ad")
@@ -427,9 +427,12 @@ def test_4bit_save_matches_transformers_quantisation(q4, tmp_path):
     ids, _ = inputs(model)
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=ids).logits, theirs(input_ids=ids).logits)
-    again, _ = minift.load(tmp_path / "m4")  # and minift reads it back as 4-bit
-    with torch.no_grad():
-        assert rel(again(ids).logits, loaded(input_ids=ids).logits) <= 1e-5
+    again, _ = minift.load(tmp_path / "m4")  # and minift reads it back as 4-bit, bit for bit
+    q = again.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "Linear4bit"
+    assert torch.equal(q.weight, mine_sd["model.layers.0.self_attn.q_proj.weight"])
+    with torch.no_grad():  # transformers' CPU 4-bit matmul runs at bfloat16 precision, hence the tolerance
+        assert rel(again(ids).logits, loaded(input_ids=ids).logits) <= 1e-2
 
 
 # ---- switching adapters, init, errors -------------------------------------------------------------

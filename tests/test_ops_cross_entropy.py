@@ -1,8 +1,8 @@
 """Property tests for minift.ops.cross_entropy / linear_cross_entropy (Triton path, forced).
 
-Criterion (op_checks): the kernel's error against a float64 reference is no worse than plain
-PyTorch's error in the same dtype, plus EXTRA_TOL. Both references use minift's 'mean' rule
-(0.0 when every label is ignored; torch's F.cross_entropy would give NaN there).
+Criterion (op_checks): the kernel's error against a float64 reference is no worse than the
+plain-PyTorch op's (minift.ops.reference, run on the same dtype) plus EXTRA_TOL. Both use minift's
+'mean' rule (0.0 when every label is ignored; torch's F.cross_entropy would give NaN there).
 On CPU the kernels run under the Triton interpreter, so sizes stay small there.
 """
 
@@ -22,6 +22,7 @@ import minift.ops as ops
 from minift.errors import InputError
 from minift.ops import _backend
 from minift.ops import _ce_kernels as kernels
+from minift.ops import reference as ref
 from minift.ops.cross_entropy import check_label_range, linear_cross_entropy_chunked_reference
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -78,10 +79,16 @@ def reduce_rows(rows: torch.Tensor, labels: torch.Tensor, ignore_index: int, red
     return total / max(int((labels != ignore_index).sum()), 1)
 
 
-def torch_ce(logits, labels, ignore_index, softcap, reduction):
-    """Plain PyTorch in the logits' own dtype (the comparison op), or the float64 reference."""
+def ce64(logits, labels, ignore_index, softcap, reduction):
+    """The float64 reference (logits must be float64)."""
     z = logits if softcap is None else softcap * torch.tanh(logits / softcap)
     rows = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="none")
+    return reduce_rows(rows, labels, ignore_index, reduction)
+
+
+def torch_ce(logits, labels, ignore_index, softcap, reduction):
+    """The plain-PyTorch op on the kernel's dtype: minift.ops.reference, minift's mean rule."""
+    rows = ref.cross_entropy(logits, labels, ignore_index=ignore_index, softcap=softcap, reduction="none")
     return reduce_rows(rows, labels, ignore_index, reduction)
 
 
@@ -143,7 +150,7 @@ def test_cross_entropy_matches_float64(device, n, v_idx, scale, padded, dtype, s
     out_t = torch_ce(x_t, labels, ignore_index, softcap, reduction)
     (dx_t,) = backprop(out_t, [x_t], g)
     x64 = logits.detach().double().requires_grad_()
-    out64 = torch_ce(x64, labels, ignore_index, softcap, reduction)
+    out64 = ce64(x64, labels, ignore_index, softcap, reduction)
     (dx64,) = backprop(out64, [x64], g)
 
     assert_no_worse(out, out_t, out64, dtype, "loss")
@@ -189,7 +196,7 @@ def test_linear_cross_entropy_matches_float64(device, n, v, h, scale, chunk, nee
     out_t = torch_ce(ht @ wt.t(), labels, ignore_index, softcap, reduction)
     grads_t = backprop(out_t, int_, g)
     h64, w64, in64 = leaves(torch.float64)
-    out64 = torch_ce(h64 @ w64.t(), labels, ignore_index, softcap, reduction)
+    out64 = ce64(h64 @ w64.t(), labels, ignore_index, softcap, reduction)
     grads64 = backprop(out64, in64, g)
 
     assert_no_worse(out, out_t, out64, dtype, "loss")
@@ -338,13 +345,16 @@ def test_cuda_hot_path_has_no_host_sync():
     h = torch.randn(64, 32, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(1000, 32, device=dev, dtype=torch.bfloat16, requires_grad=True)
     y = torch.randint(0, 1000, (64,), device=dev)
-    ops.cross_entropy(x, y)  # warm up (compiles kernels, may sync)
-    ops.linear_cross_entropy(h, w, y).backward()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        ops.cross_entropy(x, y).backward()
+    def step():
+        ops.cross_entropy(x, y, softcap=30.0).backward()
         ops.linear_cross_entropy(h, w, y).backward()
         ops.linear_cross_entropy(h, w, y, reduction="none").sum().backward()
+
+    step()  # warm up: compiles the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

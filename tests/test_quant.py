@@ -91,7 +91,8 @@ def test_prequantized_checkpoint_is_bnb_exact(ckpts):
     model, _ = minift.load(q, load_in_4bit=True)
     sd = load_file(str(q / "model.safetensors"))
     names = linear4bit_names(model)
-    assert names == {f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for i in range(2) for p in LINEARS}
+    assert names == {f"model.layers.{i}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
+                     for i in range(2) for p in LINEARS}
     for n in names:
         mod = model.get_submodule(n)
         data, qs = bnb_weight(sd, f"{n}.weight")
@@ -168,6 +169,8 @@ def test_linear4bit_module_surface():
     nf4 = minift.ops.NF4Weight.from_bnb(*BF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4"))
     m = Linear4bit.from_nf4(nf4, bias=torch.randn(128))
     assert (m.in_features, m.out_features) == (64, 128) and m.nf4.shape == (128, 64)
+    with minift.ops.backend("triton"):  # the kernel (interpreted on CPU) and the reference agree
+        assert torch.equal(m.dequantize(), BF.dequantize_4bit(m.weight, nf4.to_bnb_quant_state()))
     x = torch.randn(3, 64)
     assert torch.equal(m(x), nn.functional.linear(x, m.dequantize(), m.bias))
     code = m.quant_map.clone()
@@ -177,6 +180,21 @@ def test_linear4bit_module_surface():
     fresh = Linear4bit(64, 128, compute_dtype=torch.bfloat16, device="meta")
     fresh.load_state_dict(m.state_dict(), assign=True)
     assert torch.equal(fresh.dequantize(), m.dequantize())
+
+
+def test_prequantized_without_double_quant(ckpts, tmp_path):
+    fp, _, _ = ckpts
+    ref = hf_4bit(fp, quantization_config=transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    q = save_4bit(ref, fp, tmp_path / "single")
+    model, _ = minift.load(q, load_in_4bit=True)
+    mod = model.model.layers[0].mlp.gate_proj
+    assert mod.nested_absmax is None and mod.absmax.dtype == torch.float32
+    data, qs = bnb_weight(load_file(str(q / "model.safetensors")), "model.layers.0.mlp.gate_proj.weight")
+    assert torch.equal(mod.dequantize(), BF.dequantize_4bit(data, qs))
+    ids = ids_batch(model.config.vocab_size)
+    with torch.no_grad():
+        assert rel(model(ids).logits, ref(input_ids=ids).logits) <= TOL
 
 
 def test_skip_modules_stay_16bit(ckpts, tmp_path):
@@ -233,7 +251,8 @@ def _reshape_state(sd):
     "edit, match",
     [
         (lambda sd: sd.pop("model.layers.0.self_attn.q_proj.weight.absmax"), r"q_proj\.weight\.absmax missing"),
-        (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight.nested_quant_map"), r"up_proj\.weight\.nested_quant_map missing"),
+        (lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight.nested_quant_map"),
+         r"up_proj\.weight\.nested_quant_map missing"),
         (lambda sd: sd.update({QS: torch.tensor([1, 2, 250], dtype=torch.uint8)}), r"q_proj.*not the packed JSON"),
         (_reshape_state, r"quant_state shape \(32, 128\) does not match config \(64, 64\)"),
         (lambda sd: sd.update({"model.layers.0.self_attn.k_proj.weight.absmax": torch.zeros(7, dtype=torch.uint8)}),
@@ -251,7 +270,8 @@ def test_malformed_quant_state(ckpts, tmp_path, edit, match):
     "qc, match",
     [
         ({"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}, "8-bit"),
-        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}, "'fp4' is not supported"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"},
+         "'fp4' is not supported"),
         ({"quant_method": "gptq", "bits": 4}, "'gptq' is not supported"),
     ],
     ids=["8bit", "fp4", "gptq"],
@@ -390,28 +410,33 @@ def vision_logits(model, inputs) -> torch.Tensor:
                      token_type_ids=inputs["token_type_ids"]).logits
 
 
-@pytest.mark.parametrize("quantize_vision", [True, False])
-def test_gemma3_vision_4bit(vision, tmp_path, quantize_vision):
+def test_gemma3_vision_4bit(vision, tmp_path):
     fp, inputs = vision
-    skip = None if quantize_vision else ["model.vision_tower", "lm_head"]
-    ref = hf_4bit(fp, transformers.Gemma3ForConditionalGeneration, quantization_config=bnb_config(llm_int8_skip_modules=skip))
+    ref = hf_4bit(fp, transformers.Gemma3ForConditionalGeneration, quantization_config=bnb_config())
     with torch.no_grad():
         want = ref(**inputs).logits
-    four = {n for n, m in ref.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     tower = "model.vision_tower.vision_model.encoder.layers.0."
-    model, _ = minift.load(fp, load_in_4bit=True, quantize_vision=quantize_vision)
+    model, _ = minift.load(fp, load_in_4bit=True)
     names = linear4bit_names(model)
-    assert len(names) == len(four) and (tower + "mlp.fc1" in names) == quantize_vision
-    assert "model.language_model.layers.1.mlp.down_proj" in names
-    assert not any("multi_modal_projector" in n for n in names)
+    assert len(names) == sum(isinstance(m, bnb.nn.Linear4bit) for m in ref.modules()) == 2 * 7 + 2 * 6
+    assert tower + "mlp.fc1" in names and "model.language_model.layers.1.mlp.down_proj" in names
     assert model.model.multi_modal_projector.mm_input_projection_weight.dtype == torch.float32
     assert rel(vision_logits(model, inputs), want) <= TOL
-    # the pre-quantised save loads as stored; quantize_vision=False dequantises a 4-bit tower
+    # the pre-quantised save loads as stored
     q = save_4bit(ref, fp, tmp_path / "bnb")
-    model, _ = minift.load(q, load_in_4bit=True)
-    assert linear4bit_names(model) == names
-    assert rel(vision_logits(model, inputs), want) <= TOL
-    if quantize_vision:
-        model, _ = minift.load(q, load_in_4bit=True, quantize_vision=False)
-        assert type(model.get_submodule(tower + "self_attn.q_proj")) is nn.Linear
-        assert rel(vision_logits(model, inputs), want) <= TOL
+    pre, _ = minift.load(q, load_in_4bit=True)
+    assert linear4bit_names(pre) == names and rel(vision_logits(pre, inputs), want) <= TOL
+    # quantize_vision=False: a 4-bit tower is dequantised exactly (same logits), a 16-bit one kept as is
+    pre16, _ = minift.load(q, load_in_4bit=True, quantize_vision=False)
+    assert type(pre16.get_submodule(tower + "self_attn.q_proj")) is nn.Linear
+    assert rel(vision_logits(pre16, inputs), want) <= TOL
+    m16, _ = minift.load(fp, load_in_4bit=True, quantize_vision=False)
+    assert linear4bit_names(m16) == {n for n in names if "vision_tower" not in n}
+    src = load_file(str(fp / "model.safetensors"))
+    key = next(k for k in src if k.endswith("layers.0.mlp.fc2.weight"))
+    assert torch.equal(m16.get_submodule(tower + "mlp.fc2").weight, src[key])
+    dec = "model.language_model.layers.0.self_attn.v_proj"
+    assert torch.equal(m16.get_submodule(dec).weight, model.get_submodule(dec).weight)
+    # the language model alone, still 4-bit
+    text, _ = minift.load(q, load_in_4bit=True, text_only=True)
+    assert linear4bit_names(text) == {n.replace("model.language_model.", "model.") for n in names if "vision" not in n}

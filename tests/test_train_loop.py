@@ -158,3 +158,24 @@ def test_sgd_and_8bit_optimizers_build(llama, tmp_path):
     except Exception as e:  # pragma: no cover - depends on the bitsandbytes build
         pytest.skip(f"bitsandbytes AdamW8bit unavailable here: {e}")
     assert type(t.optimizer).__name__ == "AdamW8bit"
+
+
+def test_lora_modules_to_save_embedding_lr_and_reload(llama, tmp_path):
+    import minift
+
+    model, tok = minift.load(llama)
+    minift.add_lora(model, r=4, alpha=8, modules_to_save=["embed_tokens", "lm_head"])
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=3, batch_size=2, grad_accum=1, lr=1e-3, embedding_lr=1e-4,
+                      progress_bar=False, gradient_checkpointing=True, save_steps=3)
+    t = Trainer(model, tok, chat_rows(6), eval_dataset=chat_rows(2), config=cfg)
+    emb = [g for g in t.optimizer.param_groups if g["group"].startswith("embedding")]
+    assert emb and all(g["lr"] == 1e-4 for g in emb)
+    n_emb = sum(p.numel() for g in emb for p in g["params"])
+    assert n_emb == 2 * model.config.vocab_size * model.config.hidden_size
+    s = t.train()
+    assert (tmp_path / "checkpoint-3" / "adapter" / "adapter_model.safetensors").is_file()
+    fresh, _ = minift.load(llama)
+    minift.load_adapter(fresh, tmp_path / "final")
+    cfg2 = TrainConfig(output_dir=str(tmp_path / "e"), progress_bar=False)
+    assert Trainer(fresh, tok, chat_rows(6), eval_dataset=chat_rows(2), config=cfg2).evaluate() == pytest.approx(
+        s.eval_loss, rel=1e-6)

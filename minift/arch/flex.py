@@ -61,7 +61,7 @@ def _check_device(device: torch.device) -> None:
     """Notes once per device whether it has too little shared memory for the default tiles.
     Runs where the block mask is built (eager, outside the layers), never in a traced layer."""
     global _small_smem
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():
         return
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx in _checked_devices:

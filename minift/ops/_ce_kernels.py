@@ -24,13 +24,14 @@ MAX_BLOCK_V = 4096
 @triton.jit
 def _tanh_parts(y):
     """(tanh(y), e = exp(-2|y|), r = 1 / (1 + e)) without libdevice: an odd Taylor series where
-    1 - e would cancel (|y| < 0.25, error < 1e-8 relative), (1 - e) / (1 + e) elsewhere (no overflow)."""
+    1 - e would cancel (|y| < 0.35, truncation < 2e-8 relative), (1 - e) / (1 + e) elsewhere (no overflow)."""
     a = tl.abs(y)
     e = tl.exp(-2.0 * a)
     r = 1.0 / (1.0 + e)
     a2 = a * a
-    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-    t = tl.where(a < 0.25, small, (1.0 - e) * r)
+    small = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (
+        62.0 / 2835.0 + a2 * (-1382.0 / 155925.0))))))
+    t = tl.where(a < 0.35, small, (1.0 - e) * r)
     return tl.where(y < 0.0, -t, t), e, r
 
 

@@ -6,13 +6,20 @@ z = softcap * tanh(logits / softcap)); the loss is fp32. 'mean' divides by the n
 != ignore_index, and when that number is 0 the loss is 0.0 with zero gradients (torch's
 F.cross_entropy returns NaN there; minift does not). 'none' gives per-row losses, 0 at ignored rows.
 
+Memory: cross_entropy saves the logits (as any op must) plus two fp32 numbers per row; its backward
+writes the gradient into a NEW tensor in the logits' dtype rather than over the saved logits, since
+the caller may still use them and a custom op may not mutate its inputs (torch.compile relies on
+it). linear_cross_entropy holds one (chunk, V) logits buffer in the model dtype, which the kernel
+turns into dlogits in place, plus (for 'mean'/'sum') the grads of hidden and weight until backward.
+
+Syncs: none on CUDA. The count of non-ignored labels stays on the device.
 Labels outside [0, V) that are not ignore_index: the kernels never read out of bounds for them
 (the target load is masked) and give that row a NaN loss. The eager check that raises InputError
-needs a device->host sync, so `check_labels=None` runs it only where it is free (CPU tensors, not
-while compiling); pass `check_labels=True` to force it on CUDA (one sync), or validate labels in
-the data pipeline with `check_label_range`. On the hot path a bad label shows up as a NaN loss.
+costs a device->host sync, so `check_labels=None` runs it only where no device is involved (CPU
+tensors) and never while compiling; pass `check_labels=True` to force it on CUDA (one sync), or
+validate labels in the data pipeline with `check_label_range`. So on the CUDA hot path a bad label
+shows up as a NaN loss (with backend "torch" on CUDA, as torch's device-side assert).
 """
-
 from __future__ import annotations
 
 import math

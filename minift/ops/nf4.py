@@ -66,7 +66,6 @@ class NF4Weight:
             mv(self.nested_absmax), mv(self.nested_code), self.nested_blocksize, mv(self.offset),
         )
 
-    @property
     def numel(self) -> int:
         return math.prod(self.shape)
 
@@ -130,7 +129,7 @@ def _validate(w: NF4Weight, name: str) -> None:
         raise bad("dtype", f"must be one of {_DTYPES}, got {w.dtype}")
     if w.blocksize not in _BLOCKSIZES:
         raise bad("blocksize", f"must be one of {_BLOCKSIZES}, got {w.blocksize}")
-    n = w.numel
+    n = w.numel()
     if w.data.dtype != torch.uint8 or w.data.numel() != (n + 1) // 2:
         raise bad("data", f"must be uint8 with {(n + 1) // 2} bytes for shape {tuple(w.shape)}, "
                           f"got {w.data.dtype} with {w.data.numel()}")
@@ -257,9 +256,9 @@ def _dequant_triton(w: NF4Weight) -> torch.Tensor:
     rows = max(1, _BYTES_PER_PROGRAM // half)
     blocks = -(-n // w.blocksize)
     nested = w.nested
+    c = lambda t: w.code if t is None else t.contiguous()  # noqa: E731  (code stands in for absent tensors)
     _nf4_dequant_kernel[(triton.cdiv(blocks, rows),)](
-        w.data.reshape(-1).contiguous(), w.absmax, w.code,
-        w.nested_absmax if nested else w.code, w.nested_code if nested else w.code, w.offset if nested else w.code,
+        w.data.reshape(-1).contiguous(), c(w.absmax), c(w.code), c(w.nested_absmax), c(w.nested_code), c(w.offset),
         out_arg(out), w.data.numel(), n, blocks, w.nested_blocksize or 1,
         HALF=half, ROWS=rows, NESTED=nested, BF16_BITS=bf16_bits(out), num_warps=4,
         enable_fp_fusion=False,  # keep nested `code * absmax + offset` as bitsandbytes' two roundings

@@ -1,0 +1,123 @@
+"""LoRA training-step throughput and peak memory of minift on the peers' workload W
+(shared/bench/README.md): LoRA r=16, alpha=16 on q,k,v,o,gate,up,down; batch 4 x 2048 random
+tokens; gradient checkpointing; fused AdamW; bf16 or NF4 base; tokens/s over the timed steps after
+warm-up; peak = torch.cuda.max_memory_allocated(). Run the peers (shared/bench/peer_bench.py) in the
+same session and compare as ratios. Each (shape, quant, variant) runs in its own process.
+
+  python bench/train.py --shapes llama-3.2-1b,gemma-3-4b --quant none,4bit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str) -> dict:
+    import torch
+
+    import minift
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    t_load = time.time()
+    model, _ = minift.load(path, dtype=torch.bfloat16, device=dev, load_in_4bit=quant == "4bit", use_name_map=False)
+    vision = model.config.model_type == "gemma3"
+    minift.add_lora(model, r=r, alpha=r, targets="all-linear" if vision else TARGETS, seed=0)
+    lm = model.language_model if hasattr(model, "language_model") else model.model
+    ckpt_mode = {"ckpt": True, "offload": "offload", "nockpt": False}.get(variant.split("+")[0], True)
+    lm.gradient_checkpointing = ckpt_mode
+    if "compile" in variant:
+        for layer in lm.layers:
+            layer.compile(dynamic=False)
+    t_load = time.time() - t_load
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=dev == "cuda")
+    V = model.config.vocab_size
+    g = torch.Generator(device="cpu").manual_seed(1)
+    batches = [torch.randint(4, V, (bs, seq), generator=g).to(dev) for _ in range(4)]
+    losses = []
+
+    def step(i: int):
+        ids = batches[i % len(batches)]
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss
+
+    t_warm = time.time()
+    for i in range(warmup):
+        losses.append(float(step(i)))
+    if dev == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t_warm = time.time() - t_warm
+    t0 = time.time()
+    for i in range(steps):
+        loss = step(i)
+    if dev == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    losses.append(float(loss))
+    return dict(impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
+                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
+                load_s=t_load, warmup_s=t_warm, trainable=sum(p.numel() for p in params),
+                first_loss=losses[0], last_loss=losses[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="llama-3.2-1b")
+    ap.add_argument("--quant", default="none")
+    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile")
+    ap.add_argument("--bs", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--child", nargs=3, metavar=("PATH", "QUANT", "VARIANT"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        path, quant, variant = a.child
+        res = run_one(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    from common import environment, write_random_checkpoint
+
+    env = environment()
+    for shape in a.shapes.split(","):
+        path = os.path.join(a.root, shape)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            write_random_checkpoint(shape, path)
+        for quant in a.quant.split(","):
+            for variant in a.variants.split(","):
+                cmd = [sys.executable, __file__, "--child", path, quant, variant, "--bs", str(a.bs), "--seq",
+                       str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps), "--r", str(a.r)]
+                try:
+                    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                    out = p.stdout + p.stderr
+                except subprocess.TimeoutExpired:
+                    out = f"TIMEOUT after {a.timeout}s"
+                rows = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
+                res = rows[0] if rows else dict(impl="minift", variant=variant, quant=quant, error=out[-1500:])
+                res.update(shape=shape, **env)
+                print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
