@@ -19,9 +19,11 @@ from torch import nn
 
 from ._files import atomic_dir, write_tokenizer_files
 from .errors import AdapterError
-from .lora import (
-    LoraLinear, LoraSettings, ModulesToSave, _tied_pair, add_modules_to_save, attach, match_modules_to_save, has_adapters, hf_path, linear_modules,
-    lora_layers, minift_path, saved_modules,
+from .lora import LoraSettings, attach, has_adapters
+from .lora_layers import LoraLinear, ModulesToSave
+from .lora_targets import (
+    _tied_pair, add_modules_to_save, hf_path, linear_modules, lora_layers, match_modules_to_save, minift_path,
+    peft_modules_to_save, saved_modules, set_module,
 )
 
 PREFIX = "base_model.model."
@@ -209,15 +211,14 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
             layer.lora_B.weight.copy_(parts["lora_B"])
             if dora:
                 layer.lora_magnitude_vector.copy_(parts["lora_magnitude_vector"])
-        parent, _, attr = path.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, layer)
+        set_module(model, path, layer)
     add_modules_to_save(model, list(mts))
     _fill_modules_to_save(model, mts)
     targets = cfg.get("target_modules") or sorted({hf_path(model, p) for p in lora})
     settings = LoraSettings(
         r=cfg["r"], alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0), rslora=rslora, dora=dora,
         init="default", target_modules=sorted(targets) if isinstance(targets, (list, set)) else targets,
-        modules_to_save=list(cfg.get("modules_to_save") or []),
+        modules_to_save=peft_modules_to_save(model, list(mts), all_paths) if mts else [],
         rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
     )
     attach(model, settings)

@@ -22,7 +22,8 @@ from torch import nn
 
 from ._files import atomic_dir, parse_size, write_tokenizer_files
 from .errors import AdapterError
-from .lora import LoraLinear, ModulesToSave, dense_weight, hf_path, is_linear
+from .lora_layers import LoraLinear, ModulesToSave, dense_weight, is_linear
+from .lora_targets import hf_path
 
 BLOCKSIZE = 64
 

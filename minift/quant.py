@@ -110,9 +110,11 @@ class Linear4bit(nn.Module):
         return ops.dequantize_nf4(self.nf4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize()
-        bias = None if self.bias is None else self.bias.to(w.dtype)
-        return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        if torch.is_grad_enabled() and x.requires_grad:
+            # Dequantise again in backward instead of keeping a dense 16-bit weight per layer alive.
+            return _FrozenNF4Linear.apply(x.to(self.compute_dtype), self.nf4, bias).to(x.dtype)
+        return F.linear(x.to(self.compute_dtype), self.dequantize(), bias).to(x.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Linear4bit":
         before = dict(self._buffers)
@@ -434,3 +436,16 @@ def bits_per_weight(m: Linear4bit) -> float:
     """Storage of a Linear4bit's weight (bias excluded) in bits per weight: ~4.13 at scale."""
     n = sum(b.numel() * b.element_size() for b in m.buffers())
     return 8 * n / math.prod((m.out_features, m.in_features))
+
+
+class _FrozenNF4Linear(torch.autograd.Function):
+    """x W^T + b with W frozen in NF4: saves nothing of W; the input gradient re-dequantises."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, nf4: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.nf4 = nf4
+        return F.linear(x, ops.dequantize_nf4(nf4), bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.nf4.dtype) @ ops.dequantize_nf4(ctx.nf4), None, None

@@ -36,6 +36,7 @@ def norm_case(draw, device: str) -> dict:
         scale=10.0 ** draw(st.floats(-3, 3)),
         layout=draw(st.sampled_from(["contiguous", "transposed", "strided"])),
         grad=draw(st.sampled_from(["sum", "random", "expand"])),
+        frozen=draw(st.booleans()),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -44,7 +45,7 @@ def make_x(shape: tuple, scale: float, layout: str, gen: torch.Generator, device
     """Random values in `dtype`, laid out contiguous, as a transposed view, or with last-dim stride 2."""
 
     def rand(*size: int) -> torch.Tensor:
-        return (torch.randn(size, generator=gen, dtype=torch.float64) * scale).to(device, dtype)
+        return (torch.randn(size, generator=gen, dtype=torch.float64, device=gen.device) * scale).to(device, dtype)
 
     if layout == "transposed" and len(shape) >= 2:
         return rand(shape[-1], *shape[:-1]).movedim(0, -1)
@@ -58,13 +59,14 @@ def upstream(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
     if mode == "sum":
         return torch.ones((), dtype=y.dtype, device=y.device).expand(y.shape)
     if mode == "expand":
-        row = torch.randn(y.shape[-1], generator=gen, dtype=torch.float64).to(y.device, y.dtype)
+        row = torch.randn(y.shape[-1], generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
         return row.expand(y.shape)
-    return torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.device, y.dtype)
+    return torch.randn(y.shape, generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
 
 
-def run(fn, inputs: list, grad: torch.Tensor, dtype: torch.dtype) -> list:
-    leaves = [None if t is None else t.detach().to(dtype).requires_grad_() for t in inputs]
+def run(fn, inputs: list, grad: torch.Tensor, dtype: torch.dtype, frozen: bool = False) -> list:
+    """[y, dx, dparams...]; frozen params (LoRA) take no gradient, so their entries are None."""
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(i == 0 or not frozen) for i, t in enumerate(inputs)]
     y = fn(*leaves)
     y.backward(grad.to(dtype) if dtype == torch.float64 else grad)
     return [y.detach()] + [None if t is None else t.grad for t in leaves]
@@ -84,11 +86,11 @@ def weight_grad_factor(xhat: torch.Tensor, grad: torch.Tensor, dtype: torch.dtyp
 
 
 def _case_inputs(c: dict, device: str, with_bias: bool):
-    gen = torch.Generator().manual_seed(c["seed"])
+    gen = torch.Generator(device).manual_seed(c["seed"])  # data made on the device
     dtype, n = c["dtype"], c["hidden"]
     x = make_x((*c["lead"], n), c["scale"], c["layout"], gen, device, dtype)
-    w = (1.0 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)).to(device, dtype)
-    b = torch.randn(n, generator=gen, dtype=torch.float64).to(device, dtype) if with_bias else None
+    w = (1.0 + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64, device=gen.device)).to(device, dtype)
+    b = torch.randn(n, generator=gen, dtype=torch.float64, device=gen.device).to(device, dtype) if with_bias else None
     return gen, x, w, b
 
 
@@ -101,17 +103,19 @@ def layer_norm64(x, w, b, eps):
     return F.layer_norm(x, (x.shape[-1],), w, b, eps)
 
 
-def compare(fn, fn64, xhat64, inputs: list, names: list, gen: torch.Generator, mode: str, dtype: torch.dtype) -> None:
+def compare(fn, fn64, xhat64, inputs: list, names: list, gen: torch.Generator, c: dict) -> None:
     """Kernel (forced Triton) vs the reference in `dtype`, both judged against a float64 evaluation."""
+    mode, dtype, frozen = c["grad"], c["dtype"], c["frozen"]
     grad = upstream(inputs[0], mode, gen)
     wfactor = weight_grad_factor(xhat64(inputs[0].double()), grad, dtype)
     with ops.backend("triton"):
         assert use_triton(inputs[0]), "the Triton path must be taken"
-        kernel = run(fn, inputs, grad, dtype)
+        kernel = run(fn, inputs, grad, dtype, frozen)
     with ops.backend("torch"):
-        torch_out = run(fn, inputs, grad, dtype)
-    ref64 = run(fn64, inputs, grad, torch.float64)
+        torch_out = run(fn, inputs, grad, dtype, frozen)
+    ref64 = run(fn64, inputs, grad, torch.float64, frozen)
     for name, k, t, r in zip(names, kernel, torch_out, ref64):
+        assert (k is None) == (r is None), f"{name}: gradient presence differs from the reference"
         if r is not None:
             assert_no_worse(k, t, r, dtype, name, factor=wfactor if name.endswith("dweight") else 1.0)
 
@@ -126,7 +130,7 @@ def test_rms_norm_matches_reference(device: str, data) -> None:
     fn = lambda a, b: ops.rms_norm(a, b, eps, offset)  # noqa: E731
     fn64 = lambda a, b: rms_norm64(a, b, eps, offset)  # noqa: E731
     xhat64 = lambda a: rms_norm64(a, 1.0, eps, 0.0)  # noqa: E731
-    compare(fn, fn64, xhat64, [x, w], ["rms_norm y", "rms_norm dx", "rms_norm dweight"], gen, c["grad"], c["dtype"])
+    compare(fn, fn64, xhat64, [x, w], ["rms_norm y", "rms_norm dx", "rms_norm dweight"], gen, c)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -140,7 +144,7 @@ def test_layer_norm_matches_reference(device: str, data) -> None:
     names = ["layer_norm y", "layer_norm dx", "layer_norm dweight", "layer_norm dbias"]
     fn64 = lambda a, ww, bb: layer_norm64(a, ww, bb, eps)  # noqa: E731
     xhat64 = lambda a: layer_norm64(a, None, None, eps)  # noqa: E731
-    compare(fn, fn64, xhat64, [x, w, b], names, gen, c["grad"], c["dtype"])
+    compare(fn, fn64, xhat64, [x, w, b], names, gen, c)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -440,3 +440,25 @@ def test_gemma3_vision_4bit(vision, tmp_path):
     # the language model alone, still 4-bit
     text, _ = minift.load(q, load_in_4bit=True, text_only=True)
     assert linear4bit_names(text) == {n.replace("model.language_model.", "model.") for n in names if "vision" not in n}
+
+
+def test_linear4bit_input_grad_without_dense_weight_saved():
+    """A 4-bit layer with no adapter gives the dense input gradient yet saves no dequantised W."""
+    import bitsandbytes.functional as bnbf
+
+    from minift.ops.nf4 import NF4Weight
+    from minift.quant import Linear4bit
+
+    w = torch.randn(128, 64)
+    data, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    layer = Linear4bit.from_nf4(NF4Weight.from_bnb(data, qs))
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    dense = layer.dequantize()
+    assert torch.allclose(y, x @ dense.T, atol=1e-5)
+    assert torch.allclose(x.grad, g @ dense, atol=1e-5)
+    assert (128, 64) not in saved

@@ -21,10 +21,10 @@ _backend: Backend = "auto"
 
 
 def set_attention_backend(backend: Backend) -> None:
-    """"auto": flex attention on CUDA wherever a mask or soft-capping is needed, SDPA (or the
-    eager soft-capping path) elsewhere. "sdpa": never flex. "flex": flex on any device (CPU
-    runs PyTorch's uncompiled reference: for tests). Plain causal attention without
-    soft-capping always takes SDPA's flash path."""
+    """Chooses the attention kernel. "auto": flex attention on CUDA wherever a mask or
+    soft-capping is needed, SDPA (or the eager soft-capping path) elsewhere. "sdpa": never
+    flex. "flex": flex on any device (CPU runs PyTorch's uncompiled reference: for tests).
+    Plain causal attention without soft-capping always takes SDPA's flash path."""
     global _backend
     if backend not in ("auto", "sdpa", "flex"):
         raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', not {backend!r}")

@@ -180,7 +180,8 @@ def flex(
     opts = _kernel_options.get(d)
     if opts is None and _small_smem and d > 128:
         opts = SMALL_SMEM_OPTIONS
-    fn = flex_attention if q.device.type == "cpu" else _compiled
+    # Inside a compiled region (a compiled decoder layer) dynamo lowers flex_attention itself.
+    fn = flex_attention if q.device.type == "cpu" or torch.compiler.is_compiling() else _compiled
     return fn(
         q, k, v,
         score_mod=softcap_mod(softcap) if softcap is not None else None,

@@ -40,7 +40,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _rms_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
-                        eps, offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                        eps, offset, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -59,8 +59,10 @@ if HAS_TRITON:
             if N == 1:  # 1-D row: g - xhat*c = g*eps*rstd^2 exactly; the subtraction would keep no digits
                 dx = g * (eps * rstd * rstd * rstd)[:, None]
             tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            dw += dy * xhat
-        tl.store(DWP + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
+            if COMPUTE_DW:
+                dw += dy * xhat
+        if COMPUTE_DW:
+            tl.store(DWP + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
 
     @triton.jit
     def _ln_fwd_kernel(X, W, B, Y, M, N, stride_xm, stride_xn, stride_ym, eps,
@@ -81,7 +83,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _ln_bwd_kernel(DY, X, W, DX, DWP, DBP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
-                       eps, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       eps, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < N
@@ -105,18 +107,20 @@ if HAS_TRITON:
             if N <= 2:  # centred rows span one direction: h - xhat*c1 = h*eps*rstd^2 exactly (see _rms_bwd_kernel)
                 dx = tl.where(mask, h * (eps * rstd * rstd * rstd)[:, None], 0.0)
             tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
-            dw += dy * xhat
-            db += dy
-        tl.store(DWP + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
-        tl.store(DBP + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
+            if COMPUTE_DW:
+                dw += dy * xhat
+                db += dy
+        if COMPUTE_DW:
+            tl.store(DWP + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
+            tl.store(DBP + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
 
 
 def _tiles(n: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): one row per tile for wide rows, several for narrow ones.
 
     Warps are sized so each thread holds ~16 (forward) or ~8 (backward, which also keeps w and the
-    dweight accumulators live) elements per tensor; checked with ptxas for sm_90: no spills up to a
-    4096-wide forward/backward and 8192 forward, small spills beyond (hidden 16384+).
+    dweight accumulators live) elements per tensor; ptxas for sm_90 reports no spills for any
+    forward up to 16384 wide nor backward up to 4096, ~100 bytes at 8192 and ~700 at 16384.
     """
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, 4096 // block_n))
@@ -164,25 +168,27 @@ def _(x, weight, eps, offset):
 
 
 @torch.library.custom_op("minift::rms_norm_backward", mutates_args=())
-def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+                     weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dweight); dweight is an empty placeholder when not wanted (frozen norms under LoRA)."""
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.numel() == 0:
-        return dx, torch.zeros(weight.shape, dtype=weight.dtype, device=x.device)
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
     m, n = x2.shape
-    bm, bn, nw = _tiles(n, backward=True)
-    grid = _persistent_grid(x, triton.cdiv(m, bm))
-    dwp = torch.empty((grid, n), dtype=torch.float32, device=x.device)
-    _rms_bwd_kernel[(grid,)](
-        dy2, x2, weight.contiguous(), dx2, dwp, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0),
-        eps, offset, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
-    return dx, dwp.sum(0).to(weight.dtype)
+    bm, bn, nw = _tiles(max(n, 1), backward=True)
+    n_blocks = triton.cdiv(m, bm)
+    grid = _persistent_grid(x, n_blocks) if weight_grad else n_blocks
+    dwp = torch.zeros((grid if weight_grad else 0, n), dtype=torch.float32, device=x.device)
+    if x.numel():
+        _rms_bwd_kernel[(grid,)](
+            dy2, x2, weight.contiguous(), dx2, dwp, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
+            dx2.stride(0), eps, offset, COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    return dx, dwp.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
 
 
 @_rms_norm_bwd_op.register_fake
-def _(dy, x, weight, eps, offset):
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), weight.new_empty(weight.shape)
+def _(dy, x, weight, eps, offset, weight_grad):
+    dw = weight.new_empty(weight.shape if weight_grad else 0)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), dw
 
 
 def _rms_setup(ctx, inputs, output):
@@ -193,8 +199,9 @@ def _rms_setup(ctx, inputs, output):
 
 def _rms_backward(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dw = torch.ops.minift.rms_norm_backward(dy, x, weight, ctx.eps, ctx.offset)
-    return dx, dw, None, None
+    weight_grad = ctx.needs_input_grad[1]
+    dx, dw = torch.ops.minift.rms_norm_backward(dy, x, weight, ctx.eps, ctx.offset, weight_grad)
+    return dx, dw if weight_grad else None, None, None
 
 
 _rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
@@ -223,27 +230,30 @@ def _(x, weight, bias, eps):
 
 
 @torch.library.custom_op("minift::layer_norm_backward", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float
+def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, param_grads: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dx, dweight, dbias), the latter two in fp32: the autograd wrapper casts each to its param's dtype."""
+    """(dx, dweight, dbias), the latter two in fp32 (the autograd wrapper casts each to its parameter's
+    dtype) or empty placeholders when not wanted (frozen parameters)."""
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.numel() == 0:
-        z = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
-        return dx, z, z.clone()
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
     m, n = x2.shape
-    bm, bn, nw = _tiles(n, backward=True)
-    grid = _persistent_grid(x, triton.cdiv(m, bm))
-    dwp = torch.empty((2, grid, n), dtype=torch.float32, device=x.device)
-    _ln_bwd_kernel[(grid,)](
-        dy2, x2, weight.contiguous(), dx2, dwp[0], dwp[1], m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
-        dx2.stride(0), eps, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    bm, bn, nw = _tiles(max(n, 1), backward=True)
+    n_blocks = triton.cdiv(m, bm)
+    grid = _persistent_grid(x, n_blocks) if param_grads else n_blocks
+    dwp = torch.zeros((2, grid if param_grads else 0, n), dtype=torch.float32, device=x.device)
+    if x.numel():
+        _ln_bwd_kernel[(grid,)](
+            dy2, x2, weight.contiguous(), dx2, dwp[0], dwp[1], m, n, dy2.stride(0), dy2.stride(1), x2.stride(0),
+            x2.stride(1), dx2.stride(0), eps, COMPUTE_DW=param_grads, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    if not param_grads:
+        return dx, dwp.new_empty(0), dwp.new_empty(0)
     return dx, dwp[0].sum(0), dwp[1].sum(0)
 
 
 @_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, eps):
-    g = weight.new_empty(weight.shape, dtype=torch.float32)
+def _(dy, x, weight, eps, param_grads):
+    shape = weight.shape if param_grads else (0,)
+    g = weight.new_empty(shape, dtype=torch.float32)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), g, torch.empty_like(g)
 
 
@@ -256,9 +266,11 @@ def _ln_setup(ctx, inputs, output):
 
 def _ln_backward(ctx, dy):
     x, weight = ctx.saved_tensors
-    dx, dw, db = torch.ops.minift.layer_norm_backward(dy, x, weight, ctx.eps)
-    db = None if ctx.bias_dtype is None else db.to(ctx.bias_dtype)
-    return dx, dw.to(weight.dtype), db, None
+    want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    dx, dw, db = torch.ops.minift.layer_norm_backward(dy, x, weight, ctx.eps, want_w or want_b)
+    dw = dw.to(weight.dtype) if want_w else None
+    db = db.to(ctx.bias_dtype) if want_b else None
+    return dx, dw, db, None
 
 
 _layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)

@@ -1,0 +1,249 @@
+"""The LoRA layer (LoRA / rsLoRA / DoRA over a frozen 16-bit `nn.Linear` or 4-bit `Linear4bit`),
+the modules_to_save wrapper, and PEFT's initialisations.
+
+Parameter names are PEFT's (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), so a
+layer's state maps 1:1 onto the keys of PEFT's `adapter_model.safetensors`. Adapters are kept
+in float32 and cast to the activations' dtype for compute; the fused `ops.lora_linear` does the
+forward and backward whenever dropout is off (dropout must only touch the LoRA input path, as
+in PEFT, which the fused op cannot express). DoRA follows PEFT's arithmetic term for term.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import skip_init
+
+from . import ops
+from .errors import AdapterError
+from .ops.nf4 import NF4Weight
+
+
+def is_4bit(m: nn.Module) -> bool:
+    """minift.quant.Linear4bit, duck-typed (its `.nf4` is what the fused op takes)."""
+    return hasattr(m, "nf4") and hasattr(m, "dequantize") and hasattr(m, "in_features")
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_4bit(m)
+
+
+def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A linear's weight as a dense tensor of `dtype` (NF4 dequantised straight to it, exactly)."""
+    if is_4bit(base):
+        return ops.dequantize_nf4(dataclasses.replace(base.nf4, dtype=dtype))
+    return base.weight.detach().to(dtype)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    """x W^T for a 4-bit base: W is dequantised again in backward rather than kept."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        ctx.base = base
+        return F.linear(x, dense_weight(base, x.dtype))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad @ dense_weight(ctx.base, grad.dtype), None
+
+
+def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+    """x W^T (no bias) with the base frozen; gradient for x only."""
+    if is_4bit(base):
+        return _NF4Matmul.apply(x, base)
+    return F.linear(x, base.weight.to(x.dtype))
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + scaling * B A dropout(x), or DoRA's magnitude-rescaled form.
+
+    `base_layer` is the frozen original; `weight`, `bias`, `in_features`, `out_features` proxy
+    it so code reading `module.weight` keeps working."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, dora: bool = False):
+        super().__init__()
+        self.base_layer = base
+        self.in_features, self.out_features = int(base.in_features), int(base.out_features)
+        self.r, self.scaling = int(r), float(scaling)
+        dev = base.nf4.device if is_4bit(base) else base.weight.device
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = skip_init(nn.Linear, self.in_features, r, bias=False, device=dev, dtype=torch.float32)
+        self.lora_B = skip_init(nn.Linear, r, self.out_features, bias=False, device=dev, dtype=torch.float32)
+        mag = nn.Parameter(torch.empty(self.out_features, device=dev, dtype=torch.float32)) if dora else None
+        self.register_parameter("lora_magnitude_vector", mag)
+        self.disabled = False
+        self.merged = False
+        self._merge_norm: torch.Tensor | None = None  # DoRA: the norm used at merge, for unmerge
+
+    # -- proxies of the base ---------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def dora(self) -> bool:
+        return self.lora_magnitude_vector is not None
+
+    def base_weight(self) -> torch.Tensor | NF4Weight:
+        """What ops.lora_linear takes: the 16-bit weight or the NF4Weight."""
+        return self.base_layer.nf4 if is_4bit(self.base_layer) else self.base_layer.weight
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dense_weight(self.base_layer, dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B A in float32."""
+        return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
+
+    # -- forward ----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        drop = self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
+        base = self.base_weight()
+        bias = self.bias
+        fusable = (isinstance(base, NF4Weight) or (base.dtype == x.dtype and not base.requires_grad)) and (
+            bias is None or not bias.requires_grad)
+        if self.lora_magnitude_vector is not None:
+            return self._dora_forward(x, drop)
+        if fusable and not drop:
+            return ops.lora_linear(x, base, a, b, self.scaling, bias)
+        lora = F.linear(F.linear(self.lora_dropout(x), a.to(x.dtype)), b.to(x.dtype))
+        y = frozen_linear(x, self.base_layer)  # (a 4-bit W is not kept for backward)
+        return (y if bias is None else y + bias.to(x.dtype)) + self.scaling * lora
+
+    def _dora_forward(self, x: torch.Tensor, drop: bool) -> torch.Tensor:
+        """PEFT's DoRA, in PEFT's arithmetic: with m = magnitude / ||W + s B A||_row (the norm
+        detached), base(x) + (m - 1) * x' W^T + m * (x' A^T B^T) * s, x' the dropped-out input."""
+        a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
+        with torch.no_grad():
+            norm = torch.linalg.norm(self.dense_weight(torch.float32) + self.delta_weight(), dim=1)
+        m = (self.lora_magnitude_vector / norm).to(x.dtype)
+        xd = self.lora_dropout(x) if drop else x
+        lora = F.linear(F.linear(xd, a), b)
+        z = frozen_linear(x, self.base_layer)
+        bias = self.bias
+        result = z if bias is None else z + bias.to(x.dtype)
+        base_result = frozen_linear(xd, self.base_layer) if drop else z
+        return result + ((m - 1) * base_result + m * lora * self.scaling)
+
+    # -- merging ----------------------------------------------------------------------------------
+
+    def merged_weight(self) -> torch.Tensor:
+        """The merged weight in float32 (the base as it is when already merged)."""
+        w = self.dense_weight(torch.float32)
+        if self.merged:
+            return w
+        w = w + self.delta_weight()
+        if self.dora:
+            w = (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(w, dim=1)).unsqueeze(1) * w
+        return w
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if is_4bit(self.base_layer):
+            raise AdapterError("merge_lora: a 4-bit base cannot hold merged weights; use save_merged(dir) to write "
+                               "a merged 16-bit (or re-quantised) checkpoint instead")
+        w = self.base_layer.weight
+        new = w.float() + self.delta_weight()
+        if self.dora:
+            self._merge_norm = torch.linalg.norm(new, dim=1)
+            new = (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1) * new
+        w.copy_(new.to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Exact in float32; in 16-bit up to the one rounding merging made (as PEFT)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        old = w.float()
+        if self.dora:
+            old = old / (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1)
+            self._merge_norm = None
+        w.copy_((old - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dora={self.dora}"
+
+
+class ModulesToSave(nn.Module):
+    """A trainable full copy of a module (PEFT's modules_to_save), the frozen original kept for
+    `disable_adapters`. `weight`/`bias` and other attributes read through to the active one."""
+
+    def __init__(self, original: nn.Module, trainable: nn.Module):
+        super().__init__()
+        self.original_module = original
+        self.modules_to_save = trainable
+        self.disabled = False
+
+    @property
+    def active(self) -> nn.Module:
+        return self.original_module if self.disabled else self.modules_to_save
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.active.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.active, "bias", None)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            mods = self.__dict__.get("_modules", {})
+            if "modules_to_save" in mods:
+                return getattr(mods["modules_to_save"], name)
+            raise
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.active(*args, **kwargs)
+
+
+# ---- initialisation -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def init_adapter(layer: LoraLinear, init: str, gen: torch.Generator) -> None:
+    """PEFT's inits: "default" A ~ Kaiming-uniform(a=sqrt(5)), "gaussian" A ~ N(0, 1/r); B = 0.
+    "pissa": A, B from the top-r SVD of W, the base becomes the residual W - s B A.
+    A is drawn on the CPU from `gen` so a seed gives the same adapters on any device."""
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    if init == "pissa":
+        w = layer.base_layer.weight
+        U, S, Vh = torch.linalg.svd(w.float(), full_matrices=False)
+        s = S[: layer.r] / layer.scaling
+        a.copy_(torch.diag(s.sqrt()) @ Vh[: layer.r])
+        b.copy_(U[:, : layer.r] @ torch.diag(s.sqrt()))
+        w.copy_((w.float() - layer.scaling * b @ a).to(w.dtype))
+        layer.register_buffer("pissa_A", a.detach().clone(), persistent=False)
+        layer.register_buffer("pissa_B", b.detach().clone(), persistent=False)
+    else:
+        cpu = torch.empty(a.shape, dtype=torch.float32)
+        if init == "gaussian":
+            cpu.normal_(0.0, 1.0 / layer.r, generator=gen)
+        else:
+            nn.init.kaiming_uniform_(cpu, a=math.sqrt(5), generator=gen)
+        a.copy_(cpu)
+        b.zero_()
+    if layer.dora:
+        layer.lora_magnitude_vector.copy_(torch.linalg.norm(layer.dense_weight(torch.float32) + layer.delta_weight(), dim=1))
