@@ -13,7 +13,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from op_checks import assert_no_worse
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -103,6 +103,16 @@ def upstream(out: torch.Tensor, kind: str, gen: torch.Generator):
     return torch.randn(out.shape[0], generator=gen).to(out.device)
 
 
+def dot_condition(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||(|a| @ |b|)|| / ||a @ b||: how much a matmul amplifies relative rounding of its inputs.
+
+    Kernel and torch both round dlogits to the dtype before the grad matmuls; when the sum cancels
+    (confident predictions) that rounding's luck dominates, so the tolerance scales with this.
+    """
+    den = (a @ b).norm().item()
+    return 1.0 if den == 0 else max(1.0, (a.abs() @ b.abs()).norm().item() / den)
+
+
 def backprop(out: torch.Tensor, inputs, g):
     if g is None:
         return torch.autograd.grad(out.sum(), inputs)
@@ -129,6 +139,8 @@ common = dict(
     padded=st.booleans(),
     **common,
 )
+@example(n=33, v_idx=6, scale=1000.0, padded=False, dtype=torch.float32, softcap=None, reduction="mean", ignore="none",
+         ignore_index=-100, grad_kind="random", block=128, seed=145)  # needs softmax = exp(z - max - logd)
 def test_cross_entropy_matches_float64(device, n, v_idx, scale, padded, dtype, softcap, reduction, ignore,
                                        ignore_index, grad_kind, block, seed):
     v = (GPU_V if device == "cuda" else CPU_V)[v_idx % (len(GPU_V) if device == "cuda" else len(CPU_V))]
@@ -169,6 +181,10 @@ def test_cross_entropy_matches_float64(device, n, v_idx, scale, padded, dtype, s
     needs=st.sampled_from([(True, True), (True, False), (False, True)]),
     **common,
 )
+@example(n=1, v=3, h=1, scale=4.0, chunk=None, needs=(True, True), dtype=torch.float32, softcap=None, reduction="mean",
+         ignore="none", ignore_index=-100, grad_kind="random", block=128, seed=65288995)  # loss ~ 1e-7
+@example(n=1, v=300, h=1, scale=4.0, chunk=None, needs=(True, True), dtype=torch.float16, softcap=30.0, reduction="mean",
+         ignore="none", ignore_index=-100, grad_kind="random", block=128, seed=0)  # grad_hidden cancels
 def test_linear_cross_entropy_matches_float64(device, n, v, h, scale, chunk, needs, dtype, softcap, reduction,
                                               ignore, ignore_index, grad_kind, block, seed):
     if device == "cuda":
@@ -199,11 +215,15 @@ def test_linear_cross_entropy_matches_float64(device, n, v, h, scale, chunk, nee
     out64 = ce64(h64 @ w64.t(), labels, ignore_index, softcap, reduction)
     grads64 = backprop(out64, in64, g)
 
+    z64 = (h64 @ w64.t()).detach().requires_grad_()
+    (dz64,) = backprop(ce64(z64, labels, ignore_index, softcap, reduction), [z64], g)
+    conds = {"grad hidden": dot_condition(dz64, w64.detach()), "grad weight": dot_condition(dz64.t(), h64.detach())}
+
     assert_no_worse(out, out_t, out64, dtype, "loss")
     names = [nm for nm, need in zip(("grad hidden", "grad weight"), needs) if need]
     for name, gk, gt, g64 in zip(names, grads, grads_t, grads64):
         assert gk.dtype == dtype
-        assert_no_worse(gk, gt, g64, dtype, name)
+        assert_no_worse(gk, gt, g64, dtype, name, factor=conds[name])
 
 
 @pytest.mark.parametrize("device", DEVICES)

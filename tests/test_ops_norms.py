@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 import minift.ops as ops
 from minift.errors import InputError
-from minift.ops import reference as ref
 from minift.ops._backend import use_triton
 
 from op_checks import EXTRA_TOL, assert_no_worse
@@ -41,7 +40,8 @@ def norm_case(draw, device: str) -> dict:
     )
 
 
-def make_x(shape: tuple, scale: float, layout: str, gen: torch.Generator, device: str, dtype: torch.dtype) -> torch.Tensor:
+def make_x(shape: tuple, scale: float, layout: str, gen: torch.Generator, device: str, dtype: torch.dtype
+           ) -> torch.Tensor:
     """Random values in `dtype`, laid out contiguous, as a transposed view, or with last-dim stride 2."""
 
     def rand(*size: int) -> torch.Tensor:
@@ -66,7 +66,8 @@ def upstream(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
 
 def run(fn, inputs: list, grad: torch.Tensor, dtype: torch.dtype, frozen: bool = False) -> list:
     """[y, dx, dparams...]; frozen params (LoRA) take no gradient, so their entries are None."""
-    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(i == 0 or not frozen) for i, t in enumerate(inputs)]
+    leaves = [None if t is None else t.detach().to(dtype).requires_grad_(i == 0 or not frozen)
+              for i, t in enumerate(inputs)]
     y = fn(*leaves)
     y.backward(grad.to(dtype) if dtype == torch.float64 else grad)
     return [y.detach()] + [None if t is None else t.grad for t in leaves]

@@ -129,8 +129,12 @@ def test_packing_layout_and_boundaries():
     assert (u.tensors["labels"][u.tensors["attention_mask"] == 0] == IGNORE).all()
 
 
-def test_packed_loss_and_grads_equal_unpacked(llama):
-    model, tok = load_full(llama)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
+def test_packed_loss_and_grads_equal_unpacked(tmp_path, family):
+    """Also with sliding windows (shorter than the sequences) and soft-capping."""
+    from minift._tiny import write_tiny_checkpoint
+
+    model, tok = load_full(write_tiny_checkpoint(tmp_path, family))
     model.train()
     enc = make_encoder(tok, max_length=48, responses_only=False)
     exs = [enc.encode(normalize_row(r, i)) for i, r in enumerate(text_rows(7, seed=1))]
@@ -207,3 +211,20 @@ def test_truncation_is_counted(llama, tmp_path, caplog):
         t = Trainer(model, tok, rows, config=TrainConfig(output_dir=str(tmp_path), max_seq_length=16, max_steps=1))
     assert t.truncated == 6 and all(len(u) <= 16 for u in t.train_units)
     assert "6 of 8 examples were longer than max_seq_length=16" in caplog.text
+
+
+def test_datasets_dataset_and_trl_image_layout(llama, tmp_path):
+    from datasets import Dataset
+
+    model, tok = load_full(llama)
+    cfg = TrainConfig(output_dir=str(tmp_path), max_steps=1, train_on_responses_only=True)
+    a = Trainer(model, tok, chat_rows(5), config=cfg).train_units
+    b = Trainer(model, tok, Dataset.from_list(chat_rows(5)), config=cfg).train_units
+    assert all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels) for x, y in zip(a, b))
+    from PIL import Image
+
+    img = Image.new("RGB", (8, 8))
+    row = normalize_row({"images": [img], "messages": [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": "A square."}]}, 0)
+    assert row["messages"][0]["content"][0]["image"] is img

@@ -148,16 +148,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(llama, tmp_path):
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
-def test_sgd_and_8bit_optimizers_build(llama, tmp_path):
-    model, tok = load_full(llama)
+def test_sgd_and_8bit_adamw_with_resume(llama, tmp_path):
+    import minift
+
     s, _ = run(llama, text_rows(4), tmp_path / "s", optimizer="sgd", max_steps=2, batch_size=2, grad_accum=1)
     assert all(math.isfinite(v) for v in s.losses)
-    try:
-        t = Trainer(model, tok, text_rows(4), config=TrainConfig(output_dir=str(tmp_path / "b"), optimizer="adamw_8bit",
-                                                                  max_steps=1, progress_bar=False))
-    except Exception as e:  # pragma: no cover - depends on the bitsandbytes build
-        pytest.skip(f"bitsandbytes AdamW8bit unavailable here: {e}")
+
+    def trainer(**kw):
+        model, tok = minift.load(llama)
+        minift.add_lora(model, r=64, alpha=64)  # 64 x 64 = 4096 elements: bitsandbytes' 8-bit threshold
+        cfg = TrainConfig(output_dir=str(tmp_path / "b"), optimizer="adamw_8bit", max_steps=4, batch_size=2, lr=1e-2,
+                          save_steps=2, progress_bar=False, plot=False, **kw)
+        return Trainer(model, tok, text_rows(8), config=cfg)
+
+    t = trainer()
+    full = t.train().losses
     assert type(t.optimizer).__name__ == "AdamW8bit"
+    assert any(v.dtype == torch.uint8 for st in t.optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+    assert trainer(resume_from=str(tmp_path / "b" / "checkpoint-2")).train().losses == full
 
 
 def test_lora_modules_to_save_embedding_lr_and_reload(llama, tmp_path):
@@ -179,3 +187,25 @@ def test_lora_modules_to_save_embedding_lr_and_reload(llama, tmp_path):
     cfg2 = TrainConfig(output_dir=str(tmp_path / "e"), progress_bar=False)
     assert Trainer(fresh, tok, chat_rows(6), eval_dataset=chat_rows(2), config=cfg2).evaluate() == pytest.approx(
         s.eval_loss, rel=1e-6)
+
+
+def test_loss_plot_written_or_skipped(tmp_path, monkeypatch, caplog):
+    import logging
+    import sys
+    from unittest import mock
+
+    from minift.train.report import plot_losses
+
+    records = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "eval": True, "eval_loss": 1.7}]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with caplog.at_level(logging.INFO, logger="minift"):
+        assert plot_losses(records, tmp_path / "loss.png") is None
+    assert "skipped the loss plot" in caplog.text
+    fake = mock.MagicMock()
+    fig, ax = mock.MagicMock(), mock.MagicMock()
+    fake.pyplot.subplots.return_value = (fig, ax)
+    monkeypatch.setitem(sys.modules, "matplotlib", fake)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", fake.pyplot)
+    assert plot_losses(records, tmp_path / "loss.png") == tmp_path / "loss.png"
+    fig.savefig.assert_called_once_with(tmp_path / "loss.png")
+    assert ax.plot.call_args_list[0].args == ((1, 2), (2.0, 1.5))

@@ -206,13 +206,20 @@ class Gemma3VisionLM(nn.Module):
         return self.model.multi_modal_projector(self.model.vision_tower(pixel_values))
 
     def _check_image_tokens(self, is_image: torch.Tensor, num_images: int) -> None:
-        """Image tokens in input_ids must equal images x mm_tokens_per_image. Counting them needs
-        a host sync, so the check runs in eager mode only (skipped under torch.compile) and before
-        the vision tower is launched, when the GPU has almost nothing queued."""
+        """Image tokens in input_ids must equal images x mm_tokens_per_image. On CPU this raises a
+        typed error. On an accelerator, counting on the host would stall the GPU every step, so
+        the check is a device-side assert instead (the trainer validates each example on the host
+        while tokenising, where the count is free). Skipped under torch.compile."""
         if torch.compiler.is_compiling():
             return
-        have = int(is_image.sum())
         want = num_images * self.config.mm_tokens_per_image
+        if is_image.device.type != "cpu":
+            torch._assert_async(
+                is_image.sum() == want,
+                f"image tokens in input_ids != {num_images} image(s) x {self.config.mm_tokens_per_image}",
+            )
+            return
+        have = int(is_image.sum())
         if have != want:
             raise InputError(
                 f"input_ids hold {have} image tokens (id {self.config.image_token_index}) but pixel_values holds "

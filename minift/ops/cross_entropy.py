@@ -110,32 +110,32 @@ def default_chunk_size(n: int, v: int, dtype: torch.dtype) -> int:
 
 @torch.library.custom_op("minift::cross_entropy", mutates_args=())
 def _ce_op(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float) -> tuple[Tensor, Tensor]:
-    """Per-row fp32 (loss, logsumexp); softcap 0.0 means off."""
+    """Per-row fp32 loss (N,) and stats (N, 2): row max and log-sum-exp below it; softcap 0.0 = off."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     n = x.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
-    lse = torch.empty(n, dtype=torch.float32, device=x.device)
-    _k.ce_rows_forward(x, labels, loss, lse, ignore_index, softcap)
-    return loss, lse
+    stats = torch.empty(n, 2, dtype=torch.float32, device=x.device)
+    _k.ce_rows_forward(x, labels, loss, stats, ignore_index, softcap)
+    return loss, stats
 
 
 @_ce_op.register_fake
 def _(logits, labels, ignore_index, softcap):
     n = logits.shape[0]
-    return logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.float32)
+    return logits.new_empty(n, dtype=torch.float32), logits.new_empty((n, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("minift::cross_entropy_backward", mutates_args=())
-def _ce_bwd_op(logits: Tensor, labels: Tensor, lse: Tensor, grad_loss: Tensor, ignore_index: int, softcap: float) -> Tensor:
+def _ce_bwd_op(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor, ignore_index: int, softcap: float) -> Tensor:
     """Gradient w.r.t. logits, a new tensor in the logits' dtype (saved logits may be used elsewhere)."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _k.ce_rows_backward(x, labels, lse, grad_loss.float(), dx, ignore_index, softcap)
+    _k.ce_rows_backward(x, labels, stats, grad_loss.float(), dx, ignore_index, softcap)
     return dx
 
 
 @_ce_bwd_op.register_fake
-def _(logits, labels, lse, grad_loss, ignore_index, softcap):
+def _(logits, labels, stats, grad_loss, ignore_index, softcap):
     return logits.new_empty(logits.shape)
 
 
@@ -145,11 +145,11 @@ def _ce_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _ce_backward(ctx, grad_loss, _grad_lse):
-    logits, labels, lse = ctx.saved_tensors
+def _ce_backward(ctx, grad_loss, _grad_stats):
+    logits, labels, stats = ctx.saved_tensors
     if grad_loss is None or not ctx.needs_input_grad[0]:
         return None, None, None, None
-    return _ce_bwd_op(logits, labels, lse, grad_loss, ctx.ignore_index, ctx.softcap), None, None, None
+    return _ce_bwd_op(logits, labels, stats, grad_loss, ctx.ignore_index, ctx.softcap), None, None, None
 
 
 _ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
@@ -230,7 +230,7 @@ def _lce_op(
     n, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     rows = torch.empty(n, dtype=torch.float32, device=dev)
-    lse = torch.empty(n, dtype=torch.float32, device=dev)
+    stats = torch.empty(n, 2, dtype=torch.float32, device=dev)
     count = (labels != ignore_index).sum().clamp(min=1)
     scale = count.float().reciprocal() if mean else torch.ones((), dtype=torch.float32, device=dev)
     gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
@@ -240,7 +240,7 @@ def _lce_op(
     for s, e in _chunks(n, chunk_size):
         x = buf[: e - s]
         torch.mm(hidden[s:e], weight.t(), out=x)
-        _k.ce_rows_forward(x, labels[s:e], rows[s:e], lse[s:e], ignore_index, softcap,
+        _k.ce_rows_forward(x, labels[s:e], rows[s:e], stats[s:e], ignore_index, softcap,
                            g=scale if write else None, dx=x if write else None)
         if need_grad_hidden:
             torch.mm(x, weight, out=gh[s:e])
@@ -282,28 +282,28 @@ _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 def _lce_rows_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, softcap: float, chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row (loss, lse) for reduction='none'; the backward recomputes logits chunk by chunk
+    """Per-row (loss, stats) for reduction='none'; the backward recomputes logits chunk by chunk
     (per-row upstream grads cannot be folded into a grad_weight computed ahead of time)."""
     n, v = hidden.shape[0], weight.shape[0]
     rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    stats = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)
     buf = _chunk_buffer(min(chunk_size, n), v, hidden)
     for s, e in _chunks(n, chunk_size):
         x = buf[: e - s]
         torch.mm(hidden[s:e], weight.t(), out=x)
-        _k.ce_rows_forward(x, labels[s:e], rows[s:e], lse[s:e], ignore_index, softcap)
-    return rows, lse
+        _k.ce_rows_forward(x, labels[s:e], rows[s:e], stats[s:e], ignore_index, softcap)
+    return rows, stats
 
 
 @_lce_rows_op.register_fake
 def _(hidden, weight, labels, ignore_index, softcap, chunk_size):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty((n, 2), dtype=torch.float32)
 
 
 @torch.library.custom_op("minift::linear_cross_entropy_rows_backward", mutates_args=())
 def _lce_rows_bwd_op(
-    hidden: Tensor, weight: Tensor, labels: Tensor, lse: Tensor, grad_rows: Tensor, ignore_index: int,
+    hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, grad_rows: Tensor, ignore_index: int,
     softcap: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     n, v = hidden.shape[0], weight.shape[0]
@@ -315,7 +315,7 @@ def _lce_rows_bwd_op(
     for s, e in _chunks(n, chunk_size):
         x = buf[: e - s]
         torch.mm(hidden[s:e], weight.t(), out=x)
-        _k.ce_rows_backward(x, labels[s:e], lse[s:e], g[s:e], x, ignore_index, softcap)
+        _k.ce_rows_backward(x, labels[s:e], stats[s:e], g[s:e], x, ignore_index, softcap)
         if need_grad_hidden:
             torch.mm(x, weight, out=gh[s:e])
         if need_grad_weight:
@@ -325,7 +325,7 @@ def _lce_rows_bwd_op(
 
 
 @_lce_rows_bwd_op.register_fake
-def _(hidden, weight, labels, lse, grad_rows, ignore_index, softcap, chunk_size, need_grad_hidden, need_grad_weight):
+def _(hidden, weight, labels, stats, grad_rows, ignore_index, softcap, chunk_size, need_grad_hidden, need_grad_weight):
     gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)
     gw = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
     return gh, gw
@@ -337,12 +337,12 @@ def _lce_rows_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _lce_rows_backward(ctx, grad_rows, _grad_lse):
-    hidden, weight, labels, lse = ctx.saved_tensors
+def _lce_rows_backward(ctx, grad_rows, _grad_stats):
+    hidden, weight, labels, stats = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_rows is None or not (need_h or need_w):
         return (None,) * 6
-    gh, gw = _lce_rows_bwd_op(hidden, weight, labels, lse, grad_rows, ctx.ignore_index, ctx.softcap,
+    gh, gw = _lce_rows_bwd_op(hidden, weight, labels, stats, grad_rows, ctx.ignore_index, ctx.softcap,
                               ctx.chunk_size, need_h, need_w)
     return (gh if need_h else None), (gw if need_w else None), None, None, None, None
 

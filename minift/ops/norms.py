@@ -50,7 +50,8 @@ if HAS_TRITON:
             rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
             mask = (rows < M)[:, None] & cmask[None, :]
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+            dy_ptr = DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn
+            dy = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
             xhat = x * rstd[:, None]
             g = dy * w[None, :]
@@ -94,7 +95,8 @@ if HAS_TRITON:
             rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
             mask = (rows < M)[:, None] & cmask[None, :]
             x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0).to(tl.float32)
+            dy_ptr = DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn
+            dy = tl.load(dy_ptr, mask=mask, other=0.0).to(tl.float32)
             mean = tl.sum(x, axis=1) / N
             xc = tl.where(mask, x - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
@@ -172,16 +174,17 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep
                      weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is an empty placeholder when not wanted (frozen norms under LoRA)."""
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty(0)
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
     m, n = x2.shape
-    bm, bn, nw = _tiles(max(n, 1), backward=True)
+    bm, bn, nw = _tiles(n, backward=True)
     n_blocks = triton.cdiv(m, bm)
     grid = _persistent_grid(x, n_blocks) if weight_grad else n_blocks
-    dwp = torch.zeros((grid if weight_grad else 0, n), dtype=torch.float32, device=x.device)
-    if x.numel():
-        _rms_bwd_kernel[(grid,)](
-            dy2, x2, weight.contiguous(), dx2, dwp, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
-            dx2.stride(0), eps, offset, COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    dwp = torch.empty((grid if weight_grad else 0, n), dtype=torch.float32, device=x.device)
+    _rms_bwd_kernel[(grid,)](
+        dy2, x2, weight.contiguous(), dx2, dwp, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
+        dx2.stride(0), eps, offset, COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
     return dx, dwp.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
 
 
@@ -219,7 +222,8 @@ def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     m, n = x2.shape
     bm, bn, nw = _tiles(n, backward=False)
     _ln_fwd_kernel[(triton.cdiv(m, bm),)](
-        x2, weight.contiguous(), weight if bias is None else bias.contiguous(), y2, m, n, x2.stride(0), x2.stride(1), y2.stride(0), eps,
+        x2, weight.contiguous(), weight if bias is None else bias.contiguous(), y2, m, n,
+        x2.stride(0), x2.stride(1), y2.stride(0), eps,
         HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
     return out
 
@@ -235,16 +239,18 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     """(dx, dweight, dbias), the latter two in fp32 (the autograd wrapper casts each to its parameter's
     dtype) or empty placeholders when not wanted (frozen parameters)."""
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.numel() == 0:
+        shape = weight.shape if param_grads else (0,)
+        return dx, weight.new_zeros(shape, dtype=torch.float32), weight.new_zeros(shape, dtype=torch.float32)
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
     m, n = x2.shape
-    bm, bn, nw = _tiles(max(n, 1), backward=True)
+    bm, bn, nw = _tiles(n, backward=True)
     n_blocks = triton.cdiv(m, bm)
     grid = _persistent_grid(x, n_blocks) if param_grads else n_blocks
-    dwp = torch.zeros((2, grid if param_grads else 0, n), dtype=torch.float32, device=x.device)
-    if x.numel():
-        _ln_bwd_kernel[(grid,)](
-            dy2, x2, weight.contiguous(), dx2, dwp[0], dwp[1], m, n, dy2.stride(0), dy2.stride(1), x2.stride(0),
-            x2.stride(1), dx2.stride(0), eps, COMPUTE_DW=param_grads, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+    dwp = torch.empty((2, grid if param_grads else 0, n), dtype=torch.float32, device=x.device)
+    _ln_bwd_kernel[(grid,)](
+        dy2, x2, weight.contiguous(), dx2, dwp[0], dwp[1], m, n, dy2.stride(0), dy2.stride(1), x2.stride(0),
+        x2.stride(1), dx2.stride(0), eps, COMPUTE_DW=param_grads, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
     if not param_grads:
         return dx, dwp.new_empty(0), dwp.new_empty(0)
     return dx, dwp[0].sum(0), dwp[1].sum(0)

@@ -132,7 +132,8 @@ _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Shape/dtype/device checks in plain Python (guards under torch.compile, never graph breaks)."""
     if q.dim() != 4 or k.dim() != 4:
-        raise InputError(f"rope: q and k must be (batch, heads, seq, head_dim), got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise InputError(
+            f"rope: q and k must be (batch, heads, seq, head_dim), got q {tuple(q.shape)}, k {tuple(k.shape)}")
     b, _, s, d = q.shape
     if d % 2:
         raise InputError(f"rope: q's head_dim must be even for rotate-half, got {d}")
@@ -142,7 +143,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         raise InputError(f"rope: k {tuple(k.shape)} must match q's batch {b} and seq {s}")
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 3 or t.shape[0] not in (1, b) or t.shape[1] != s or t.shape[2] != d:
-            raise InputError(f"rope: {name} must be (batch={b} or 1, seq={s}, head_dim={d}) to match q, got {tuple(t.shape)}")
+            raise InputError(
+                f"rope: {name} must be (batch={b} or 1, seq={s}, head_dim={d}) to match q, got {tuple(t.shape)}")
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not t.is_floating_point():
             raise InputError(f"rope: {name} must be a floating-point tensor, got dtype {t.dtype}")

@@ -203,8 +203,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable: {e}") from e
     load_trainable(model, path / "trainable.safetensors")
+    # torch optimizers move state to each parameter's device themselves (and keep AdamW's step
+    # counters on the CPU unless fused, avoiding a sync per step); bitsandbytes' do not.
     dev = next((p.device for _, p in trainable_parameters(model)), torch.device("cpu"))
-    opt = torch.load(path / "optimizer.pt", map_location=dev, weights_only=True)
+    bnb = type(optimizer).__module__.startswith("bitsandbytes")
+    opt = torch.load(path / "optimizer.pt", map_location=dev if bnb else "cpu", weights_only=True)
     optimizer.load_state_dict(opt)
     sched = json.loads((path / "scheduler.json").read_text())
     scheduler.load_state_dict(sched)

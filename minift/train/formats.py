@@ -9,8 +9,8 @@ from ..errors import DataError
 
 SUPPORTED = (
     "'text' (plain text), 'messages' (role/content chat, content a string or a list of "
-    "{'type': 'text'|'image', ...} parts), 'conversations' (ShareGPT from/value), "
-    "'prompt' + 'completion'"
+    "{'type': 'text'|'image', ...} parts; images inline or in an 'images' column), "
+    "'conversations' (ShareGPT from/value), 'prompt' + 'completion'"
 )
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "system": "system", "tool": "tool"}
@@ -57,11 +57,43 @@ def _clean_part(part: Any, where: str) -> dict[str, Any]:
     if kind not in ("text", "image"):
         raise DataError(f"{where}: content part type {kind!r} is not supported (text or image)")
     p["type"] = kind
-    if kind == "image" and "image" not in p:
-        raise DataError(f"{where}: an image part needs its PIL image under 'image'")
+    if kind == "image":
+        if "image" not in p:
+            raise DataError(f"{where}: an image part needs its PIL image under 'image' (or the row an 'images' list)")
+        p["image"] = _as_image(p["image"], where)
     if kind == "text" and not isinstance(p.get("text"), str):
         raise DataError(f"{where}: a text part needs a string under 'text'")
     return p
+
+
+def _as_image(img: Any, where: str) -> Any:
+    """A PIL image as it is; Arrow's undecoded {'bytes', 'path'} image dicts are opened."""
+    if isinstance(img, dict) and (img.get("bytes") or img.get("path")):
+        import io
+
+        from PIL import Image
+
+        return Image.open(io.BytesIO(img["bytes"]) if img.get("bytes") else img["path"])
+    if isinstance(img, (str, bytes, dict)) or img is None:
+        raise DataError(f"{where}: an image part holds {type(img).__name__}; expected a PIL image")
+    return img
+
+
+def _fill_images(turns: list[Any], images: list[Any]) -> list[Any]:
+    """TRL's layout: image parts without the image, the images in a separate 'images' column."""
+    it = iter(images)
+    out = []
+    for m in turns:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, (list, tuple)):
+            parts = []
+            for p in content:
+                if isinstance(p, dict) and p.get("type") == "image" and p.get("image") is None:
+                    p = dict(p, image=next(it, None))
+                parts.append(p)
+            m = dict(m, content=parts)
+        out.append(m)
+    return out
 
 
 def _message(m: Any, where: str, sharegpt: bool) -> dict[str, Any]:
@@ -105,6 +137,8 @@ def normalize_row(row: Any, index: int, formatting_func: Callable | None = None)
         turns = row[fmt]
         if not isinstance(turns, (list, tuple)) or not turns:
             raise DataError(f"{where}: '{fmt}' must be a non-empty list of turns")
+        if row.get("images"):
+            turns = _fill_images(list(turns), list(row["images"]))
         msgs = [_message(m, f"{where} '{fmt}'[{i}]", sharegpt=fmt == "conversations") for i, m in enumerate(turns)]
         return {"kind": "chat", "messages": msgs, "train_from": 0}
     if fmt == "prompt_completion":

@@ -29,7 +29,7 @@ from .formats import check_columns, columns_of, normalize_row
 from .offload import ActivationOffloader
 from .optim import make_optimizer, make_scheduler, trainable_parameters
 from .report import Metrics, ensure_logging, log, peak_memory_gb, plot_losses
-from .tokenize import Example, is_processor, make_encoder
+from .tokenize import Example, make_encoder
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -93,6 +93,7 @@ class Trainer:
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.pad_id = int(pad) if pad is not None else 0
 
+        self.truncated = 0  # train examples cut to max_length
         self.train_units = self._prepare(train_dataset, "train_dataset")
         n_targets = sum(int((u.labels[1:] != -100).sum()) for u in self.train_units)
         if n_targets == 0:
@@ -103,13 +104,17 @@ class Trainer:
                 if cfg.train_on_responses_only else
                 f"every example is a single token or was masked (max_seq_length={self.max_length})"
             )
-            raise DataError(f"train_dataset: all labels are -100 after formatting, so there is nothing to learn: {cause}")
+            raise DataError(
+                f"train_dataset: all labels are -100 after formatting, so there is nothing to learn: {cause}"
+            )
         self.eval_units = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.schedule = Schedule(len(self.train_units), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle)
         self.total_steps = self.schedule.total_steps(cfg.max_steps, cfg.epochs)
         self.optimizer = make_optimizer(model, cfg)
         self.lr_scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.params = [p for _, p in trainable_parameters(model)]
+        groups = [g.get("group", "") for g in self.optimizer.param_groups]
+        self._lr_group = next((i for i, g in enumerate(groups) if g.startswith("body")), 0)  # the one logged
         self.step = 0
         self.losses: list[float] = []
         self.tokens = 0
@@ -132,12 +137,14 @@ class Trainer:
         try:
             n = len(dataset)
         except TypeError as e:
-            raise DataError(f"{name}: expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__}") from e
+            raise DataError(
+                f"{name}: expected a datasets.Dataset or a list of dicts, got {type(dataset).__name__}"
+            ) from e
         if n == 0:
             raise DataError(f"{name} is empty")
         if self.formatting_func is None:
             check_columns(columns_of(dataset), name)
-        return [normalize_row(dataset[i], i, self.formatting_func) for i in range(n)]
+        return [normalize_row(row, i, self.formatting_func) for i, row in enumerate(dataset)]
 
     def _prepare(self, dataset: Any, name: str) -> list[Example]:
         rows = self._rows(dataset, name)
@@ -193,7 +200,6 @@ class Trainer:
         was_training = model.training
         model.train()
         old_ckpt, offloader = self._set_checkpointing()
-        self._offloader = offloader
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress_bar, desc="training",
                    dynamic_ncols=True)
         cache: dict[str, Any] = {}
@@ -205,7 +211,7 @@ class Trainer:
             for step in range(self.step, self.total_steps):
                 micro = [self._batch(self.train_units, mb) for mb in self.schedule.step_units(step, cache)]
                 norm = float(max(1, sum(b.n_targets for b in micro)))
-                lr = self.lr_scheduler.get_last_lr()[0]
+                lr = self.lr_scheduler.get_last_lr()[self._lr_group]
                 loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
                 for b in micro:
                     out = model(**b.to(self.device), loss_normalizer=norm)
@@ -246,7 +252,7 @@ class Trainer:
             steps=self.step, losses=list(self.losses), tokens=self.tokens, time_s=elapsed,
             tokens_per_s=new_tokens / max(elapsed, 1e-9), peak_memory_gb=peak_memory_gb(self.device),
             eval_loss=eval_loss, output_dir=str(self.output_dir), final_path=str(final) if final else None,
-            checkpoints=list(self.checkpoints), truncated=getattr(self, "truncated", 0),
+            checkpoints=list(self.checkpoints), truncated=self.truncated,
             resumed_from=str(resumed) if resumed is not None else None,
         )
 

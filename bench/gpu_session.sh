@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One lent-GPU session: install carried wheels (.whl), then run the stages named as arguments,
+# each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, peers.
+#   bash bench/gpu_session.sh env gputests ops
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/pip.log" 2>&1 || { echo "wheel install failed"; tail "$OUT/pip.log"; }
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    env) python3 -c "import torch,triton,transformers;print(torch.__version__,triton.__version__,transformers.__version__,torch.cuda.get_device_name(0))"; nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv ;;
+    gputests) MINIFT_HYPOTHESIS_PROFILE=${PROFILE:-gpu} timeout ${GPUTEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -x -p no:cacheprovider tests ${GPUTEST_ARGS:-} 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
+    ops) timeout ${OPS_TIMEOUT:-300} python3 bench/ops.py ${OPS_ARGS:-} 2>"$OUT/ops.err" | tee "$OUT/ops.jsonl" | cut -c1-400 ;;
+    load) timeout 300 python3 bench/load.py --shape ${LOAD_SHAPE:-gemma-3-4b-vision} --quant none,4bit 2>"$OUT/load.err" | tee "$OUT/load.jsonl" ;;
+    train) timeout ${TRAIN_TIMEOUT:-400} python3 bench/train.py ${TRAIN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/train.err" | tee "$OUT/train.jsonl" | cut -c1-600 ;;
+    peers) timeout ${PEERS_TIMEOUT:-500} python3 .peer/peer_bench.py --out "$OUT" ${PEER_ARGS:---shapes llama-3.2-1b --impls hf,unsloth} 2>&1 | tail -12 ;;
+  esac
+done
