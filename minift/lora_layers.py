@@ -125,6 +125,18 @@ class LoraLinear(nn.Module):
         y = frozen_linear(x, self.base_layer)  # (a 4-bit W is not kept for backward)
         return (y if bias is None else y + bias.to(x.dtype)) + self.scaling * lora
 
+    def fused_parts(self, x: torch.Tensor) -> tuple[tuple, float] | None:
+        """((base, lora_A, lora_B), scaling) when this layer's forward is exactly a plain LoRA
+        linear without bias, dropout or DoRA, so a caller may fuse it (the MLP's ops.lora_mlp)."""
+        if self.disabled or self.merged or self.lora_magnitude_vector is not None or self.bias is not None:
+            return None
+        if self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0:
+            return None
+        base = self.base_weight()
+        if not isinstance(base, NF4Weight) and (base.dtype != x.dtype or base.requires_grad):
+            return None
+        return (base, self.lora_A.weight, self.lora_B.weight), self.scaling
+
     def _dora_forward(self, x: torch.Tensor, drop: bool) -> torch.Tensor:
         """PEFT's DoRA, in PEFT's arithmetic: with m = magnitude / ||W + s B A||_row (the norm
         detached), base(x) + (m - 1) * x' W^T + m * (x' A^T B^T) * s, x' the dropped-out input."""

@@ -25,6 +25,13 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
 
 
+def pytest_runtest_logreport(report):
+    """With MINIFT_EAGER_FAILURES=1 a failure's traceback is printed when it happens, so a run
+    killed at a time limit (the lent GPU's) still shows why earlier tests failed."""
+    if report.failed and os.environ.get("MINIFT_EAGER_FAILURES") == "1":
+        print(f"\n=== FAILED {report.nodeid}\n{report.longreprtext[-4000:]}\n", flush=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -21,7 +21,7 @@ def gemma3_path(tmp_path_factory):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
 def test_compiled_decoder_layer_matches_eager(gemma3_path, backend, device):
-    model, _ = minift.load(gemma3_path, device=device, full_finetuning=True)
+    model, _ = minift.load(gemma3_path, device=device, dtype=torch.float32, full_finetuning=True)
     model.train()
     layer = model.model.layers[1]
     b, s = 2, 9

@@ -115,7 +115,7 @@ def _ce_op(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float) ->
     n = x.shape[0]
     loss = torch.empty(n, dtype=torch.float32, device=x.device)
     stats = torch.empty(n, 2, dtype=torch.float32, device=x.device)
-    _k.ce_rows_forward(x, labels, loss, stats, ignore_index, softcap)
+    _k.ce_rows_forward(x, labels.contiguous(), loss, stats, ignore_index, softcap)
     return loss, stats
 
 
@@ -130,7 +130,7 @@ def _ce_bwd_op(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor,
     """Gradient w.r.t. logits, a new tensor in the logits' dtype (saved logits may be used elsewhere)."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _k.ce_rows_backward(x, labels, stats, grad_loss.float(), dx, ignore_index, softcap)
+    _k.ce_rows_backward(x, labels.contiguous(), stats.contiguous(), grad_loss.float(), dx, ignore_index, softcap)
     return dx
 
 
@@ -228,7 +228,7 @@ def _lce_op(
     come back as empty tensors. Only the chunk buffer and hidden/weight-sized grads are held.
     """
     n, v = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
+    dev, labels = hidden.device, labels.contiguous()
     rows = torch.empty(n, dtype=torch.float32, device=dev)
     stats = torch.empty(n, 2, dtype=torch.float32, device=dev)
     count = (labels != ignore_index).sum().clamp(min=1)
@@ -285,6 +285,7 @@ def _lce_rows_op(
     """Per-row (loss, stats) for reduction='none'; the backward recomputes logits chunk by chunk
     (per-row upstream grads cannot be folded into a grad_weight computed ahead of time)."""
     n, v = hidden.shape[0], weight.shape[0]
+    labels = labels.contiguous()
     rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
     stats = torch.empty(n, 2, dtype=torch.float32, device=hidden.device)
     buf = _chunk_buffer(min(chunk_size, n), v, hidden)
@@ -307,8 +308,7 @@ def _lce_rows_bwd_op(
     softcap: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor]:
     n, v = hidden.shape[0], weight.shape[0]
-    dev = hidden.device
-    g = grad_rows.float()
+    dev, labels, stats, g = hidden.device, labels.contiguous(), stats.contiguous(), grad_rows.float()
     gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
     gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
     buf = _chunk_buffer(min(chunk_size, n), v, hidden)
