@@ -1,8 +1,13 @@
 """Test setup: Triton's interpreter on CPU-only machines, hypothesis profiles, the gpu marker."""
 
 import os
+import tempfile
 
-import torch
+# A private inductor/Triton cache per test session: a cache entry compiled against an older
+# version of one of our custom ops' backward would otherwise be replayed (keys cover the forward only).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="minift-inductor-"))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     # Must be set before triton is imported anywhere, so the kernels run on CPU tensors.
