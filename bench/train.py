@@ -29,6 +29,8 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     import minift
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if "torchops" in variant:  # plain-PyTorch references everywhere (inductor fuses them when compiled)
+        minift.ops.set_backend("torch")
     torch.manual_seed(0)
     t_load = time.time()
     model, _ = minift.load(path, dtype=torch.bfloat16, device=dev, load_in_4bit=quant == "4bit", use_name_map=False)
@@ -82,7 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile")
+    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile and/or +torchops")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
