@@ -124,6 +124,13 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _rounded(value: float) -> dict[torch.dtype, float]:
+    """`value` rounded to each float dtype, as Python floats: multiplying by one equals multiplying
+    by a 0-d tensor of that dtype (what transformers does), without a host-to-device copy per call."""
+    dts = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    return {dt: torch.tensor(value, dtype=dt, device="cpu").item() for dt in dts}
+
+
 class TextModel(nn.Module):
     """Embeddings, decoder layers and the final norm (transformers' `model.*`)."""
 
@@ -131,6 +138,7 @@ class TextModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self._embed_scale = _rounded(cfg.hidden_size**0.5)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
         types = sorted(set(cfg.layer_types))
@@ -143,7 +151,7 @@ class TextModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         if self.cfg.embed_scale:  # Gemma: sqrt(hidden) rounded to the compute dtype, as transformers does
-            x = x * torch.tensor(self.cfg.hidden_size**0.5, dtype=x.dtype, device=x.device)
+            x = x * self._embed_scale[x.dtype]
         return x
 
     def forward(
