@@ -24,6 +24,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str) -> dict:
+    if "plainlora" in variant:  # LoRA as plain matmuls instead of the fused custom ops
+        os.environ["MINIFT_FUSE_LORA"] = "0"
     import torch
 
     import minift

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import torch
@@ -58,6 +59,11 @@ def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
     if is_4bit(base):
         return _NF4Matmul.apply(x, base)
     return F.linear(x, base.weight.to(x.dtype))
+
+
+# Route plain LoRA layers through the fused custom ops (ops.lora_linear / ops.lora_mlp). Off
+# ("0"), they run as plain matmuls that torch.compile can see into; bench/train.py compares both.
+FUSE_LORA = os.environ.get("MINIFT_FUSE_LORA", "1") == "1"
 
 
 class LoraLinear(nn.Module):
@@ -119,7 +125,7 @@ class LoraLinear(nn.Module):
             bias is None or not bias.requires_grad)
         if self.lora_magnitude_vector is not None:
             return self._dora_forward(x, drop)
-        if fusable and not drop:
+        if fusable and not drop and FUSE_LORA:
             return ops.lora_linear(x, base, a, b, self.scaling, bias)
         lora = F.linear(F.linear(self.lora_dropout(x), a.to(x.dtype)), b.to(x.dtype))
         y = frozen_linear(x, self.base_layer)  # (a 4-bit W is not kept for backward)
@@ -128,7 +134,7 @@ class LoraLinear(nn.Module):
     def fused_parts(self, x: torch.Tensor) -> tuple[tuple, float] | None:
         """((base, lora_A, lora_B), scaling) when this layer's forward is exactly a plain LoRA
         linear without bias, dropout or DoRA, so a caller may fuse it (the MLP's ops.lora_mlp)."""
-        if self.disabled or self.merged or self.lora_magnitude_vector is not None or self.bias is not None:
+        if not FUSE_LORA or self.disabled or self.merged or self.lora_magnitude_vector is not None or self.bias is not None:
             return None
         if self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0:
             return None
