@@ -24,8 +24,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str) -> dict:
-    if "plainlora" in variant:  # LoRA as plain matmuls instead of the fused custom ops
-        os.environ["MINIFT_FUSE_LORA"] = "0"
+    os.environ["MINIFT_FUSE_LORA"] = "1" if "fusedlora" in variant else "0"  # fused LoRA custom ops or plain matmuls
     import torch
 
     import minift
@@ -86,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile and/or +torchops")
+    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile, +torchops, +fusedlora")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
