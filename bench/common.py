@@ -86,21 +86,47 @@ def write_random_checkpoint(shape: str, path: str | Path, shard_bytes: int = 2 <
         weight_map.update({k: name for k in shard})
     (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     cfg.save_pretrained(path)
-    _word_tokenizer(cfg.get_text_config().vocab_size).save_pretrained(path)
+    tok = _word_tokenizer(cfg.get_text_config().vocab_size, vision=shape in VISION)
+    tok.save_pretrained(path)
+    if shape in VISION:
+        _processor(cfg, tok).save_pretrained(path)
     return path
 
 
-def _word_tokenizer(vocab_size: int):
+def _processor(cfg, tok):
+    """A Gemma3Processor over the word-level tokenizer (torchvision or PIL image processor)."""
+    from transformers import Gemma3Processor
+
+    size = cfg.vision_config.image_size
+    try:
+        from transformers import Gemma3ImageProcessor as IP
+
+        ip = IP(size={"height": size, "width": size}, do_pan_and_scan=False)
+    except ImportError:
+        from transformers import Gemma3ImageProcessorPil as IP
+
+        ip = IP(size={"height": size, "width": size}, do_pan_and_scan=False)
+    return Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=cfg.mm_tokens_per_image)
+
+
+def _word_tokenizer(vocab_size: int, vision: bool = False):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     vocab = {t: i for i, t in enumerate(specials)}
     vocab.update({f"t{i}": i for i in range(len(specials), vocab_size)})
+    extra = {}
+    if vision:  # ids match hf_config's boi / eoi / image token indices
+        names = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        for off, (k, t) in zip((4, 3, 2), names.items()):
+            vocab.pop(f"t{vocab_size - off}", None)
+            vocab[t] = vocab_size - off
+            extra[k] = t
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+                                   unk_token="<unk>", extra_special_tokens=extra)
 
 
 def environment() -> dict:

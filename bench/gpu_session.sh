@@ -18,7 +18,7 @@ for stage in "$@"; do
     env) python3 -c "import torch,triton,transformers;print(torch.__version__,triton.__version__,transformers.__version__,torch.cuda.get_device_name(0))"; nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv ;;
     gputests) MINIFT_EAGER_FAILURES=1 MINIFT_HYPOTHESIS_PROFILE=${PROFILE:-gpu} timeout ${GPUTEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider tests ${GPUTEST_ARGS:-} 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     ops) timeout ${OPS_TIMEOUT:-300} python3 bench/ops.py ${OPS_ARGS:-} 2>"$OUT/ops.err" | tee "$OUT/ops.jsonl" | cut -c1-400 ;;
-    load) timeout 300 python3 bench/load.py --shape ${LOAD_SHAPE:-gemma-3-4b-vision} --quant none,4bit 2>"$OUT/load.err" | tee "$OUT/load.jsonl" ;;
+    load) for sh in ${LOAD_SHAPES:-gemma-3-4b-vision}; do timeout 300 python3 bench/load.py --shape $sh --quant none,4bit 2>>"$OUT/load.err" | tee -a "$OUT/load.jsonl" | cut -c1-300; done ;;
     train) timeout ${TRAIN_TIMEOUT:-400} python3 bench/train.py ${TRAIN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/train.err" | tee "$OUT/train.jsonl" | cut -c1-600 ;;
     peers) timeout ${PEERS_TIMEOUT:-500} python3 .peer/peer_bench.py --out "$OUT" ${PEER_ARGS:---shapes llama-3.2-1b --impls hf,unsloth} 2>&1 | tail -12 ;;
   esac
