@@ -187,6 +187,19 @@ class Trainer:
             off = ActivationOffloader(self.model.config.hidden_size).install(decoder)
         return old, off
 
+    def _maybe_compile(self) -> None:
+        """Compiles each decoder layer once (dynamic shapes, so dynamic padding does not recompile
+        per length). Idempotent: a layer already compiled is left as it is."""
+        want = self.cfg.compile
+        if want is None:
+            want = next(self.model.parameters()).is_cuda
+        lm = getattr(self.model, "language_model", None)
+        if not want or lm is None:
+            return
+        for layer in lm.layers:
+            if getattr(layer, "_compiled_call_impl", None) is None:
+                layer.compile()
+
     # -- the loop ------------------------------------------------------------------------
     def train(self) -> TrainSummary:
         """Runs to max_steps (or epochs), logging, evaluating and checkpointing on the way."""
@@ -194,6 +207,7 @@ class Trainer:
         resumed = self._maybe_resume()
         if resumed is None:
             self._seed()
+        self._maybe_compile()
         self.metrics = Metrics(self.output_dir / "metrics.jsonl", self.step if resumed is not None else 0)
         from tqdm.auto import tqdm
 
