@@ -144,3 +144,11 @@ def test_default_dtype_and_device(tmp_path):
     with torch.no_grad():
         out = m16(torch.randint(3, 200, (1, 5)))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+
+
+def test_pixel_values_refused_by_text_model(tmp_path):
+    from minift.errors import InputError
+
+    model, _ = minift.load(write_tiny_checkpoint(tmp_path, "gemma3_text"))
+    with pytest.raises(InputError, match="pixel_values given to a text-only gemma3_text model"):
+        model(torch.randint(3, 200, (1, 5)), pixel_values=torch.zeros(1, 3, 32, 32))

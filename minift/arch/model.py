@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..errors import InputError
 from .attention import Mask, attention, make_mask, packed_segments
 from .config import FULL, SLIDING, ModelConfig
 from .rope import RotaryEmbedding
@@ -266,9 +267,17 @@ class CausalLM(nn.Module):
         *,
         return_logits: bool | None = None,
         loss_normalizer: torch.Tensor | float | None = None,
+        pixel_values: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
     ) -> CausalLMOutput:
         """return_logits: default True, except when training with labels, where the loss is
-        fused with the LM head (`ops.linear_cross_entropy`) and no logits are materialised."""
+        fused with the LM head (`ops.linear_cross_entropy`) and no logits are materialised.
+        pixel_values are refused: this is a text-only model (token_type_ids are ignored)."""
+        if pixel_values is not None:
+            raise InputError(
+                f"pixel_values given to a text-only {self.config.model_type} model; load a vision checkpoint "
+                "(model_type 'gemma3') without text_only=True to use images"
+            )
         hidden = self.model(input_ids, attention_mask, position_ids)
         return self.head(hidden, labels, return_logits=return_logits, loss_normalizer=loss_normalizer)
 
