@@ -24,7 +24,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str) -> dict:
-    os.environ["MINIFT_FUSE_LORA"] = "1" if "fusedlora" in variant else "0"  # fused LoRA custom ops or plain matmuls
+    os.environ["MINIFT_FUSE_LORA"] = "1" if "fusedlora" in variant else "0"
+    os.environ["MINIFT_COMPILED_ELEMENTWISE"] = "kernel" if "kernelew" in variant else "reference"  # fused LoRA custom ops or plain matmuls
     import torch
 
     import minift
@@ -85,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile, +torchops, +fusedlora")
+    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile, +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

@@ -58,10 +58,19 @@ def triton_runnable(t: torch.Tensor) -> bool:
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """Dispatch decision for an op whose main input is `t`."""
+# Under torch.compile in "auto" mode, elementwise and norm ops (rms_norm, layer_norm, rope,
+# swiglu, geglu) trace as their references, so inductor fuses them with the neighbouring adds and
+# casts, which an opaque custom op prevents. MINIFT_COMPILED_ELEMENTWISE=kernel keeps the kernels.
+_COMPILED_ELEMENTWISE = os.environ.get("MINIFT_COMPILED_ELEMENTWISE", "reference")
+
+
+def use_triton(t: torch.Tensor, elementwise: bool = False) -> bool:
+    """Dispatch decision for an op whose main input is `t` (`elementwise`: a norm / RoPE /
+    activation op that inductor can fuse when compiling)."""
     if _backend == "torch":
         return False
     if _backend == "triton":
         return triton_runnable(t)
+    if elementwise and _COMPILED_ELEMENTWISE == "reference" and torch.compiler.is_compiling():
+        return False
     return HAS_TRITON and t.is_cuda

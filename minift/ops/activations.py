@@ -183,7 +183,7 @@ def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
 
 
 def _kernel_ok(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return use_triton(gate) and gate.dtype in _KERNEL_DTYPES and up.dtype in _KERNEL_DTYPES
+    return use_triton(gate, elementwise=True) and gate.dtype in _KERNEL_DTYPES and up.dtype in _KERNEL_DTYPES
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -302,7 +302,7 @@ def _check(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 
 def _kernel_ok(x: torch.Tensor) -> bool:
-    return use_triton(x) and x.dtype in _KERNEL_DTYPES and x.shape[-1] <= _MAX_BLOCK_N
+    return use_triton(x, elementwise=True) and x.dtype in _KERNEL_DTYPES and x.shape[-1] <= _MAX_BLOCK_N
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:

@@ -158,6 +158,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     cos/sin get no gradient (they are functions of position ids). float64 uses the reference.
     """
     _check(q, k, cos, sin)
-    if use_triton(q) and q.dtype in _KERNEL_DTYPES and k.dtype in _KERNEL_DTYPES:
+    if use_triton(q, elementwise=True) and q.dtype in _KERNEL_DTYPES and k.dtype in _KERNEL_DTYPES:
         return torch.ops.minift.rope(q, k, cos, sin)
     return ref.rope(q, k, cos, sin)
