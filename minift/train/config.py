@@ -66,7 +66,7 @@ class TrainConfig:
     layer's input in pinned CPU memory until the backward needs it)."""
     compile: bool | None = None
     """torch.compile each decoder layer (inductor fuses the elementwise work around our kernels;
-    on an H100 this took LoRA training of Llama-3.2-1B from 30k to 43-52k tokens/s, see
+    on an H100 this took LoRA training of Llama-3.2-1B from 25-30k to 54k tokens/s, see
     bench/RESULTS.md). None: on when the model is on CUDA, off on CPU (compiling costs more than
     it saves on small CPU runs)."""
     seed: int = 3407
