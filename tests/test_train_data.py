@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_utils import chat_rows, load_full, one_thread, text_rows, tiny_llama
+from train_utils import chat_rows, llama, load_full, one_thread, single_thread, text_rows, tiny_llama  # noqa: F401 (fixtures)
 
 from minift._tiny import tiny_tokenizer
 from minift.errors import DataError, TrainConfigError
@@ -16,15 +16,6 @@ from minift.train.tokenize import IGNORE, make_encoder
 END = {"llama3": "<|eot_id|>", "gemma": "<end_of_turn>\n", "chatml": "<|im_end|>\n"}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("llama") / "m")
 
 
 def label_runs(tok, ex) -> list[str]:

@@ -8,21 +8,12 @@ import math
 
 import pytest
 import torch
-from train_utils import chat_rows, load_full, one_thread, rel, text_rows, tiny_llama, trainable_state
+from train_utils import chat_rows, llama, load_full, one_thread, rel, single_thread, text_rows, tiny_llama, trainable_state  # noqa: F401 (fixtures)
 
 from minift.train import NonFiniteLossError, TrainConfig, Trainer
 from minift.train.optim import make_scheduler
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("llama") / "m")
 
 
 def run(path, rows, tmp, **kw):

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import transformers
-from train_utils import one_thread, text_rows, tiny_llama
+from train_utils import one_thread, single_thread, text_rows, tiny_llama  # noqa: F401 (fixtures)
 
 import minift
 from minift.train import TrainConfig, Trainer
@@ -16,11 +16,6 @@ from minift.train import TrainConfig, Trainer
 STEPS, BATCH, ACCUM, SEED, LR = 30, 2, 2, 7, 3e-3
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
 
 
 def peft_name(name: str) -> str:

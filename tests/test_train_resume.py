@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_utils import build_model, one_thread, text_rows, tiny_llama
+from train_utils import build_model, llama, one_thread, single_thread, text_rows, tiny_llama  # noqa: F401 (fixtures)
 
 from minift.train import TrainConfig, Trainer
 
@@ -20,15 +20,6 @@ HERE = Path(__file__).parent
 STEPS = 8
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    return tiny_llama(tmp_path_factory.mktemp("llama") / "m")
 
 
 def config(out: Path, **kw) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_utils import one_thread
+from train_utils import one_thread, single_thread  # noqa: F401 (fixtures)
 
 import minift
 from minift._tiny_vision import write_tiny_gemma3_vision
@@ -15,11 +15,6 @@ Image = pytest.importorskip("PIL.Image")
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    with one_thread():
-        yield
 
 
 def rows(n: int) -> list[dict]:

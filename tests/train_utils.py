@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pytest
 import torch
 
 import minift
@@ -22,6 +23,19 @@ def one_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Autouse in every training test module that imports it."""
+    with one_thread():
+        yield
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny Llama checkpoint shared by one test module."""
+    return tiny_llama(tmp_path_factory.mktemp("llama") / "m")
 
 
 def text_rows(n: int, seed: int = 0, min_words: int = 2, max_words: int = 12) -> list[dict]:
