@@ -19,7 +19,8 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], derandomize=False)
-settings.register_profile("ci", max_examples=12, **_common)
+# CI draws the same examples every run (a red CI must be reproducible); dev/gpu explore anew.
+settings.register_profile("ci", max_examples=12, **{**_common, "derandomize": True})
 settings.register_profile("gpu", max_examples=200, **_common)
 settings.register_profile("dev", max_examples=40, **_common)
 settings.load_profile(os.environ.get("MINIFT_HYPOTHESIS_PROFILE", "gpu" if torch.cuda.is_available() else "ci"))

@@ -234,6 +234,7 @@ def test_linear_cross_entropy_matches_float64(device, n, v, h, scale, chunk, nee
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     seed=st.integers(0, 2**31 - 1),
 )
+@example(n=10, chunk=1, reduction="sum", dtype=torch.bfloat16, seed=607)  # one element of grad_weight cancels
 def test_linear_cross_entropy_chunks_equal_one_chunk(device, n, chunk, reduction, dtype, seed):
     """Several chunks (last one partial) give what one chunk gives, up to summation order."""
     gen = torch.Generator().manual_seed(seed)
@@ -246,9 +247,11 @@ def test_linear_cross_entropy_chunks_equal_one_chunk(device, n, chunk, reduction
         with forced_triton(device):
             out = ops.linear_cross_entropy(hk, wk, labels, softcap=10.0, reduction=reduction, chunk_size=cs)
             results.append((out, *torch.autograd.grad(out.sum(), [hk, wk])))
-    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for a, b in zip(*results):
-        torch.testing.assert_close(a, b, **tol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:  # bf16 partial sums in another order: judge the whole tensor, a cancelling element may move an ulp
+            assert ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() <= 1e-2
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
