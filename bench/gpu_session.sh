@@ -16,7 +16,7 @@ for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case $stage in
     env) python3 -c "import torch,triton,transformers;print(torch.__version__,triton.__version__,transformers.__version__,torch.cuda.get_device_name(0))"; nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv ;;
-    gputests) MINIFT_EAGER_FAILURES=1 MINIFT_HYPOTHESIS_PROFILE=${PROFILE:-gpu} timeout ${GPUTEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider tests ${GPUTEST_ARGS:-} 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
+    gputests) MINIFT_EAGER_FAILURES=1 MINIFT_HYPOTHESIS_PROFILE=${PROFILE:-gpu} timeout ${GPUTEST_TIMEOUT:-420} python3 -m pytest -q -m gpu -p no:cacheprovider ${GPUTEST_PATHS:-tests} ${GPUTEST_ARGS:-} 2>&1 | tee "$OUT/gputests.log" | tail -25 ;;
     ops) timeout ${OPS_TIMEOUT:-300} python3 bench/ops.py ${OPS_ARGS:-} 2>"$OUT/ops.err" | tee "$OUT/ops.jsonl" | cut -c1-400 ;;
     load) for sh in ${LOAD_SHAPES:-gemma-3-4b-vision}; do timeout 300 python3 bench/load.py --shape $sh --quant none,4bit 2>>"$OUT/load.err" | tee -a "$OUT/load.jsonl" | cut -c1-300; done ;;
     train) timeout ${TRAIN_TIMEOUT:-400} python3 bench/train.py ${TRAIN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/train.err" | tee "$OUT/train.jsonl" | cut -c1-600 ;;

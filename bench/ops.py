@@ -3,6 +3,13 @@ of the reference, and Liger Kernel where it has the op. Forward and forward+back
 triton.testing.do_bench), extra peak memory, and for memory-bound ops the achieved fraction of the
 device-to-device copy bandwidth measured in the same run. Prints one JSON object per line.
 
+Two times per cell: `ms` is the eager call as a user's loop sees it (Python dispatch and kernel
+launches included, which dominate ops that move < 100 MB), `graph_ms` replays the same call from a
+CUDA graph, so it is the GPU time alone; `bw` (fraction of copy bandwidth) is taken from graph_ms.
+Peak memory: gradients are reset to None first; `peak_gib` is the extra memory over what was
+allocated before the call, `grads_gib` the part of it that is the returned gradients themselves,
+`extra_gib` the rest (workspace).
+
   python bench/ops.py [--ops rms_norm,linear_cross_entropy] [--quick]
 """
 
@@ -11,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import weakref
 from pathlib import Path
 from typing import Callable
 
@@ -32,8 +40,11 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() / (ms * 1e-3)
 
 
-def measure(fn: Callable[[], object], backward: bool) -> tuple[float, float]:
-    """(median ms, extra peak GiB over what was allocated before) for fn (+ its backward)."""
+_LEAVES: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()
+
+
+def measure(fn: Callable[[], object], backward: bool, graph: bool = True) -> dict:
+    """ms / graph_ms (median) and peak / grads GiB for fn (+ its backward)."""
     import triton.testing
 
     def step():
@@ -43,18 +54,40 @@ def measure(fn: Callable[[], object], backward: bool) -> tuple[float, float]:
             t.backward(torch.ones_like(t) if t.dim() else None)
 
     step()
+    for t in _LEAVES:
+        t.grad = None
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     step()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median", grad_to_none=None)
-    return ms, peak
+    grads = sum(t.grad.nbytes for t in _LEAVES if t.grad is not None) / 2**30
+    cell = dict(ms=round(triton.testing.do_bench(step, warmup=25, rep=200, return_mode="median"), 4),
+                peak_gib=round(peak, 3))
+    if backward:
+        cell.update(grads_gib=round(grads, 3), extra_gib=round(peak - grads, 3))
+    if not graph or cell["ms"] > 2.0:  # launch overhead is noise there, and graph pools cost memory
+        return cell
+    try:  # GPU time alone: the same call replayed from a CUDA graph
+        cell["graph_ms"] = round(triton.testing.do_bench_cudagraph(step, rep=100, return_mode="median"), 4)
+    except Exception as e:  # an op that cannot be captured still has its eager time
+        cell["graph_ms"] = f"{type(e).__name__}: {str(e)[:120]}"
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return cell
+
+
+_GEN: torch.Generator | None = None  # its own generator: a failed graph capture leaves the default one unusable
 
 
 def leaf(*shape, scale=1.0, grad=True):
-    return (torch.randn(*shape, device="cuda", dtype=DT) * scale).requires_grad_(grad)
+    global _GEN
+    _GEN = _GEN or torch.Generator("cuda").manual_seed(0)
+    t = (torch.randn(*shape, device="cuda", dtype=DT, generator=_GEN) * scale).requires_grad_(grad)
+    if grad:
+        _LEAVES.add(t)
+    return t
 
 
 def cases(quick: bool):
@@ -110,7 +143,7 @@ def cases(quick: bool):
         yield "geglu", dict(N=N, I=I), impls, byt
     for V in ([128256] if quick else [128256, 262208]):
         logits = leaf(N, V, scale=2.0)
-        labels = torch.randint(0, V, (N,), device="cuda")
+        labels = torch.randint(0, V, (N,), device="cuda", generator=_GEN)
         labels[::7] = -100
         byt = {False: N * V * 2, True: 3 * N * V * 2}
         impls = {"minift": lambda: mo.cross_entropy(logits, labels),
@@ -129,7 +162,11 @@ def cases(quick: bool):
                      "compiled_chunked": torch.compile(lambda: chunked(hid, W, labels))}
             if lk:
                 impls["liger"] = lambda: lk.liger_fused_linear_cross_entropy(hid, W, labels)
-            yield "linear_cross_entropy", dict(N=N, V=V, H=H), impls, None
+            yield "linear_cross_entropy", dict(N=N, V=V, H=H, head="trainable"), impls, None
+            W.requires_grad_(False)  # LoRA's case: a frozen lm_head, no grad_weight
+            impls = {k: v for k, v in impls.items() if k != "compiled_chunked"}
+            impls["compiled_chunked"] = torch.compile(lambda: chunked(hid, W, labels))
+            yield "linear_cross_entropy", dict(N=N, V=V, H=H, head="frozen"), impls, None
             del hid, W
     yield from lora_cases(quick)
 
@@ -141,15 +178,16 @@ def lora_cases(quick: bool):
     import minift.ops.reference as ref
 
     for H, I in ([(2048, 8192)] if quick else [(2048, 8192), (2560, 10240), (4096, 14336)]):
-        w = torch.randn(I, H, device="cuda", dtype=DT) * 0.02
+        w = leaf(I, H, scale=0.02, grad=False)
         data, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
         nf4 = mo.NF4Weight.from_bnb(data, qs)
         impls = {"minift": lambda: mo.dequantize_nf4(nf4), "eager": lambda: ref.dequantize_nf4(nf4),
                  "bitsandbytes": lambda: bnbf.dequantize_4bit(data, qs)}
         yield "dequantize_nf4", dict(H=H, I=I), impls, {False: I * H * 2.5, True: None}
         x = leaf(N, H)
-        A = (torch.randn(16, H, device="cuda") * 0.01).requires_grad_(True)
-        Bm = (torch.randn(I, 16, device="cuda") * 0.01).requires_grad_(True)
+        A = (torch.randn(16, H, device="cuda", generator=_GEN) * 0.01).requires_grad_(True)
+        Bm = (torch.randn(I, 16, device="cuda", generator=_GEN) * 0.01).requires_grad_(True)
+        _LEAVES.update((A, Bm))
         for base_name, base in (("bf16", w), ("nf4", nf4)):
             impls = {"minift": lambda base=base: mo.lora_linear(x, base, A, Bm, 2.0),
                      "eager": lambda base=base: ref.lora_linear(x, base, A, Bm, 2.0)}
@@ -177,18 +215,22 @@ def main() -> None:
             row = dict(kind="op", op=op, **shape, pass_="fwd+bwd" if backward else "fwd")
             for impl, fn in impls.items():
                 try:
-                    ms, peak = measure(fn, backward)
+                    # Liger's losses sync with the host: a failed capture would poison the CUDA RNG state.
+                    cell = measure(fn, backward, graph=not (impl == "liger" and "cross_entropy" in op))
                 except Exception as e:  # an impl lacking a case must not hide the others
                     row[impl] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
                     continue
-                cell = dict(ms=round(ms, 4), peak_gib=round(peak, 3))
+                t = cell["graph_ms"] if isinstance(cell.get("graph_ms"), float) else cell["ms"]
                 if byt and byt.get(backward):
-                    cell["bw_frac"] = round(byt[backward] / (ms * 1e-3) / bw, 3)
+                    cell["bw_frac"] = round(byt[backward] / (t * 1e-3) / bw, 3)
                 row[impl] = cell
             if "minift" in row and "ms" in row["minift"]:
                 for impl in impls:
                     if impl != "minift" and "ms" in row.get(impl, {}):
                         row[f"speedup_vs_{impl}"] = round(row[impl]["ms"] / row["minift"]["ms"], 3)
+                        gm, gi = row["minift"].get("graph_ms"), row[impl].get("graph_ms")
+                        if isinstance(gm, float) and isinstance(gi, float):
+                            row[f"graph_speedup_vs_{impl}"] = round(gi / gm, 3)
             print(json.dumps(row), flush=True)
             torch.cuda.empty_cache()
 

@@ -86,7 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt", help="ckpt, offload, nockpt, each optionally +compile, +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers)")
+    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt, each optionally +compile (the Trainer default on CUDA), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

@@ -396,3 +396,21 @@ def test_cuda_huge_vocab_int64_offsets():
     torch.testing.assert_close(rows[-4:], ref_rows, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(dx[-4:].float(), ref_dx, rtol=2e-2, atol=1e-3)
     assert (dx[:-4] == 0).all()
+
+
+@pytest.mark.gpu
+def test_cuda_trainable_head_extra_memory_under_1gib():
+    """8192 tokens x Gemma's 262,208 vocabulary, hidden 2560, trainable lm_head: beyond the inputs
+    and the two gradients it returns, forward + backward allocate < 1 GiB (no logits, no fp32 (V, H))."""
+    n, v, h = 8192, 262208, 2560
+    hid = torch.randn(n, h, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(v, h, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    y = torch.randint(0, v, (n,), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ops.linear_cross_entropy(hid, w, y, softcap=30.0).backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - hid.grad.nbytes - w.grad.nbytes
+    assert extra < 2**30, f"extra peak {extra / 2**30:.2f} GiB"
+    assert torch.isfinite(w.grad).all() and torch.isfinite(hid.grad).all()

@@ -172,6 +172,17 @@ def test_norms_compile_fullgraph(device: str) -> None:
         torch.testing.assert_close(c, e)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_layer_norm_of_one_element_has_zero_input_grad(device: str) -> None:
+    """Over a single element y = bias, so dx is exactly 0 (an H100 run once left the product's
+    FMA rounding error there, amplified by 1/sqrt(eps))."""
+    x = torch.randn(37, 1, device=device, requires_grad=True)
+    w, b = torch.randn(1, device=device), torch.randn(1, device=device)
+    with ops.backend("triton"):
+        (dx,) = torch.autograd.grad(ops.layer_norm(x, w, b, 1e-6), x, torch.randn(37, 1, device=device))
+    assert (dx == 0).all()
+
+
 def test_norms_reject_bad_inputs() -> None:
     x = torch.randn(2, 8)
     with pytest.raises(InputError, match="weight"):

@@ -120,15 +120,19 @@ def _ce_fwd_kernel(x_ptr, x_stride, labels_ptr, loss_ptr, stats_ptr, g_ptr, g_st
 
 @triton.jit
 def _ce_bwd_kernel(x_ptr, x_stride, labels_ptr, stats_ptr, g_ptr, g_stride, dx_ptr, dx_stride,
-                   V, ignore_index, softcap,
+                   V, col0, V_total, ignore_index, softcap,
                    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Gradient of per-row losses, each scaled by its upstream grad g[row * g_stride] (stride may be 0)."""
+    """Gradient of per-row losses, each scaled by its upstream grad g[row * g_stride] (stride may be 0).
+
+    x may be a slab of the vocabulary: columns [col0, col0 + V) of V_total, with the full row's stats.
+    """
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row)
     m = tl.load(stats_ptr + 2 * row)
     logd = tl.load(stats_ptr + 2 * row + 1)
     g = tl.load(g_ptr + row * g_stride).to(tl.float32)
-    target = tl.where((label >= 0) & (label < V), label, -1).to(tl.int32)
+    # Slab-local target column; a label in another slab (or out of range) lands outside [0, V).
+    target = tl.where((label >= 0) & (label < V_total), label - col0, -1).to(tl.int32)
     _grad_row(x_ptr + row * x_stride, dx_ptr + row * dx_stride, target, m, logd, g, label != ignore_index,
               V, softcap, HAS_SOFTCAP, BLOCK_V)
 
@@ -170,8 +174,12 @@ def ce_rows_forward(x: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, s
 
 
 def ce_rows_backward(x: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor, g: torch.Tensor,
-                     dx: torch.Tensor, ignore_index: int, softcap: float) -> None:
-    """dx (n, V) = gradient of sum_i g_i * loss_i w.r.t. logits x; dx may be x itself."""
+                     dx: torch.Tensor, ignore_index: int, softcap: float,
+                     col0: int = 0, v_total: int | None = None) -> None:
+    """dx (n, V) = gradient of sum_i g_i * loss_i w.r.t. logits x; dx may be x itself.
+
+    x may hold only vocabulary columns [col0, col0 + V) of v_total (stats are the full rows').
+    """
     n, v = x.shape
     if n == 0:
         return
@@ -179,6 +187,6 @@ def ce_rows_backward(x: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
     with _device_guard(x):
         _ce_bwd_kernel[(n,)](
             x, x.stride(0), labels, stats, g, _row_stride(g), dx, dx.stride(0),
-            v, ignore_index, softcap if softcap > 0 else 1.0,
+            v, col0, v if v_total is None else v_total, ignore_index, softcap if softcap > 0 else 1.0,
             HAS_SOFTCAP=softcap > 0, BLOCK_V=block, num_warps=warps,
         )

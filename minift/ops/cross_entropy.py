@@ -38,8 +38,8 @@ if _backend.HAS_TRITON:
 
 REDUCTIONS = ("mean", "sum", "none")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-# Budget for one token chunk of logits in linear_cross_entropy, in the model dtype. Larger chunks
-# mean fewer passes over the (V, H) fp32 grad_weight accumulator (each chunk reads and writes it).
+# Budget for one token chunk of logits in linear_cross_entropy, in the model dtype (the grad_weight
+# pass uses vocabulary slabs of the same size). 256 MiB keeps each GEMM large enough to run at speed.
 CHUNK_BYTES = 256 << 20
 
 
@@ -192,40 +192,60 @@ def _chunk_buffer(rows: int, v: int, like: Tensor) -> Tensor:
     return torch.empty((rows, -(-v // 16) * 16), dtype=like.dtype, device=like.device)[:, :v]
 
 
-_FP32_ADDMM_OK: bool | None = None  # whether cuBLAS addmm with out_dtype=fp32 works here (torch >= 2.8 CUDA)
-
-
-def _accumulate_grad_weight(gw32: Tensor, dlogits: Tensor, h: Tensor) -> None:
-    """gw32 (V, H) fp32 += dlogits.T @ h, accumulating in fp32 without a (V, H) temporary when possible."""
-    global _FP32_ADDMM_OK
-    if dlogits.dtype == torch.float32:
-        gw32.addmm_(dlogits.t(), h)
-        return
-    if dlogits.is_cuda and _FP32_ADDMM_OK is not False:
-        try:
-            torch.addmm(gw32, dlogits.t(), h, out_dtype=torch.float32, out=gw32)
-            _FP32_ADDMM_OK = True
-            return
-        except (RuntimeError, TypeError):
-            _FP32_ADDMM_OK = False
-    gw32.add_(torch.mm(dlogits.t(), h))
-
-
 def _chunks(n: int, chunk: int):
     for s in range(0, n, chunk):
         yield s, min(s + chunk, n)
+
+
+def vocab_slab(n: int, v: int, chunk_size: int) -> int:
+    """Vocabulary columns per slab of the grad_weight pass: the same element budget as one token
+    chunk of logits (chunk_size x V), so both passes hold buffers of one size; GEMM-friendly widths."""
+    cols = max(1, chunk_size * v // max(n, 1))
+    if cols >= 128:
+        cols = cols // 128 * 128
+    return min(cols, v)
+
+
+@torch.library.custom_op("minift::linear_cross_entropy_grad_weight", mutates_args=())
+def _lce_gw_op(hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, g: Tensor, ignore_index: int,
+               softcap: float, slab: int) -> Tensor:
+    """d(sum_i g_i loss_i)/d weight, (V, H) in weight's dtype, one vocabulary slab at a time.
+
+    Per slab: logits = hidden @ W[slab].T for all tokens (cuBLAS), the CE kernel turns them into
+    dlogits in place from the full rows' saved stats, and grad_weight[slab] = dlogits.T @ hidden is
+    one GEMM over every token, written once in the weight's dtype: rounded once, as torch's own
+    backward rounds it, and no fp32 (V, H) accumulator (1-4 GiB at Gemma's 262,208 vocabulary).
+    """
+    n, v = hidden.shape[0], weight.shape[0]
+    gw = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+    if n == 0:
+        return gw.zero_()
+    labels, stats, g = labels.contiguous(), stats.contiguous(), g.float()
+    buf = _chunk_buffer(n, min(slab, v), hidden)
+    for a, b in _chunks(v, slab):
+        x = buf[:, : b - a]
+        torch.mm(hidden, weight[a:b].t(), out=x)
+        _k.ce_rows_backward(x, labels, stats, g, x, ignore_index, softcap, col0=a, v_total=v)
+        torch.mm(x.t(), hidden, out=gw[a:b])
+    return gw
+
+
+@_lce_gw_op.register_fake
+def _(hidden, weight, labels, stats, g, ignore_index, softcap, slab):
+    return weight.new_empty(weight.shape)
 
 
 @torch.library.custom_op("minift::linear_cross_entropy", mutates_args=())
 def _lce_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, softcap: float, mean: bool,
     chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, d loss/d hidden, d loss/d weight) for 'mean'/'sum', gradients computed during the forward.
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, d loss/d hidden, row stats, 1/count or 1) for 'mean'/'sum'.
 
-    Per token chunk: logits = h @ W.T (cuBLAS), the CE kernel turns them into dlogits in place,
-    then grad_hidden[chunk] = dlogits @ W and grad_weight += dlogits.T @ h (fp32). Unneeded grads
-    come back as empty tensors. Only the chunk buffer and hidden/weight-sized grads are held.
+    Per token chunk: logits = h @ W.T (cuBLAS), the CE kernel computes the rows' losses and stats
+    and (when hidden needs a grad) turns the logits into dlogits in place, and grad_hidden[chunk] =
+    dlogits @ W, one GEMM over the whole vocabulary. So a frozen lm_head (LoRA) costs two GEMMs and
+    one chunk buffer. grad_weight (need_grad_weight) comes in the backward from `_lce_gw_op`.
     """
     n, v = hidden.shape[0], weight.shape[0]
     dev, labels = hidden.device, labels.contiguous()
@@ -234,44 +254,47 @@ def _lce_op(
     count = (labels != ignore_index).sum().clamp(min=1)
     scale = count.float().reciprocal() if mean else torch.ones((), dtype=torch.float32, device=dev)
     gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
-    gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
-    write = need_grad_hidden or need_grad_weight
     buf = _chunk_buffer(min(chunk_size, n), v, hidden)
     for s, e in _chunks(n, chunk_size):
         x = buf[: e - s]
         torch.mm(hidden[s:e], weight.t(), out=x)
         _k.ce_rows_forward(x, labels[s:e], rows[s:e], stats[s:e], ignore_index, softcap,
-                           g=scale if write else None, dx=x if write else None)
+                           g=scale if need_grad_hidden else None, dx=x if need_grad_hidden else None)
         if need_grad_hidden:
             torch.mm(x, weight, out=gh[s:e])
-        if need_grad_weight:
-            _accumulate_grad_weight(gw32, x, hidden[s:e])
     loss = rows.sum() / count if mean else rows.sum()
-    gw = gw32.to(weight.dtype) if gw32 is not None else weight.new_empty(0)
-    return loss, gh, gw
+    return loss, gh, stats, scale
 
 
 @_lce_op.register_fake
 def _(hidden, weight, labels, ignore_index, softcap, mean, chunk_size, need_grad_hidden, need_grad_weight):
     gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
-    return hidden.new_empty((), dtype=torch.float32), gh, gw
+    f32 = dict(dtype=torch.float32)
+    return hidden.new_empty((), **f32), gh, hidden.new_empty((hidden.shape[0], 2), **f32), hidden.new_empty((), **f32)
 
 
 def _lce_setup(ctx, inputs, output):
-    ctx.need = (inputs[7], inputs[8])
-    ctx.save_for_backward(output[1], output[2])
-    ctx.mark_non_differentiable(output[1], output[2])
+    hidden, weight, labels, ctx.ignore_index, ctx.softcap, _, chunk, need_h, need_w = inputs
+    ctx.need = (need_h, need_w)
+    ctx.slab = vocab_slab(hidden.shape[0], weight.shape[0], chunk)
+    if need_w:
+        ctx.save_for_backward(output[1], output[3], hidden, weight, labels, output[2])
+    else:
+        ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
 
 
-def _lce_backward(ctx, grad_loss, _gh, _gw):
-    gh, gw = ctx.saved_tensors
+def _lce_backward(ctx, grad_loss, _gh, _stats, _scale):
+    saved = ctx.saved_tensors
     none = (None,) * 7
     if grad_loss is None:
         return (None, None) + none
-    # grad_loss is a 0-d fp32 tensor: the products stay in the grads' dtype, computed in fp32.
-    dh = gh * grad_loss if ctx.need[0] else None
-    dw = gw * grad_loss if ctx.need[1] else None
+    # grad_loss is a 0-d fp32 tensor: the product stays in the grad's dtype, computed in fp32.
+    dh = saved[0] * grad_loss if ctx.need[0] else None
+    dw = None
+    if ctx.need[1]:
+        _, scale, hidden, weight, labels, stats = saved
+        dw = _lce_gw_op(hidden, weight, labels, stats, grad_loss * scale, ctx.ignore_index, ctx.softcap, ctx.slab)
     return (dh, dw) + none
 
 
@@ -283,7 +306,7 @@ def _lce_rows_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, softcap: float, chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Per-row (loss, stats) for reduction='none'; the backward recomputes logits chunk by chunk
-    (per-row upstream grads cannot be folded into a grad_weight computed ahead of time)."""
+    (per-row upstream grads are only known then)."""
     n, v = hidden.shape[0], weight.shape[0]
     labels = labels.contiguous()
     rows = torch.empty(n, dtype=torch.float32, device=hidden.device)
@@ -305,34 +328,29 @@ def _(hidden, weight, labels, ignore_index, softcap, chunk_size):
 @torch.library.custom_op("minift::linear_cross_entropy_rows_backward", mutates_args=())
 def _lce_rows_bwd_op(
     hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, grad_rows: Tensor, ignore_index: int,
-    softcap: float, chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
-) -> tuple[Tensor, Tensor]:
+    softcap: float, chunk_size: int,
+) -> Tensor:
+    """d(sum_i g_i loss_i)/d hidden, recomputing each token chunk's logits."""
     n, v = hidden.shape[0], weight.shape[0]
-    dev, labels, stats, g = hidden.device, labels.contiguous(), stats.contiguous(), grad_rows.float()
-    gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=dev) if need_grad_hidden else hidden.new_empty(0)
-    gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_grad_weight else None
+    labels, stats, g = labels.contiguous(), stats.contiguous(), grad_rows.float()
+    gh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
     buf = _chunk_buffer(min(chunk_size, n), v, hidden)
     for s, e in _chunks(n, chunk_size):
         x = buf[: e - s]
         torch.mm(hidden[s:e], weight.t(), out=x)
         _k.ce_rows_backward(x, labels[s:e], stats[s:e], g[s:e], x, ignore_index, softcap)
-        if need_grad_hidden:
-            torch.mm(x, weight, out=gh[s:e])
-        if need_grad_weight:
-            _accumulate_grad_weight(gw32, x, hidden[s:e])
-    gw = gw32.to(weight.dtype) if gw32 is not None else weight.new_empty(0)
-    return gh, gw
+        torch.mm(x, weight, out=gh[s:e])
+    return gh
 
 
 @_lce_rows_bwd_op.register_fake
-def _(hidden, weight, labels, stats, grad_rows, ignore_index, softcap, chunk_size, need_grad_hidden, need_grad_weight):
-    gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_grad_weight else weight.new_empty(0)
-    return gh, gw
+def _(hidden, weight, labels, stats, grad_rows, ignore_index, softcap, chunk_size):
+    return hidden.new_empty(hidden.shape)
 
 
 def _lce_rows_setup(ctx, inputs, output):
     hidden, weight, labels, ctx.ignore_index, ctx.softcap, ctx.chunk_size = inputs
+    ctx.slab = vocab_slab(hidden.shape[0], weight.shape[0], ctx.chunk_size)
     ctx.save_for_backward(hidden, weight, labels, output[1])
     ctx.mark_non_differentiable(output[1])
 
@@ -342,9 +360,12 @@ def _lce_rows_backward(ctx, grad_rows, _grad_stats):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_rows is None or not (need_h or need_w):
         return (None,) * 6
-    gh, gw = _lce_rows_bwd_op(hidden, weight, labels, stats, grad_rows, ctx.ignore_index, ctx.softcap,
-                              ctx.chunk_size, need_h, need_w)
-    return (gh if need_h else None), (gw if need_w else None), None, None, None, None
+    gh = gw = None
+    if need_h:
+        gh = _lce_rows_bwd_op(hidden, weight, labels, stats, grad_rows, ctx.ignore_index, ctx.softcap, ctx.chunk_size)
+    if need_w:
+        gw = _lce_gw_op(hidden, weight, labels, stats, grad_rows, ctx.ignore_index, ctx.softcap, ctx.slab)
+    return gh, gw, None, None, None, None
 
 
 _lce_rows_op.register_autograd(_lce_rows_backward, setup_context=_lce_rows_setup)
@@ -389,8 +410,10 @@ def linear_cross_entropy(
     """cross_entropy(hidden @ weight.T, labels) without the (N, V) logits; hidden (N, H), weight (V, H).
 
     Triton: chunks of `chunk_size` tokens (default: CHUNK_BYTES of logits). For 'mean'/'sum' the
-    gradients are computed in the forward (when hidden/weight require grad) and scaled by the
-    upstream grad in the backward; 'none' recomputes each chunk's logits in the backward.
+    hidden gradient is computed in the forward (when hidden requires grad) and scaled by the
+    upstream grad in the backward; 'none' recomputes each chunk's logits in the backward. A
+    trainable weight's gradient is computed in the backward, one vocabulary slab (the same buffer
+    size) at a time, straight into the weight's dtype: two more GEMMs, no fp32 (V, H) buffer.
     """
     labels, cap, chunk = _check_linear(hidden, weight, labels, softcap, reduction, chunk_size)
     _maybe_check_range(labels, weight.shape[0], ignore_index, check_labels)
@@ -400,9 +423,8 @@ def linear_cross_entropy(
     if reduction == "none":
         return _lce_rows_op(hidden, weight, labels, ignore_index, cap, chunk)[0]
     grad_on = torch.is_grad_enabled()
-    loss, _, _ = _lce_op(hidden, weight, labels, ignore_index, cap, reduction == "mean", chunk,
-                         grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
-    return loss
+    return _lce_op(hidden, weight, labels, ignore_index, cap, reduction == "mean", chunk,
+                   grad_on and hidden.requires_grad, grad_on and weight.requires_grad)[0]
 
 
 def _chunk_rows(h: Tensor, w: Tensor, y: Tensor, ignore_index: int, softcap: float | None) -> Tensor:

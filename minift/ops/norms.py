@@ -108,6 +108,8 @@ if HAS_TRITON:
             dx = (h - xhat * c1[:, None]) * rstd[:, None]
             if N <= 2:  # centred rows span one direction: h - xhat*c1 = h*eps*rstd^2 exactly (see _rms_bwd_kernel)
                 dx = tl.where(mask, h * (eps * rstd * rstd * rstd)[:, None], 0.0)
+            if N == 1:  # y = bias whatever x is; h would be g - g, which FMA contraction may leave as the
+                dx = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # product's rounding error (x 1/sqrt(eps))
             tl.store(DX + rows[:, None] * stride_dxm + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
             if COMPUTE_DW:
                 dw += dy * xhat
@@ -120,15 +122,17 @@ if HAS_TRITON:
 def _tiles(n: int, backward: bool) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps): one row per tile for wide rows, several for narrow ones.
 
-    Warps are sized so each thread holds ~16 (forward) or ~8 (backward, which also keeps w and the
-    dweight accumulators live) elements per tensor; ptxas for sm_90 reports no spills for any
-    forward up to 16384 wide nor backward up to 4096, ~100 bytes at 8192 and ~700 at 16384.
+    Forward: ~16 elements per thread per tensor up to 4096-element tiles. Backward: tiles of at least
+    2048 elements at 16 per thread; an H100 sweep (bf16, 8192 rows x 2048/2560, 65536 x 256) put
+    these within 3% of the best of 16 configs, where 32 per thread was up to 1.5x slower.
+    ptxas for sm_90 reports no spills for any forward up to 16384 wide nor backward up to 4096.
     """
     block_n = triton.next_power_of_2(n)
+    if backward:
+        block_m = max(1, min(16, 2048 // block_n))
+        return block_m, block_n, min(16, max(2, block_m * block_n // 512))
     block_m = max(1, min(16, 4096 // block_n))
-    elems = block_m * block_n
-    num_warps = min(32, max(4, elems // (256 if backward else 512)))
-    return block_m, block_n, num_warps
+    return block_m, block_n, min(32, max(4, block_m * block_n // 512))
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,8 +141,9 @@ def _sm_count(index: int) -> int:
 
 
 def _persistent_grid(x: torch.Tensor, n_blocks: int) -> int:
-    """Programs for the backward: enough to fill the GPU, few enough that the partials stay small."""
-    per_device = 2 * _sm_count(x.device.index or 0) if x.is_cuda else 8
+    """Programs for the backward: enough to fill the GPU (4 per SM was faster than 2 in the sweep of
+    `_tiles`), few enough that the partials stay small."""
+    per_device = 4 * _sm_count(x.device.index or 0) if x.is_cuda else 8
     return max(1, min(n_blocks, per_device))
 
 

@@ -68,7 +68,9 @@ if HAS_TRITON:
                       c1, c2, s1, s2, HALF, d, dmask, BLOCK_HK)
 
 
-_TILE = 4096  # elements per half-tile: enough work per program without spilling registers
+# Rows (token x head) per half-tile. An H100 sweep of the tile size (bf16, 8192 tokens, Llama-1B's
+# 32/8 heads of 64 and Gemma-3-4B's 8/4 heads of 256) found 64 rows the fastest or within 5% for both.
+_TILE_ROWS = 64
 
 
 def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
@@ -81,10 +83,10 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         return qo, ko
     cos, sin = cos.expand(b, s, d), sin.expand(b, s, d)  # batch 1 broadcasts with stride 0
     block_d = triton.next_power_of_2(d // 2)
-    cap = max(1, _TILE // block_d)  # many heads: loop over head blocks rather than grow the tile
-    block_hq = min(triton.next_power_of_2(max(hq, 1)), cap)
-    block_hk = min(triton.next_power_of_2(max(hk, 1)), cap)
-    block_t = max(1, min(_TILE // (max(block_hq, block_hk) * block_d), triton.next_power_of_2(tokens), 64))
+    # Many heads: loop over head blocks rather than grow the tile.
+    block_hq = min(triton.next_power_of_2(max(hq, 1)), _TILE_ROWS)
+    block_hk = min(triton.next_power_of_2(max(hk, 1)), _TILE_ROWS)
+    block_t = max(1, min(_TILE_ROWS // max(block_hq, block_hk), triton.next_power_of_2(tokens)))
     num_warps = 8 if block_t * max(block_hq, block_hk) * block_d >= 4096 else 4
     _rope_kernel[(triton.cdiv(tokens, block_t),)](
         q, k, qo, ko, cos, sin, tokens, s, hq, hk, d // 2,
