@@ -23,7 +23,7 @@ from .lora import LoraSettings, attach, has_adapters
 from .lora_layers import LoraLinear, ModulesToSave
 from .lora_targets import (
     _tied_pair, add_modules_to_save, hf_path, linear_modules, lora_layers, match_modules_to_save, minift_path,
-    peft_modules_to_save, saved_modules, set_module,
+    peft_modules_to_save, peft_path, saved_modules, set_module,
 )
 
 PREFIX = "base_model.model."
@@ -40,7 +40,7 @@ def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
     out: dict[str, torch.Tensor] = {}
     converted = False
     for path, layer in lora_layers(model):
-        key = PREFIX + hf_path(model, path)
+        key = PREFIX + peft_path(model, path)
         a, b = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
         if hasattr(layer, "pissa_A"):
             a, b = torch.cat([a, layer.pissa_A]), torch.cat([b, -layer.pissa_B], dim=1)
@@ -51,7 +51,7 @@ def adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
             out[f"{key}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     for path, wrap in saved_modules(model):
         for name, t in wrap.modules_to_save.state_dict().items():
-            out[f"{PREFIX}{hf_path(model, path)}.{name}"] = t.detach()
+            out[f"{PREFIX}{peft_path(model, path)}.{name}"] = t.detach()
     # clone: safetensors refuses tensors sharing memory (a tied head's copy is saved twice)
     return {k: v.to("cpu", copy=True).contiguous() for k, v in out.items()}, converted
 
@@ -203,7 +203,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
     alpha = cfg.get("lora_alpha", cfg["r"])
     for path, parts in lora.items():
         r = parts["lora_A"].shape[0]
-        a = _pattern_value(cfg.get("alpha_pattern"), hf_path(model, path), alpha)
+        a = _pattern_value(cfg.get("alpha_pattern"), peft_path(model, path), alpha)
         layer = LoraLinear(lin[path], r, a / (math.sqrt(r) if rslora else r), float(cfg.get("lora_dropout") or 0.0),
                            dora).train(lin[path].training)
         with torch.no_grad():
@@ -214,7 +214,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         set_module(model, path, layer)
     add_modules_to_save(model, list(mts))
     _fill_modules_to_save(model, mts)
-    targets = cfg.get("target_modules") or sorted({hf_path(model, p) for p in lora})
+    targets = cfg.get("target_modules") or sorted({peft_path(model, p) for p in lora})
     settings = LoraSettings(
         r=cfg["r"], alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0), rslora=rslora, dora=dora,
         init="default", target_modules=sorted(targets) if isinstance(targets, (list, set)) else targets,

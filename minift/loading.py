@@ -332,5 +332,7 @@ def load(
     model.max_seq_length = max_seq_length
     model.name_or_path = str(name_or_path)
     model.source_path = path
+    # The language half of a vision checkpoint: adapters name modules as the full model does (peft_path).
+    model.text_of_vision = text_only and cfg["model_type"] in VISION_MODEL_TYPES
     vision = cfg["model_type"] in VISION_MODEL_TYPES and not text_only
     return model, load_processor(path, vision, trust_remote_code)

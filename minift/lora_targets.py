@@ -38,6 +38,17 @@ def hf_path(model: nn.Module, path: str) -> str:
     return path
 
 
+def peft_path(model: nn.Module, path: str) -> str:
+    """minift module path → its name in the model PEFT applies a saved adapter to: `hf_path`,
+    except that a text-only load of a Gemma 3 vision checkpoint (`model.text_of_vision`) names its
+    language half as the full model does, since the adapter's base checkpoint is the vision one
+    and transformers loads that as Gemma3ForConditionalGeneration (`model.language_model.*`)."""
+    p = hf_path(model, path)
+    if getattr(model, "text_of_vision", False) and p.startswith("model."):
+        return "model.language_model." + p[len("model."):]
+    return p
+
+
 def minift_path(model: nn.Module, path: str) -> str | None:
     """A transformers module path (5's or the original Hub layout's) → this model's, or None."""
     from .arch.vision import canonical_key, text_only_key
@@ -114,12 +125,12 @@ def select_targets(
             rx = re.compile(targets)
         except re.error as e:
             raise AdapterError(f"targets: {targets!r} is not a valid regular expression: {e}") from e
-        hit = [p for p in cands if rx.fullmatch(p) or rx.fullmatch(hf_path(model, p))]
+        hit = [p for p in cands if rx.fullmatch(p) or rx.fullmatch(hf_path(model, p)) or rx.fullmatch(peft_path(model, p))]
     elif isinstance(targets, (list, tuple, set)) and targets and all(isinstance(t, str) for t in targets):
         if "lm_head" in targets:
             raise AdapterError("targets: lm_head cannot take a LoRA adapter (the fused loss reads its weight "
                                "directly); train it fully with modules_to_save=['lm_head']")
-        hit = [p for p in cands if any(suffix_match(p, t) or suffix_match(hf_path(model, p), t) for t in targets)]
+        hit = [p for p in cands if any(suffix_match(p, t) or suffix_match(peft_path(model, p), t) for t in targets)]
     else:
         raise AdapterError(f"targets: expected 'all-linear', a list of module names or a regex string, got {targets!r}")
     if not hit:
@@ -146,10 +157,12 @@ def peft_target_modules(model: nn.Module, chosen: list[str], all_paths: list[str
     """How to name `chosen` in adapter_config.json for the transformers model: sorted leaf names
     when they pick exactly these modules, else a regex (layer numbers generalised when that stays
     exact, else every path spelled out)."""
-    hf_all = [hf_path(model, p) for p in all_paths]
-    hf_chosen = {hf_path(model, p) for p in chosen}
+    hf_all = [peft_path(model, p) for p in all_paths]
+    hf_chosen = {peft_path(model, p) for p in chosen}
     leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_chosen})
-    if {p for p in hf_all if any(suffix_match(p, s) for s in leaves)} == hf_chosen:
+    # Leaf names would also pick the vision tower's q/k/v_proj in the full model of a text-only load.
+    exact = not getattr(model, "text_of_vision", False)
+    if exact and {p for p in hf_all if any(suffix_match(p, s) for s in leaves)} == hf_chosen:
         return leaves
     pats = sorted({r"\.".join(r"\d+" if c.isdigit() else re.escape(c) for c in p.split(".")) for p in hf_chosen})
     rx = "(?:" + "|".join(pats) + ")"
@@ -182,7 +195,8 @@ def match_modules_to_save(model: nn.Module, names: list[str], lora_paths: list[s
     found: list[str] = []
     for n in names:
         hit = [p for p, m in mods.items()  # PEFT's rule here is a plain endswith ("norm" takes q_norm too)
-               if p and (p.endswith(n) or hf_path(model, p).endswith(n)) and any(True for _ in m.parameters())]
+               if p and (p.endswith(n) or hf_path(model, p).endswith(n) or peft_path(model, p).endswith(n))
+               and any(True for _ in m.parameters())]
         hit = [p for p in hit if not any(p.startswith(q + ".") for q in hit if q != p)]
         if not hit:
             raise AdapterError(f"modules_to_save: {n!r} matches no module with parameters")
@@ -214,8 +228,8 @@ def add_modules_to_save(model: nn.Module, paths: list[str]) -> None:
 
 def peft_modules_to_save(model: nn.Module, wrapped: list[str], all_paths: list[str]) -> list[str]:
     """Leaf names when they pick exactly the wrapped modules among the model's, else full paths."""
-    hf_wrapped = {hf_path(model, p) for p in wrapped}
+    hf_wrapped = {peft_path(model, p) for p in wrapped}
     leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_wrapped})
-    picked = {hf_path(model, p) for p in all_paths if any(hf_path(model, p).endswith(s) for s in leaves)}
+    picked = {peft_path(model, p) for p in all_paths if any(peft_path(model, p).endswith(s) for s in leaves)}
     picked = {p for p in picked if not any(p.startswith(q + ".") for q in picked)}
     return leaves if picked == hf_wrapped else sorted(hf_wrapped)

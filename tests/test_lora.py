@@ -306,6 +306,44 @@ def test_peft_adapter_loads_in_minift(ckpts, tmp_path, family, kw):
         assert rel(again(input_ids=ids).logits, pm(input_ids=ids).logits) <= TOL
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(targets=["q_proj", "down_proj"], modules_to_save=["lm_head"])])
+def test_text_only_adapter_of_vision_checkpoint_loads_on_full_model(ckpts, tmp_path, kw):
+    """A LoRA trained on the language half of a Gemma 3 vision checkpoint (text_only=True) is saved
+    under the full model's names: PEFT applies it to Gemma3ForConditionalGeneration (what
+    transformers loads for that checkpoint) without touching the vision tower, and minift loads
+    it into the full model or another text-only load."""
+    if "gemma3" not in ckpts:
+        pytest.skip("no vision support")
+    path = ckpts["gemma3"]
+    model, _ = minift.load(path, text_only=True)
+    minift.add_lora(model, r=4, alpha=8, **kw)
+    with torch.no_grad():
+        for p in trainable(model).values():
+            p.add_(0.05 * torch.randn_like(p))
+    out = model.save_adapter(tmp_path / "ad")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert not any(k.startswith("base_model.model.model.layers.") for k in keys)
+    ref = hf_model(path)
+    loaded = peft.PeftModel.from_pretrained(ref, out).eval()
+    wrapped = [n for n, m in loaded.named_modules() if hasattr(m, "lora_A")]
+    assert wrapped and all(".language_model." in n for n in wrapped), cfg["target_modules"]
+    ids, _ = inputs(model)
+    with torch.no_grad():
+        mine = model(ids).logits
+        assert rel(mine, loaded(input_ids=ids).logits) <= TOL
+        full, _ = minift.load(path)
+        minift.load_adapter(full, out)
+        assert rel(full(ids).logits, mine) <= TOL
+        again, _ = minift.load(path, text_only=True)
+        minift.load_adapter(again, out)
+        assert torch.equal(again(ids).logits, mine)
+
+
 def test_load_adapter_errors(ckpts, tmp_path):
     other = write_tiny_checkpoint(tmp_path / "wide", "llama", hidden_size=96, num_attention_heads=6,
                                   num_key_value_heads=2, tie_word_embeddings=False)
