@@ -1,0 +1,169 @@
+"""Compile every Triton kernel launch the ops make for an H100 (sm_90), on a machine without a GPU.
+
+CI runs the kernels under TRITON_INTERPRET=1, which executes them in NumPy: it never runs
+Triton's compiler, so a kernel that only the compiler rejects (a loop-carried value changing
+type, an unsupported construct, a register-hungry tile that ptxas refuses) would pass CI and
+fail on the first GPU. This script closes that gap in two processes:
+
+  record:  under the interpreter, drive every public op (forward and backward, 16- and 32-bit,
+           narrow and wide rows, NF4 bases, softcap, all reductions) and record each launch's
+           kernel, argument types, constexprs and launch options;
+  compile: without the interpreter, compile each recorded launch with triton.compile for
+           GPUTarget("cuda", 90, 32), through ptxas to a cubin.
+
+  python tests/sm90_compile.py record OUT.json ;  python tests/sm90_compile.py compile OUT.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "int64": "i64", "int32": "i32",
+           "int16": "i16", "int8": "i8", "uint8": "u8", "bool": "i1"}
+_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
+
+
+def _arg_type(v) -> str | None:
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return "*" + _DTYPES[str(v.dtype).replace("torch.", "")]
+    if isinstance(v, bool):
+        return "i1"
+    if isinstance(v, int):
+        return "i64" if abs(v) >= 2**31 else "i32"
+    if isinstance(v, float):
+        return "fp32"
+    return None
+
+
+def _drive() -> None:
+    """Every op, forward and backward, in the shapes and dtypes that select different kernels."""
+    import torch
+
+    import minift.ops as ops
+    from minift.ops.nf4 import NF4Weight
+
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32, grad=True):
+        return (torch.randn(*shape, generator=g) * 0.5).to(dtype).requires_grad_(grad)
+
+    def back(out):
+        outs = out if isinstance(out, tuple) else (out,)
+        torch.autograd.backward([o.float().sum() for o in outs])
+
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        for rows, hidden in ((5, 37), (3, 2560), (67, 16)):
+            for wgrad in (True, False):
+                x, w, b = rnd(rows, hidden, dtype=dt), rnd(hidden, dtype=dt, grad=wgrad), rnd(hidden, dtype=dt, grad=wgrad)
+                back(ops.rms_norm(x, w, 1e-6, 1.0))
+                back(ops.layer_norm(x, w, b, 1e-6))
+            back(ops.layer_norm(rnd(rows, hidden, dtype=dt), rnd(hidden, dtype=dt), None, 1e-6))
+        for heads, d in (((4, 2), 16), ((2, 1), 256)):
+            q = rnd(2, 5, heads[0], d, dtype=dt).transpose(1, 2)
+            k = rnd(2, 5, heads[1], d, dtype=dt).transpose(1, 2)
+            cos, sin = torch.randn(1, 5, d, generator=g), torch.randn(1, 5, d, generator=g)
+            back(ops.rope(q, k, cos, sin))
+        for act in ("swiglu", "geglu"):
+            gate, up = rnd(7, 33, dtype=dt), rnd(7, 33, dtype=dt)
+            back(ops.swiglu(gate, up) if act == "swiglu" else ops.geglu(gate, up, "tanh"))
+            back(ops.geglu(rnd(7, 33, dtype=dt), rnd(7, 33, dtype=dt), "none"))
+        labels = torch.tensor([3, -100, 0, 299, 7], dtype=torch.long)
+        for cap in (None, 30.0):
+            back(ops.cross_entropy(rnd(5, 300, dtype=dt), labels, softcap=cap))
+            h, wv = rnd(5, 16, dtype=dt), rnd(300, 16, dtype=dt)
+            for red in ("mean", "none"):
+                back(ops.linear_cross_entropy(h, wv, labels, softcap=cap, reduction=red, chunk_size=2))
+    import bitsandbytes.functional as bnbf
+
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for nested in (True, False):
+            wt = torch.randn(96, 64, generator=g).to(dt)
+            data, qs = bnbf.quantize_4bit(wt, blocksize=64, quant_type="nf4", compress_statistics=nested)
+            nf4 = NF4Weight.from_bnb(data, qs)
+            ops.dequantize_nf4(nf4)
+            x = rnd(3, 64, dtype=dt)
+            a, bm = rnd(4, 64), rnd(96, 4)
+            back(ops.lora_linear(x, nf4, a, bm, 2.0))
+            back(ops.lora_linear(rnd(3, 64, dtype=dt), wt, rnd(4, 64), rnd(96, 4), 2.0))
+            down = torch.randn(64, 96, generator=g).to(dt)
+            for act in ("swiglu", "geglu", "geglu_tanh"):
+                projs = ((nf4, rnd(4, 64), rnd(96, 4)), (wt, None, None), (down, rnd(4, 96), rnd(64, 4)))
+                back(ops.lora_mlp(rnd(3, 64, dtype=dt), *projs, activation=act))
+
+
+def record(path: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"
+    import inspect
+
+    import triton.runtime.interpreter as interp
+
+    import minift.ops as ops
+
+    seen: dict[str, list] = {}
+    original = interp.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+        bound = dict(zip(params, args))
+        bound.update({k: v for k, v in kwargs.items() if k in params})
+        types, consts = {}, {}
+        for name, p in params.items():
+            v = bound.get(name, p.default)
+            if "constexpr" in str(p.annotation):
+                types[name], consts[name] = "constexpr", v
+            else:
+                types[name] = _arg_type(v)
+        opts = {k: v for k, v in kwargs.items() if k in _OPTIONS}
+        specs = [(types, consts)]
+        if consts.get("BF16_BITS"):  # the interpreter's int16 stand-in for bf16 outputs: compile the GPU's form
+            specs.append(({k: "*bf16" if t == "*i16" else t for k, t in types.items()}, dict(consts, BF16_BITS=False)))
+        for t, c in specs:
+            entry = [self.fn.__module__, self.fn.__name__, t, c, opts]
+            seen[json.dumps(entry, sort_keys=True)] = entry
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    interp.InterpretedFunction.run = run
+    with ops.backend("triton"):
+        _drive()
+    with open(path, "w") as f:
+        json.dump(list(seen.values()), f)
+
+
+def _compile_one(entry: list) -> str | None:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name, types, consts, opts = entry
+    fn = getattr(importlib.import_module(module), name)
+    try:
+        triton.compile(ASTSource(fn, types, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
+    except Exception as e:  # report every failure, not just the first
+        return f"{name} {consts} {opts}: {type(e).__name__}: {str(e)[:400]}"
+    return None
+
+
+def compile_all(path: str) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    entries = json.load(open(path))
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        errors = [e for e in pool.map(_compile_one, entries) if e]
+    print(f"compiled {len(entries) - len(errors)} of {len(entries)} kernel launches for sm_90")
+    for e in errors:
+        print("FAILED", e)
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    cmd, out = sys.argv[1], sys.argv[2]
+    if cmd == "record":
+        record(out)
+    else:
+        sys.exit(compile_all(out))
