@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, use_triton
+from ._backend import HAS_TRITON, Op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
@@ -110,28 +110,19 @@ def _fwd(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     return out
 
 
-@torch.library.custom_op("minift::swiglu", mutates_args=())
-def _swiglu_op(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def _swiglu_impl(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _fwd(gate, up, "silu")
 
 
-@torch.library.custom_op("minift::geglu", mutates_args=())
-def _geglu_op(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
+def _geglu_impl(gate: torch.Tensor, up: torch.Tensor, approximate: str) -> torch.Tensor:
     return _fwd(gate, up, "gelu_tanh" if approximate == "tanh" else "gelu")
 
 
-@_swiglu_op.register_fake
-def _(gate, up):
+def _glu_fake(gate, up, approximate=None):
     return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
 
 
-@_geglu_op.register_fake
-def _(gate, up, approximate):
-    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-
-
-@torch.library.custom_op("minift::glu_backward", mutates_args=())
-def _glu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _glu_bwd_impl(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(dgate, dup) of act(gate) * up, act in 'silu' | 'gelu_tanh' | 'gelu'."""
     dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
@@ -145,10 +136,12 @@ def _glu_bwd_op(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str
     return dg, du
 
 
-@_glu_bwd_op.register_fake
-def _(dy, gate, up, act):
+def _glu_bwd_fake(dy, gate, up, act):
     return (torch.empty(gate.shape, dtype=gate.dtype, device=gate.device),
             torch.empty(up.shape, dtype=up.dtype, device=up.device))
+
+
+_glu_bwd_op = Op("glu_backward", _glu_bwd_impl, _glu_bwd_fake)
 
 
 def _swiglu_setup(ctx, inputs, output):
@@ -163,12 +156,12 @@ def _geglu_setup(ctx, inputs, output):
 
 def _glu_backward(ctx, dy):
     gate, up = ctx.saved_tensors
-    dg, du = torch.ops.minift.glu_backward(dy, gate, up, ctx.act)
+    dg, du = _glu_bwd_op(dy, gate, up, ctx.act)
     return (dg, du) + (None,) * (ctx.act != "silu")
 
 
-_swiglu_op.register_autograd(_glu_backward, setup_context=_swiglu_setup)
-_geglu_op.register_autograd(_glu_backward, setup_context=_geglu_setup)
+_swiglu_op = Op("swiglu", _swiglu_impl, _glu_fake, _swiglu_setup, _glu_backward)
+_geglu_op = Op("geglu", _geglu_impl, _glu_fake, _geglu_setup, _glu_backward)
 
 
 def _check(op: str, gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -190,7 +183,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up in fp32, cast to gate's dtype (float64 uses the reference)."""
     _check("swiglu", gate, up)
     if _kernel_ok(gate, up):
-        return torch.ops.minift.swiglu(gate, up)
+        return _swiglu_op(gate, up)
     return ref.swiglu(gate, up)
 
 
@@ -200,5 +193,5 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
     if approximate not in ("tanh", "none"):
         raise InputError(f"geglu: approximate must be 'tanh' or 'none', got {approximate!r}")
     if _kernel_ok(gate, up):
-        return torch.ops.minift.geglu(gate, up, approximate)
+        return _geglu_op(gate, up, approximate)
     return ref.geglu(gate, up, approximate)

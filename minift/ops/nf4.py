@@ -327,4 +327,6 @@ def _(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
 def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
     """The dense weight (shape w.shape, dtype w.dtype), bit-identical to bitsandbytes."""
     _validate(w, "w")
-    return _dequantize_op(*pack_base(w))
+    if torch.compiler.is_compiling():  # the compiler must see the custom op
+        return _dequantize_op(*pack_base(w))
+    return _dequantize_impl(w)  # eager: the same code without packing and the dispatcher

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, use_triton
+from ._backend import HAS_TRITON, Op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_N = 65536  # one row must fit one tile; LLM hidden sizes are far below this
@@ -190,8 +190,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- RMSNorm custom ops
 
 
-@torch.library.custom_op("minift::rms_norm", mutates_args=())
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
+def _rms_norm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
@@ -204,13 +203,11 @@ def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: floa
     return out
 
 
-@_rms_norm_op.register_fake
-def _(x, weight, eps, offset):
+def _rms_norm_fake(x, weight, eps, offset):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("minift::rms_norm_backward", mutates_args=())
-def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
+def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float,
                      weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, dweight); dweight is an empty placeholder when not wanted (frozen norms under LoRA)."""
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -228,10 +225,12 @@ def _rms_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, ep
     return dx, dwp.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
 
 
-@_rms_norm_bwd_op.register_fake
-def _(dy, x, weight, eps, offset, weight_grad):
+def _rms_norm_bwd_fake(dy, x, weight, eps, offset, weight_grad):
     dw = weight.new_empty(weight.shape if weight_grad else 0)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), dw
+
+
+_rms_norm_bwd_op = Op("rms_norm_backward", _rms_norm_bwd_impl, _rms_norm_bwd_fake)
 
 
 def _rms_setup(ctx, inputs, output):
@@ -243,18 +242,17 @@ def _rms_setup(ctx, inputs, output):
 def _rms_backward(ctx, dy):
     x, weight = ctx.saved_tensors
     weight_grad = ctx.needs_input_grad[1]
-    dx, dw = torch.ops.minift.rms_norm_backward(dy, x, weight, ctx.eps, ctx.offset, weight_grad)
+    dx, dw = _rms_norm_bwd_op(dy, x, weight, ctx.eps, ctx.offset, weight_grad)
     return dx, dw if weight_grad else None, None, None
 
 
-_rms_norm_op.register_autograd(_rms_backward, setup_context=_rms_setup)
+_rms_norm_op = Op("rms_norm", _rms_norm_impl, _rms_norm_fake, _rms_setup, _rms_backward)
 
 
 # ---------------------------------------------------------------- LayerNorm custom ops
 
 
-@torch.library.custom_op("minift::layer_norm", mutates_args=())
-def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
+def _layer_norm_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
         return out
@@ -268,13 +266,11 @@ def _layer_norm_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return out
 
 
-@_layer_norm_op.register_fake
-def _(x, weight, bias, eps):
+def _layer_norm_fake(x, weight, bias, eps):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
-@torch.library.custom_op("minift::layer_norm_backward", mutates_args=())
-def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, param_grads: bool
+def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, param_grads: bool
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dweight, dbias), the latter two in fp32 (the autograd wrapper casts each to its parameter's
     dtype) or empty placeholders when not wanted (frozen parameters)."""
@@ -298,11 +294,13 @@ def _layer_norm_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     return dx, dwp[0].sum(0), dwp[1].sum(0)
 
 
-@_layer_norm_bwd_op.register_fake
-def _(dy, x, weight, eps, param_grads):
+def _layer_norm_bwd_fake(dy, x, weight, eps, param_grads):
     shape = weight.shape if param_grads else (0,)
     g = weight.new_empty(shape, dtype=torch.float32)
     return torch.empty(x.shape, dtype=x.dtype, device=x.device), g, torch.empty_like(g)
+
+
+_layer_norm_bwd_op = Op("layer_norm_backward", _layer_norm_bwd_impl, _layer_norm_bwd_fake)
 
 
 def _ln_setup(ctx, inputs, output):
@@ -315,13 +313,13 @@ def _ln_setup(ctx, inputs, output):
 def _ln_backward(ctx, dy):
     x, weight = ctx.saved_tensors
     want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    dx, dw, db = torch.ops.minift.layer_norm_backward(dy, x, weight, ctx.eps, want_w or want_b)
+    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.eps, want_w or want_b)
     dw = dw.to(weight.dtype) if want_w else None
     db = db.to(ctx.bias_dtype) if want_b else None
     return dx, dw, db, None
 
 
-_layer_norm_op.register_autograd(_ln_backward, setup_context=_ln_setup)
+_layer_norm_op = Op("layer_norm", _layer_norm_impl, _layer_norm_fake, _ln_setup, _ln_backward)
 
 
 # ---------------------------------------------------------------- public functions
@@ -354,7 +352,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
     """
     _check("rms_norm", x, weight)
     if _kernel_ok(x):
-        return torch.ops.minift.rms_norm(x, weight, float(eps), float(offset))
+        return _rms_norm_op(x, weight, float(eps), float(offset))
     return ref.rms_norm(x, weight, eps, offset)
 
 
@@ -362,5 +360,5 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """LayerNorm over the last dim (bias optional), in fp32, cast to x's dtype."""
     _check("layer_norm", x, weight, bias)
     if _kernel_ok(x):
-        return torch.ops.minift.layer_norm(x, weight, bias, float(eps))
+        return _layer_norm_op(x, weight, bias, float(eps))
     return ref.layer_norm(x, weight, bias, eps)

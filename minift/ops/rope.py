@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, use_triton
+from ._backend import HAS_TRITON, Op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -96,25 +96,20 @@ def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return qo, ko
 
 
-@torch.library.custom_op("minift::rope", mutates_args=())
-def _rope_op(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_impl(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(q, k, cos, sin, backward=False)
 
 
-@_rope_op.register_fake
-def _(q, k, cos, sin):
-    return torch.empty_like(q), torch.empty_like(k)
-
-
-@torch.library.custom_op("minift::rope_backward", mutates_args=())
-def _rope_bwd_op(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_bwd_impl(dq: torch.Tensor, dk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     return _launch(dq, dk, cos, sin, backward=True)
 
 
-@_rope_bwd_op.register_fake
-def _(dq, dk, cos, sin):
-    return torch.empty_like(dq), torch.empty_like(dk)
+def _rope_fake(q, k, cos, sin):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+_rope_bwd_op = Op("rope_backward", _rope_bwd_impl, _rope_fake)
 
 
 def _rope_setup(ctx, inputs, output):
@@ -124,11 +119,11 @@ def _rope_setup(ctx, inputs, output):
 
 def _rope_backward(ctx, dq, dk):
     cos, sin = ctx.saved_tensors
-    dq, dk = torch.ops.minift.rope_backward(dq, dk, cos, sin)
+    dq, dk = _rope_bwd_op(dq, dk, cos, sin)
     return dq, dk, None, None
 
 
-_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
+_rope_op = Op("rope", _rope_impl, _rope_fake, _rope_setup, _rope_backward)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -161,5 +156,5 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     """
     _check(q, k, cos, sin)
     if use_triton(q, elementwise=True) and q.dtype in _KERNEL_DTYPES and k.dtype in _KERNEL_DTYPES:
-        return torch.ops.minift.rope(q, k, cos, sin)
+        return _rope_op(q, k, cos, sin)
     return ref.rope(q, k, cos, sin)
