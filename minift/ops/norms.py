@@ -281,8 +281,6 @@ def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
     m, n = x2.shape
     bm, bn, nw = _tiles(n, backward=True)
-    if param_grads:  # two fp32 accumulators and two prefetched tiles: half the warps ran 1.1-1.25x faster
-        nw = max(2, nw // 2)
     n_blocks = triton.cdiv(m, bm)
     grid = _persistent_grid(x, n_blocks) if param_grads else n_blocks
     dwp = torch.empty((2, grid if param_grads else 0, n), dtype=torch.float32, device=x.device)
