@@ -91,3 +91,27 @@ def test_custom_op_registration_matches_eager_path(device: str, name: str) -> No
         checks = ("test_schema", "test_autograd_registration", "test_faketensor")
         torch.library.opcheck(getattr(torch.ops.minift, name).default, args,
                               test_utils=checks + (("test_aot_dispatch_dynamic",) if device == "cuda" else ()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_eager_kernels_under_activation_checkpointing(gemma3_path, device):
+    """The eager kernel path (ops._backend.Op autograd.Functions) recomputed by non-reentrant
+    checkpointing, as the Trainer runs uncompiled layers, gives the grads of a plain run."""
+    model, _ = minift.load(gemma3_path, device=device, dtype=torch.float32)
+    minift.add_lora(model, r=4, alpha=8, seed=0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    model.train()
+    ids = torch.randint(3, 200, (2, 9), generator=torch.Generator().manual_seed(0)).to(device)
+    results = []
+    with minift.ops.backend("triton"):
+        for ckpt in (False, True):
+            model.model.gradient_checkpointing = ckpt
+            model.zero_grad(set_to_none=True)
+            model(ids, labels=ids).loss.backward()
+            results.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert results[0].keys() == results[1].keys() and results[0]
+    for n in results[0]:
+        torch.testing.assert_close(results[1][n], results[0][n], rtol=1e-5, atol=1e-7, msg=n)
