@@ -39,6 +39,13 @@ if HAS_TRITON:
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn):
+        """x and dy of a tile, in their storage dtype."""
+        x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+        return x, dy
+
+    @triton.jit
     def _rms_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
                         eps, offset, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
@@ -53,24 +60,18 @@ if HAS_TRITON:
         if COMPUTE_DW:
             rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
             mask = (rows < M)[:, None] & cmask[None, :]
-            x_next = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-            dy_next = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+            x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
         for blk in range(pid, tl.cdiv(M, BLOCK_M), step):
             if COMPUTE_DW:
-                x = x_next.to(tl.float32)
-                dy = dy_next.to(tl.float32)
-                cur_rows, cur_mask = rows, mask
+                cur_rows, cur_mask, x, dy = rows, mask, x_next.to(tl.float32), dy_next.to(tl.float32)
                 rows = (blk + step) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
                 mask = (rows < M)[:, None] & cmask[None, :]
-                x_next = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-                dy_next = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+                x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
             else:
                 cur_rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
                 cur_mask = (cur_rows < M)[:, None] & cmask[None, :]
-                x = tl.load(X + cur_rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=cur_mask,
-                            other=0.0).to(tl.float32)
-                dy = tl.load(DY + cur_rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=cur_mask,
-                             other=0.0).to(tl.float32)
+                x, dy = _load_tile(X, DY, cur_rows, cur_mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+                x, dy = x.to(tl.float32), dy.to(tl.float32)
             rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
             xhat = x * rstd[:, None]
             g = dy * w[None, :]
@@ -114,24 +115,18 @@ if HAS_TRITON:
         if COMPUTE_DW:  # next tile's loads first: see _rms_bwd_kernel
             rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
             mask = (rows < M)[:, None] & cmask[None, :]
-            x_next = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-            dy_next = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+            x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
         for blk in range(pid, tl.cdiv(M, BLOCK_M), step):
             if COMPUTE_DW:
-                x = x_next.to(tl.float32)
-                dy = dy_next.to(tl.float32)
-                cur_rows, cur_mask = rows, mask
+                cur_rows, cur_mask, x, dy = rows, mask, x_next.to(tl.float32), dy_next.to(tl.float32)
                 rows = (blk + step) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
                 mask = (rows < M)[:, None] & cmask[None, :]
-                x_next = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
-                dy_next = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
+                x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
             else:
                 cur_rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
                 cur_mask = (cur_rows < M)[:, None] & cmask[None, :]
-                x = tl.load(X + cur_rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=cur_mask,
-                            other=0.0).to(tl.float32)
-                dy = tl.load(DY + cur_rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=cur_mask,
-                             other=0.0).to(tl.float32)
+                x, dy = _load_tile(X, DY, cur_rows, cur_mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+                x, dy = x.to(tl.float32), dy.to(tl.float32)
             mean = tl.sum(x, axis=1) / N
             xc = tl.where(cur_mask, x - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
