@@ -10,7 +10,6 @@ in PEFT, which the fused op cannot express). DoRA follows PEFT's arithmetic term
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from typing import Any
@@ -23,6 +22,7 @@ from torch.nn.utils import skip_init
 from . import ops
 from .errors import AdapterError
 from .ops.nf4 import NF4Weight
+from .quant import FrozenNF4Linear
 
 
 def is_4bit(m: nn.Module) -> bool:
@@ -37,27 +37,15 @@ def is_linear(m: nn.Module) -> bool:
 def dense_weight(base: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """A linear's weight as a dense tensor of `dtype` (NF4 dequantised straight to it, exactly)."""
     if is_4bit(base):
-        return ops.dequantize_nf4(dataclasses.replace(base.nf4, dtype=dtype))
+        return base.dequantize(dtype)
     return base.weight.detach().to(dtype)
 
 
-class _NF4Matmul(torch.autograd.Function):
-    """x W^T for a 4-bit base: W is dequantised again in backward rather than kept."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        ctx.base = base
-        return F.linear(x, dense_weight(base, x.dtype))
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad @ dense_weight(ctx.base, grad.dtype), None
-
-
 def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-    """x W^T (no bias) with the base frozen; gradient for x only."""
+    """x W^T (no bias) with the base frozen; gradient for x only (a 4-bit W is dequantised again
+    in the backward rather than kept)."""
     if is_4bit(base):
-        return _NF4Matmul.apply(x, base)
+        return FrozenNF4Linear.apply(x, base, None)
     return F.linear(x, base.weight.to(x.dtype))
 
 

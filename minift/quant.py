@@ -13,6 +13,7 @@ expect. Dequantisation is `minift.ops.dequantize_nf4`, bit-identical to bitsandb
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -105,15 +106,17 @@ class Linear4bit(nn.Module):
         )
         self.blocksize, self.nested_blocksize, self.compute_dtype = w.blocksize, w.nested_blocksize, w.dtype
 
-    def dequantize(self) -> torch.Tensor:
-        """The dense (out_features, in_features) weight in the compute dtype (fresh, never cached)."""
-        return ops.dequantize_nf4(self.nf4)
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense (out_features, in_features) weight in `dtype` (default: the compute dtype),
+        dequantised straight to it, exactly; fresh, never cached."""
+        nf4 = self.nf4
+        return ops.dequantize_nf4(nf4 if dtype in (None, nf4.dtype) else dataclasses.replace(nf4, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             # Dequantise again in backward instead of keeping a dense 16-bit weight per layer alive.
-            return _FrozenNF4Linear.apply(x.to(self.compute_dtype), self.nf4, bias).to(x.dtype)
+            return FrozenNF4Linear.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
         return F.linear(x.to(self.compute_dtype), self.dequantize(), bias).to(x.dtype)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Linear4bit":
@@ -438,14 +441,15 @@ def bits_per_weight(m: Linear4bit) -> float:
     return 8 * n / math.prod((m.out_features, m.in_features))
 
 
-class _FrozenNF4Linear(torch.autograd.Function):
-    """x W^T + b with W frozen in NF4: saves nothing of W; the input gradient re-dequantises."""
+class FrozenNF4Linear(torch.autograd.Function):
+    """x W^T (+ b) for a frozen 4-bit `base` (a Linear4bit), W dequantised to x's dtype: nothing of W
+    is saved; the input gradient dequantises it again. Used by Linear4bit and by LoRA over it."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, nf4: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.nf4 = nf4
-        return F.linear(x, ops.dequantize_nf4(nf4), bias)
+    def forward(ctx, x: torch.Tensor, base: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.base = base
+        return F.linear(x, base.dequantize(x.dtype), bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad.to(ctx.nf4.dtype) @ ops.dequantize_nf4(ctx.nf4), None, None
+        return grad @ ctx.base.dequantize(grad.dtype), None, None
