@@ -76,6 +76,18 @@ def use_triton(t: torch.Tensor, elementwise: bool = False) -> bool:
     return HAS_TRITON and t.is_cuda
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _tracing(args: tuple) -> bool:
+    """Whether a compiler is tracing this call: dynamo, or AOT autograd tracing a backward (which
+    runs the backward of an eager autograd.Function on fake/functional tensors under dispatch
+    modes, with `is_compiling()` False). The kernels must then stay behind the custom op."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)
+
+
 class _Direct(torch.autograd.Function):
     """Runs an `Op`'s implementation with its own setup_context and backward (the Op comes last)."""
 
@@ -111,7 +123,7 @@ class Op:
             self.custom.register_autograd(backward, setup_context=setup)
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():
+        if _tracing(args):
             return self.custom(*args)
         if self.backward is not None and torch.is_grad_enabled() and any(
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
