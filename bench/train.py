@@ -23,7 +23,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str) -> dict:
+def _profile_step(step, dev: str) -> dict:
+    """GPU time of one more step by kernel (top 15) and in all, beside its wall time: a GPU-busy
+    fraction well under 1 means the step waits on Python, not on kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.time()
+        step(0)
+        torch.cuda.synchronize()
+        wall = time.time() - t0
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) / 1e3
+    top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+    return dict(wall_ms=round(wall * 1e3, 1), gpu_ms=round(total, 1),
+                top=[(e.key[:90], e.count, round(e.self_device_time_total / 1e3, 2)) for e in top])
+
+
+def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str,
+            prof: bool = False) -> dict:
     os.environ["MINIFT_FUSE_LORA"] = "1" if "fusedlora" in variant else "0"
     os.environ["MINIFT_COMPILED_ELEMENTWISE"] = "kernel" if "kernelew" in variant else "reference"  # fused LoRA custom ops or plain matmuls
     import torch
@@ -41,6 +61,10 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     lm = model.language_model if hasattr(model, "language_model") else model.model
     ckpt_mode = {"ckpt": True, "offload": "offload", "nockpt": False}.get(variant.split("+")[0], True)
     lm.gradient_checkpointing = ckpt_mode
+    if ckpt_mode == "offload":  # as the Trainer does: the hooks that move checkpointed inputs to the host
+        from minift.train.offload import ActivationOffloader
+
+        ActivationOffloader(model.config.hidden_size).install(lm)
     if "compile" in variant:
         for layer in lm.layers:
             layer.compile(dynamic=False)
@@ -68,15 +92,23 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_warm = time.time() - t_warm
+    # CUDA events between steps time each step on the GPU's clock without a host sync: one slow
+    # step (a recompile, an allocator stall) shows apart from a uniformly slower loop
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if dev == "cuda" else []
     t0 = time.time()
     for i in range(steps):
+        if events:
+            events[i].record()
         loss = step(i)
     if dev == "cuda":
+        events[-1].record()
         torch.cuda.synchronize()
     dt = time.time() - t0
+    step_ms = [round(a.elapsed_time(b), 1) for a, b in zip(events, events[1:])]
     losses.append(float(loss))
-    return dict(impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
-                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps,
+    extra = dict(profile=_profile_step(step, dev)) if prof and dev == "cuda" else {}
+    return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
+                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps, step_ms=step_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
                 load_s=t_load, warmup_s=t_warm, trainable=sum(p.numel() for p in params),
                 first_loss=losses[0], last_loss=losses[-1])
@@ -94,11 +126,12 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--profile", action="store_true", help="add one profiled step's top kernels to each result")
     ap.add_argument("--child", nargs=3, metavar=("PATH", "QUANT", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         path, quant, variant = a.child
-        res = run_one(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant)
+        res = run_one(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant, a.profile)
         print("RESULT " + json.dumps(res), flush=True)
         return
     from common import environment, write_random_checkpoint
@@ -111,7 +144,7 @@ def main() -> None:
         for quant in a.quant.split(","):
             for variant in a.variants.split(","):
                 cmd = [sys.executable, __file__, "--child", path, quant, variant, "--bs", str(a.bs), "--seq",
-                       str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps), "--r", str(a.r)]
+                       str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps), "--r", str(a.r)] + ["--profile"] * a.profile
                 try:
                     p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
                     out = p.stdout + p.stderr

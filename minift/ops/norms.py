@@ -2,7 +2,7 @@
 
 Both ops save only their inputs: the backward kernel recomputes the row statistics from the x it
 has to load anyway, which costs no extra memory traffic. Weight/bias gradients are reduced in two
-stages without atomics (each persistent program sums its rows in fp32, torch sums the partials),
+stages without atomics (each persistent program sums its rows in fp32, one more launch sums the partials),
 which keeps them deterministic. Rows are processed as (BLOCK_M, BLOCK_N) tiles so small hidden
 sizes (per-head q/k norms) still give each program a useful amount of work.
 """
@@ -148,14 +148,27 @@ if HAS_TRITON:
             tl.store(DWP + pid * N + cols, tl.sum(dw, axis=0), mask=cmask)
             tl.store(DBP + pid * N + cols, tl.sum(db, axis=0), mask=cmask)
 
+    @triton.jit
+    def _sum_partials_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """OUT[k, c] = sum over r of P[k, r, c], cast to OUT's dtype: each program loads all R partial
+        rows of its columns at once (one round trip; a loop over rows is latency-bound)."""
+        k = tl.program_id(1).to(tl.int64)
+        rows = tl.arange(0, BLOCK_R)
+        cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        mask = (rows < R)[:, None] & (cols < N)[None, :]
+        p = tl.load(P + k * R * N + rows[:, None] * N + cols[None, :], mask=mask, other=0.0)
+        tl.store(OUT + k * N + cols, tl.sum(p, axis=0).to(OUT.dtype.element_ty), mask=cols < N)
+
 
 def _tiles(n: int, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): one row per tile for wide rows, several for narrow ones.
+    """(BLOCK_M, BLOCK_N, num_warps) of a one-tile-per-program kernel: one row per tile for wide
+    rows, several for narrow ones.
 
-    Forward: ~16 elements per thread per tensor up to 4096-element tiles. Backward: tiles of at least
-    2048 elements at 16 per thread; an H100 sweep (bf16, 8192 rows x 2048/2560, 65536 x 256) put
-    these within 3% of the best of 16 configs, where 32 per thread was up to 1.5x slower.
-    ptxas for sm_90 reports no spills for any forward up to 16384 wide nor backward up to 4096.
+    Forward (and the persistent weight-gradient backward): ~16 elements per thread per tensor up to
+    4096-element tiles. Backward without weight grads: tiles of at least 2048 elements at 16 per
+    thread; an H100 sweep (bf16, 8192 rows x 2048/2560, 65536 x 256) put these within 3% of the best
+    of 16 configs, where 32 per thread was up to 1.5x slower. ptxas for sm_90 reports no spills for
+    any forward up to 16384 wide nor backward up to 4096.
     """
     block_n = triton.next_power_of_2(n)
     if backward:
@@ -170,11 +183,28 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _persistent_grid(x: torch.Tensor, n_blocks: int) -> int:
-    """Programs for the backward: enough to fill the GPU (4 per SM was faster than 2 in the sweep of
-    `_tiles`), few enough that the partials stay small."""
-    per_device = 4 * _sm_count(x.device.index or 0) if x.is_cuda else 8
-    return max(1, min(n_blocks, per_device))
+def _weight_grad_launch(x: torch.Tensor, m: int, n: int) -> tuple[int, int, int, int]:
+    """(grid, BLOCK_M, BLOCK_N, num_warps) of the persistent weight-gradient backward.
+
+    Two programs per SM on the forward's 4096-element tiles: in an H100 sweep (bf16; programs per SM
+    2-8, tiles 2048-8192, 2-16 warps) the kernel then ran within 1-3 us of the no-weight-grad one at
+    8192 x 2048/2560/4096 and 65536 x 256; more programs gave more partial rows to sum, which cost
+    more than they saved (a torch sum of 528 x 4096 partials took 17 us).
+    """
+    bm, bn, nw = _tiles(n, backward=False)
+    per_device = 2 * _sm_count(x.device.index or 0) if x.is_cuda else 8
+    return max(1, min(triton.cdiv(m, bm), per_device)), bm, bn, min(16, nw)
+
+
+def _sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(K, R, N) fp32 per-program partials -> (K, N) sums in `dtype`, in one launch."""
+    k, r, n = partials.shape
+    out = torch.empty((k, n), dtype=dtype, device=partials.device)
+    block_r = triton.next_power_of_2(r)
+    block_c = min(triton.next_power_of_2(n), max(1, 8192 // block_r))
+    _sum_partials_kernel[(triton.cdiv(n, block_c), k)](partials, out, r, n, BLOCK_R=block_r, BLOCK_C=block_c,
+                                                       num_warps=8)
+    return out
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -210,14 +240,16 @@ def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty(0)
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
     m, n = x2.shape
-    bm, bn, nw = _tiles(n, backward=True)
-    n_blocks = triton.cdiv(m, bm)
-    grid = _persistent_grid(x, n_blocks) if weight_grad else n_blocks
+    if weight_grad:
+        grid, bm, bn, nw = _weight_grad_launch(x, m, n)
+    else:
+        bm, bn, nw = _tiles(n, backward=True)
+        grid = triton.cdiv(m, bm)
     dwp = torch.empty((grid if weight_grad else 0, n), dtype=torch.float32, device=x.device)
     _rms_bwd_kernel[(grid,)](
         dy2, x2, weight.contiguous(), dx2, dwp, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
         dx2.stride(0), eps, offset, COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
-    return dx, dwp.sum(0).to(weight.dtype) if weight_grad else weight.new_empty(0)
+    return dx, _sum_partials(dwp[None], weight.dtype)[0] if weight_grad else weight.new_empty(0)
 
 
 def _rms_norm_bwd_fake(dy, x, weight, eps, offset, weight_grad):
@@ -266,31 +298,30 @@ def _layer_norm_fake(x, weight, bias, eps):
 
 
 def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, eps: float, param_grads: bool
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dweight, dbias), the latter two in fp32 (the autograd wrapper casts each to its parameter's
-    dtype) or empty placeholders when not wanted (frozen parameters)."""
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, [dweight; dbias]): the latter a (2, hidden) fp32 tensor (the autograd wrapper casts each
+    row to its parameter's dtype; one output, since a custom op's outputs may not alias), or an
+    empty placeholder when not wanted (frozen parameters)."""
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel() == 0:
-        shape = weight.shape if param_grads else (0,)
-        return dx, weight.new_zeros(shape, dtype=torch.float32), weight.new_zeros(shape, dtype=torch.float32)
+        return dx, weight.new_zeros((2, weight.shape[0]) if param_grads else (0,), dtype=torch.float32)
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
     m, n = x2.shape
-    bm, bn, nw = _tiles(n, backward=True)
-    n_blocks = triton.cdiv(m, bm)
-    grid = _persistent_grid(x, n_blocks) if param_grads else n_blocks
+    if param_grads:
+        grid, bm, bn, nw = _weight_grad_launch(x, m, n)
+    else:
+        bm, bn, nw = _tiles(n, backward=True)
+        grid = triton.cdiv(m, bm)
     dwp = torch.empty((2, grid if param_grads else 0, n), dtype=torch.float32, device=x.device)
     _ln_bwd_kernel[(grid,)](
         dy2, x2, weight.contiguous(), dx2, dwp[0], dwp[1], m, n, dy2.stride(0), dy2.stride(1), x2.stride(0),
         x2.stride(1), dx2.stride(0), eps, COMPUTE_DW=param_grads, BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
-    if not param_grads:
-        return dx, dwp.new_empty(0), dwp.new_empty(0)
-    return dx, dwp[0].sum(0), dwp[1].sum(0)
+    return dx, _sum_partials(dwp, torch.float32) if param_grads else dwp.new_empty(0)
 
 
 def _layer_norm_bwd_fake(dy, x, weight, eps, param_grads):
-    shape = weight.shape if param_grads else (0,)
-    g = weight.new_empty(shape, dtype=torch.float32)
-    return torch.empty(x.shape, dtype=x.dtype, device=x.device), g, torch.empty_like(g)
+    g = weight.new_empty((2, weight.shape[0]) if param_grads else (0,), dtype=torch.float32)
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), g
 
 
 _layer_norm_bwd_op = Op("layer_norm_backward", _layer_norm_bwd_impl, _layer_norm_bwd_fake)
@@ -306,9 +337,9 @@ def _ln_setup(ctx, inputs, output):
 def _ln_backward(ctx, dy):
     x, weight = ctx.saved_tensors
     want_w, want_b = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    dx, dw, db = _layer_norm_bwd_op(dy, x, weight, ctx.eps, want_w or want_b)
-    dw = dw.to(weight.dtype) if want_w else None
-    db = db.to(ctx.bias_dtype) if want_b else None
+    dx, dwdb = _layer_norm_bwd_op(dy, x, weight, ctx.eps, want_w or want_b)
+    dw = dwdb[0].to(weight.dtype) if want_w else None
+    db = dwdb[1].to(ctx.bias_dtype) if want_b else None
     return dx, dw, db, None
 
 
