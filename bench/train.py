@@ -10,6 +10,7 @@ same session and compare as ratios. Each (shape, quant, variant) runs in its own
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -92,6 +93,19 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t_warm = time.time() - t_warm
+    if "gcfreeze" in variant:  # long-lived objects (modules, compiled code) out of the cyclic GC
+        gc.collect()
+        gc.freeze()
+    pauses: list[tuple[int, float]] = []  # Python's cyclic GC during the timed steps: (generation, ms)
+    started: dict[str, float] = {}
+
+    def on_gc(phase: str, info: dict) -> None:
+        if phase == "start":
+            started["t"] = time.perf_counter()
+        elif "t" in started:
+            pauses.append((info["generation"], round((time.perf_counter() - started.pop("t")) * 1e3, 1)))
+
+    gc.callbacks.append(on_gc)
     # CUDA events between steps time each step on the GPU's clock without a host sync: one slow
     # step (a recompile, an allocator stall) shows apart from a uniformly slower loop
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if dev == "cuda" else []
@@ -105,10 +119,12 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         torch.cuda.synchronize()
     dt = time.time() - t0
     step_ms = [round(a.elapsed_time(b), 1) for a, b in zip(events, events[1:])]
+    gc.callbacks.remove(on_gc)
+    gc_ms = {f"gen{g}": round(sum(ms for gg, ms in pauses if gg == g), 1) for g in sorted({g for g, _ in pauses})}
     losses.append(float(loss))
     extra = dict(profile=_profile_step(step, dev)) if prof and dev == "cuda" else {}
     return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
-                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps, step_ms=step_ms,
+                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps, step_ms=step_ms, gc_ms=gc_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
                 load_s=t_load, warmup_s=t_warm, trainable=sum(p.numel() for p in params),
                 first_loss=losses[0], last_loss=losses[-1])
@@ -118,7 +134,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt, each optionally +compile (the Trainer default on CUDA), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers)")
+    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt, each optionally +compile (the Trainer default on CUDA), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

@@ -211,3 +211,22 @@ def test_compiled_layers_match_eager(llama, tmp_path):
     comp, mc = run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=3, compile=True)
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in mc.model.layers)
     assert eager.losses == pytest.approx(comp.losses, rel=1e-5)
+
+
+def test_gc_frozen_during_training_only(llama, tmp_path, monkeypatch):
+    """After the first step the Trainer moves long-lived objects out of the cyclic GC (whose full
+    collections stalled GPU steps); the freeze is undone when train() returns, even on error."""
+    import gc
+
+    counts = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        counts.append(gc.get_freeze_count())
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    before = gc.get_freeze_count()
+    run(llama, text_rows(6, seed=1), tmp_path, batch_size=2, max_steps=3, optimizer="adamw")
+    assert counts[0] == before and all(c > before for c in counts[1:])
+    assert gc.get_freeze_count() == before
