@@ -46,6 +46,14 @@ if HAS_TRITON:
         return x, dy
 
     @triton.jit
+    def _add2(a0, a1, b0, b1):
+        return a0 + b0, a1 + b1
+
+    @triton.jit
+    def _add3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
+
+    @triton.jit
     def _rms_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
                         eps, offset, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
@@ -72,10 +80,13 @@ if HAS_TRITON:
                 cur_mask = (cur_rows < M)[:, None] & cmask[None, :]
                 x, dy = _load_tile(X, DY, cur_rows, cur_mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
                 x, dy = x.to(tl.float32), dy.to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-            xhat = x * rstd[:, None]
             g = dy * w[None, :]
-            c = tl.sum(g * xhat, axis=1) / N
+            # both row sums in one reduction (one cross-warp exchange, not two): sum(g * xhat) is
+            # rstd * sum(g * x), so it need not wait for rstd
+            ssq, sgx = tl.reduce((x * x, g * x), 1, _add2)
+            rstd = 1.0 / tl.sqrt(ssq / N + eps)
+            xhat = x * rstd[:, None]
+            c = rstd * sgx / N
             dx = (g - xhat * c[:, None]) * rstd[:, None]
             if N == 1:  # 1-D row: g - xhat*c = g*eps*rstd^2 exactly; the subtraction would keep no digits
                 dx = g * (eps * rstd * rstd * rstd)[:, None]
@@ -129,11 +140,15 @@ if HAS_TRITON:
                 x, dy = x.to(tl.float32), dy.to(tl.float32)
             mean = tl.sum(x, axis=1) / N
             xc = tl.where(cur_mask, x - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / N + eps)
-            xhat = xc * rstd[:, None]
             g = dy * w[None, :]
-            c1 = tl.sum(g * xhat, axis=1) / N
-            c2 = tl.sum(g, axis=1) / N
+            if COMPUTE_DW:  # one exchange (see _rms_bwd_kernel): 1.0-1.15x here on an H100,
+                ssq, sgx, sg = tl.reduce((xc * xc, g * xc, g), 1, _add3)
+            else:  # but 1.02-1.2x slower than three sums on the one-tile-per-program grid
+                ssq, sgx, sg = tl.sum(xc * xc, axis=1), tl.sum(g * xc, axis=1), tl.sum(g, axis=1)
+            rstd = 1.0 / tl.sqrt(ssq / N + eps)
+            xhat = xc * rstd[:, None]
+            c1 = rstd * sgx / N
+            c2 = sg / N
             h = g - c2[:, None]
             dx = (h - xhat * c1[:, None]) * rstd[:, None]
             if N <= 2:  # centred rows span one direction: h - xhat*c1 = h*eps*rstd^2 exactly (see _rms_bwd_kernel)
