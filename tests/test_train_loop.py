@@ -215,7 +215,7 @@ def test_compiled_layers_match_eager(llama, tmp_path):
 
 def test_gc_frozen_during_training_only(llama, tmp_path, monkeypatch):
     """After the first step the Trainer moves long-lived objects out of the cyclic GC (whose full
-    collections stalled GPU steps); the freeze is undone when train() returns, even on error."""
+    collections stalled GPU steps) and undoes that when train() returns; a caller's own freeze is kept."""
     import gc
 
     counts = []
@@ -230,3 +230,13 @@ def test_gc_frozen_during_training_only(llama, tmp_path, monkeypatch):
     run(llama, text_rows(6, seed=1), tmp_path, batch_size=2, max_steps=3, optimizer="adamw")
     assert counts[0] == before and all(c > before for c in counts[1:])
     assert gc.get_freeze_count() == before
+
+    gc.freeze()  # the caller's own freeze is left alone, and kept
+    try:
+        own = gc.get_freeze_count()
+        counts.clear()
+        run(llama, text_rows(6, seed=1), tmp_path / "b", batch_size=2, max_steps=2, optimizer="adamw")
+        # (frozen objects freed by refcount leave the permanent generation: counts only shrink)
+        assert len(counts) == 2 and max(counts) <= own and 0 < gc.get_freeze_count() <= own
+    finally:
+        gc.unfreeze()
