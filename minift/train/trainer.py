@@ -64,7 +64,7 @@ class TrainSummary:
 def _freeze_gc() -> bool:
     """Move every object alive after the first step (modules, compiled graphs, optimizer state) out of
     Python's cyclic GC until training ends. Its full (generation 2) collections walk all of them: on
-    an H100, Gemma-3-4B NF4 stalled one step in a dozen by ~0.6 s (3.6% of the throughput) until
+    an H100, Gemma-3-4B NF4 stalled one step in a dozen by ~0.6 s (8% of 14 steps' throughput) until
     bench/train.py froze them. Garbage made by later steps is still collected. A process that froze
     objects itself keeps its own GC policy (False: nothing frozen here, nothing to undo)."""
     if gc.get_freeze_count():
