@@ -39,11 +39,13 @@ if HAS_TRITON:
         tl.store(Y + rows[:, None] * stride_ym + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn):
-        """x and dy of a tile, in their storage dtype."""
+    def _load_tile(X, DY, blk, M, cols, cmask, stride_xm, stride_xn, stride_dym, stride_dyn, BLOCK_M: tl.constexpr):
+        """Row block `blk`: its rows, mask, and x and dy in their storage dtype."""
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        mask = (rows < M)[:, None] & cmask[None, :]
         x = tl.load(X + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask, other=0.0)
         dy = tl.load(DY + rows[:, None] * stride_dym + cols[None, :] * stride_dyn, mask=mask, other=0.0)
-        return x, dy
+        return rows, mask, x, dy
 
     @triton.jit
     def _add2(a0, a1, b0, b1):
@@ -66,19 +68,16 @@ if HAS_TRITON:
         # issues the next tile's loads before this tile's maths, two tiles in flight (loads past the
         # end are masked off); 1.07-1.3x on an H100. Without it each program has one tile.
         if COMPUTE_DW:
-            rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-            mask = (rows < M)[:, None] & cmask[None, :]
-            x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+            rows, mask, x_next, dy_next = _load_tile(X, DY, pid, M, cols, cmask, stride_xm, stride_xn,
+                                                     stride_dym, stride_dyn, BLOCK_M)
         for blk in range(pid, tl.cdiv(M, BLOCK_M), step):
             if COMPUTE_DW:
                 cur_rows, cur_mask, x, dy = rows, mask, x_next.to(tl.float32), dy_next.to(tl.float32)
-                rows = (blk + step) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-                mask = (rows < M)[:, None] & cmask[None, :]
-                x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+                rows, mask, x_next, dy_next = _load_tile(X, DY, blk + step, M, cols, cmask, stride_xm, stride_xn,
+                                                         stride_dym, stride_dyn, BLOCK_M)
             else:
-                cur_rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-                cur_mask = (cur_rows < M)[:, None] & cmask[None, :]
-                x, dy = _load_tile(X, DY, cur_rows, cur_mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+                cur_rows, cur_mask, x, dy = _load_tile(X, DY, blk, M, cols, cmask, stride_xm, stride_xn,
+                                                       stride_dym, stride_dyn, BLOCK_M)
                 x, dy = x.to(tl.float32), dy.to(tl.float32)
             g = dy * w[None, :]
             # both row sums in one reduction (one cross-warp exchange, not two): sum(g * xhat) is
@@ -124,19 +123,16 @@ if HAS_TRITON:
         dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # reduced over rows once, after the loop
         db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if COMPUTE_DW:  # next tile's loads first: see _rms_bwd_kernel
-            rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-            mask = (rows < M)[:, None] & cmask[None, :]
-            x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+            rows, mask, x_next, dy_next = _load_tile(X, DY, pid, M, cols, cmask, stride_xm, stride_xn,
+                                                     stride_dym, stride_dyn, BLOCK_M)
         for blk in range(pid, tl.cdiv(M, BLOCK_M), step):
             if COMPUTE_DW:
                 cur_rows, cur_mask, x, dy = rows, mask, x_next.to(tl.float32), dy_next.to(tl.float32)
-                rows = (blk + step) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-                mask = (rows < M)[:, None] & cmask[None, :]
-                x_next, dy_next = _load_tile(X, DY, rows, mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+                rows, mask, x_next, dy_next = _load_tile(X, DY, blk + step, M, cols, cmask, stride_xm, stride_xn,
+                                                         stride_dym, stride_dyn, BLOCK_M)
             else:
-                cur_rows = blk * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-                cur_mask = (cur_rows < M)[:, None] & cmask[None, :]
-                x, dy = _load_tile(X, DY, cur_rows, cur_mask, cols, stride_xm, stride_xn, stride_dym, stride_dyn)
+                cur_rows, cur_mask, x, dy = _load_tile(X, DY, blk, M, cols, cmask, stride_xm, stride_xn,
+                                                       stride_dym, stride_dyn, BLOCK_M)
                 x, dy = x.to(tl.float32), dy.to(tl.float32)
             mean = tl.sum(x, axis=1) / N
             xc = tl.where(cur_mask, x - mean[:, None], 0.0)
