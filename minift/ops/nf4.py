@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError, QuantizationError
 from . import reference as ref
-from ._backend import HAS_TRITON, INTERPRET, use_triton
+from ._backend import HAS_TRITON, INTERPRET, _tracing, use_triton
 
 if HAS_TRITON:
     import triton
@@ -327,6 +327,6 @@ def _(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
 def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
     """The dense weight (shape w.shape, dtype w.dtype), bit-identical to bitsandbytes."""
     _validate(w, "w")
-    if torch.compiler.is_compiling():  # the compiler must see the custom op
+    if _tracing((w.data,)):  # the compiler must see the custom op (see ops._backend._tracing)
         return _dequantize_op(*pack_base(w))
     return _dequantize_impl(w)  # eager: the same code without packing and the dispatcher
