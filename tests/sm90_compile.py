@@ -7,7 +7,9 @@ fail on the first GPU. This script closes that gap in two processes:
 
   record:  under the interpreter, drive every public op (forward and backward, 16- and 32-bit,
            narrow and wide rows, NF4 bases, softcap, all reductions) and record each launch's
-           kernel, argument types, constexprs and launch options;
+           kernel, argument types, constexprs and launch options, specialised as Triton's JIT
+           does on a GPU (an int argument equal to 1 becomes a constant; pointers and ints that
+           are multiples of 16 are marked so), since that changes vectorisation and registers;
   compile: without the interpreter, compile each recorded launch with triton.compile for
            GPUTarget("cuda", 90, 32), through ptxas to a cubin, and read its register spills
            (cuobjdump's per-thread stack): a spilling launch config is a performance cliff.
@@ -53,8 +55,10 @@ def _drive() -> None:
         return (torch.randn(*shape, generator=g) * 0.5).to(dtype).requires_grad_(grad)
 
     def back(out):
+        """Backward from contiguous random gradients, as in training: the launch then specialises
+        like it (unit strides; an expanded sum() gradient would have stride 0)."""
         outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward([o.float().sum() for o in outs])
+        torch.autograd.backward(list(outs), [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs])
 
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         for rows, hidden in ((5, 37), (3, 2048), (3, 2560), (2, 4096), (67, 16), (9, 256)):
@@ -113,19 +117,21 @@ def record(path: str) -> None:
         params = inspect.signature(self.fn).parameters
         bound = dict(zip(params, args))
         bound.update({k: v for k, v in kwargs.items() if k in params})
-        types, consts = {}, {}
+        types, consts, div16 = {}, {}, []
         for name, p in params.items():
             v = bound.get(name, p.default)
-            if "constexpr" in str(p.annotation):
+            if "constexpr" in str(p.annotation) or (type(v) is int and v == 1):
                 types[name], consts[name] = "constexpr", v
             else:
                 types[name] = _arg_type(v)
+                if (type(v) is int and v % 16 == 0) or (hasattr(v, "data_ptr") and v.data_ptr() % 16 == 0):
+                    div16.append(name)
         opts = {k: v for k, v in kwargs.items() if k in _OPTIONS}
         specs = [(types, consts)]
         if consts.get("BF16_BITS"):  # the interpreter's int16 stand-in for bf16 outputs: compile the GPU's form
             specs.append(({k: "*bf16" if t == "*i16" else t for k, t in types.items()}, dict(consts, BF16_BITS=False)))
         for t, c in specs:
-            entry = [self.fn.__module__, self.fn.__name__, t, c, opts]
+            entry = [self.fn.__module__, self.fn.__name__, t, c, opts, div16]
             seen[json.dumps(entry, sort_keys=True)] = entry
         return original(self, *args, grid=grid, warmup=warmup, **kwargs)
 
@@ -163,10 +169,12 @@ def _compile_one(entry: list) -> tuple[str | None, str | None, int]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module, name, types, consts, opts = entry
+    module, name, types, consts, opts, div16 = entry
     fn = getattr(importlib.import_module(module), name)
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in div16}
     try:
-        k = triton.compile(ASTSource(fn, types, constexprs=consts), target=GPUTarget("cuda", 90, 32), options=opts)
+        k = triton.compile(ASTSource(fn, types, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options=opts)
     except Exception as e:  # report every failure, not just the first
         return f"{name} {consts} {opts}: {type(e).__name__}: {str(e)[:400]}", None, 0
     stack = _stack_bytes(k.asm["cubin"])
@@ -174,8 +182,9 @@ def _compile_one(entry: list) -> tuple[str | None, str | None, int]:
 
 
 # Register spills beyond this many bytes a thread fail: an NF4 dequant config spilling 5400 ran 10x
-# slower on an H100, while the fastest Gemma RoPE tile measured there (head_dim 256) spills 16.
-MAX_SPILL = 64
+# slower on an H100, while the fastest configs measured there spill up to 224 (Gemma RoPE, head_dim
+# 256, 0.88 of copy bandwidth) and 112 (layer_norm's weight-gradient backward at 2048 wide).
+MAX_SPILL = 256
 
 
 def compile_all(path: str) -> int:
