@@ -26,7 +26,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def _profile_step(step, dev: str) -> dict:
     """GPU time of one more step by kernel (top 15) and in all, beside its wall time: a GPU-busy
-    fraction well under 1 means the step waits on Python, not on kernels."""
+    fraction well under 1 means the step waits on Python, not on kernels; then `cpu_top` (host
+    time by op, self time, top 15) says where the host spends it."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -39,8 +40,11 @@ def _profile_step(step, dev: str) -> dict:
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     total = sum(e.self_device_time_total for e in kernels) / 1e3
     top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:15]
+    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    cpu_top = sorted(host, key=lambda e: -e.self_cpu_time_total)[:15]
     return dict(wall_ms=round(wall * 1e3, 1), gpu_ms=round(total, 1),
-                top=[(e.key[:90], e.count, round(e.self_device_time_total / 1e3, 2)) for e in top])
+                top=[(e.key[:90], e.count, round(e.self_device_time_total / 1e3, 2)) for e in top],
+                cpu_top=[(e.key[:90], e.count, round(e.self_cpu_time_total / 1e3, 2)) for e in cpu_top])
 
 
 def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str,
@@ -110,10 +114,13 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     # step (a recompile, an allocator stall) shows apart from a uniformly slower loop
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if dev == "cuda" else []
     t0 = time.time()
+    host_ms = []  # host time per step: near step_ms means the GPU waited on Python
     for i in range(steps):
         if events:
             events[i].record()
+        h = time.perf_counter()
         loss = step(i)
+        host_ms.append(round((time.perf_counter() - h) * 1e3, 1))
     if dev == "cuda":
         events[-1].record()
         torch.cuda.synchronize()
@@ -124,7 +131,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     losses.append(float(loss))
     extra = dict(profile=_profile_step(step, dev)) if prof and dev == "cuda" else {}
     return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
-                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps, step_ms=step_ms, gc_ms=gc_ms,
+                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
                 load_s=t_load, warmup_s=t_warm, trainable=sum(p.numel() for p in params),
                 first_loss=losses[0], last_loss=losses[-1])
