@@ -18,7 +18,7 @@ import torch
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, Op, use_triton
+from ._backend import HAS_TRITON, INTERPRET, Op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_N = 65536  # one row must fit one tile; LLM hidden sizes are far below this
@@ -236,7 +236,7 @@ def _bwd_config(n: int, split: bool, weight_grad: bool) -> tuple[int, int, int, 
 
     split: columns as the largest power of two <= n plus the rest padded to a power of two, else one
     tile padded to the next power of two. An H100 sweep (bf16; 8192 rows of 1152/2048/2560/4096 and
-    65536 of 256) found layer_norm faster split (0.72 -> 0.84 of copy bandwidth at 1152, 0.77 -> 0.90
+    65536 of 256) found layer_norm faster split (0.72 -> 0.83 of copy bandwidth at 1152, 0.77 -> 0.90
     at 2560) and rms_norm faster padded (its single row sum would become two). The best tiles there
     held one row (four of 256), with weight grads (programs looping over many tiles) two rows of a
     power-of-two width; at ~16 elements a thread for padded rows of 1024 or more, ~32 otherwise.
@@ -264,7 +264,7 @@ _PER_SM: dict = {}
 def _programs_per_sm(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int:
     """How many programs of `kernel`, compiled for these arguments, fit on one SM at once (registers,
     warps, shared memory), as Triton's fused-softmax tutorial computes it. A persistent grid larger
-    than that runs in waves; the weight-gradient kernels hold ~130-255 registers a thread."""
+    than that runs in waves; the weight-gradient kernels hold ~110-255 registers a thread."""
     key = (kernel.fn.__name__, tuple(sorted(consts.items())), num_warps, device.index,
            tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
     if key not in _PER_SM:
@@ -293,7 +293,7 @@ def _bwd_launch(kernel, x: torch.Tensor, m: int, n: int, split: bool, weight_gra
     tiles = triton.cdiv(m, bm)
     if not weight_grad:
         return tiles, consts, nw
-    if not x.is_cuda:  # the interpreter: a few programs, each looping over several tiles
+    if INTERPRET or not x.is_cuda:  # the interpreter: a few programs, each looping over several tiles
         return min(tiles, 8), consts, nw
     per_sm = _programs_per_sm(kernel, args(x.new_empty((2, 1, n), dtype=torch.float32)), consts, nw, x.device)
     return min(tiles, per_sm * _sm_count(x.device.index or 0)), consts, nw
