@@ -30,7 +30,10 @@ _OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 def _arg_type(v) -> str | None:
     import torch
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
+    if isinstance(v, TensorDescriptor):  # a host-side TMA descriptor: element type and box shape
+        return f"tensordesc<{_DTYPES[str(v.base.dtype).replace('torch.', '')]}[{','.join(map(str, v.block_shape))}]>"
     if isinstance(v, torch.Tensor):
         return "*" + _DTYPES[str(v.dtype).replace("torch.", "")]
     if isinstance(v, bool):
@@ -61,7 +64,7 @@ def _drive() -> None:
         torch.autograd.backward(list(outs), [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs])
 
     for dt in (torch.float32, torch.bfloat16, torch.float16):
-        for rows, hidden in ((5, 37), (3, 2048), (3, 2560), (2, 4096), (67, 16), (9, 256)):
+        for rows, hidden in ((5, 37), (3, 2048), (3, 2560), (2, 4096), (67, 16), (9, 256), (3, 1152), (2, 3584)):
             for wgrad in (True, False):
                 x, w, b = rnd(rows, hidden, dtype=dt), rnd(hidden, dtype=dt, grad=wgrad), rnd(hidden, dtype=dt, grad=wgrad)
                 back(ops.rms_norm(x, w, 1e-6, 1.0))

@@ -26,7 +26,7 @@ HIDDEN = [1, 7, 63, 64, 65, 129, 1000]
 @st.composite
 def norm_case(draw, device: str) -> dict:
     big = device == "cuda"
-    hidden = draw(st.sampled_from(HIDDEN + ([4096, 5120, 8192] if big else [])) | st.integers(1, 300))
+    hidden = draw(st.sampled_from(HIDDEN + ([1152, 2560, 4096, 5120, 8192] if big else [])) | st.integers(1, 300))
     lead = draw(st.sampled_from([(1,), (3,), (2, 5), (17,)] + ([(4, 333), (1000,)] if big else [])))
     return dict(
         hidden=hidden,
@@ -146,6 +146,45 @@ def test_layer_norm_matches_reference(device: str, data) -> None:
     fn64 = lambda a, ww, bb: layer_norm64(a, ww, bb, eps)  # noqa: E731
     xhat64 = lambda a: layer_norm64(a, None, None, eps)  # noqa: E731
     compare(fn, fn64, xhat64, [x, w, b], names, gen, c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hidden", [40, 1152, 2048, 2560])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_norm_weight_grad_paths(device: str, hidden: int, deterministic: bool) -> None:
+    """Each weight-gradient backward: TMA boxes (rows that are not a power of two wide, contiguous;
+    1152 boxes 128-wide sub-rows, 40 eight-wide ones) or the pointer kernel, layer_norm's sums by
+    fp32 atomics (wide rows) or by partial rows (always under torch.use_deterministic_algorithms,
+    which must then give bit-identical results run to run)."""
+    from minift.ops import norms
+
+    c = dict(hidden=hidden, lead=(3,) if device == "cpu" else (4, 333), dtype=torch.bfloat16, scale=1.0, layout="contiguous", grad="random",
+             frozen=False, seed=hidden)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        gen, x, w, b = _case_inputs(c, device, with_bias=True)
+        x2 = x.reshape(-1, hidden)
+        if device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
+            assert (norms._tma_plan(x2, x2, hidden) is not None) == (hidden & (hidden - 1) != 0)
+        assert norms._use_atomics(True, hidden) == (hidden >= 2048 and not deterministic)
+        assert not norms._use_atomics(False, hidden)
+        fn = lambda a, ww, bb: ops.layer_norm(a, ww, bb, 1e-5)  # noqa: E731
+        compare(fn, lambda a, ww, bb: layer_norm64(a, ww, bb, 1e-5), lambda a: layer_norm64(a, None, None, 1e-5),
+                [x, w, b], ["layer_norm y", "layer_norm dx", "layer_norm dweight", "layer_norm dbias"], gen, c)
+        compare(lambda a, ww: ops.rms_norm(a, ww, 1e-6, 1.0), lambda a, ww: rms_norm64(a, ww, 1e-6, 1.0),
+                lambda a: rms_norm64(a, 1.0, 1e-6, 0.0), [x, w], ["rms_norm y", "rms_norm dx", "rms_norm dweight"], gen, c)
+        if deterministic:
+            grads = []
+            for _ in range(2):
+                leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+                with ops.backend("triton"):
+                    ops.layer_norm(*leaves, 1e-5).backward(torch.ones_like(x))
+                grads.append([t.grad for t in leaves])
+            for g1, g2 in zip(*grads):
+                assert torch.equal(g1, g2), "deterministic mode must repeat bit for bit"
+    finally:
+        torch.use_deterministic_algorithms(previous)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,12 +1,14 @@
 """RMSNorm and LayerNorm: Triton kernels with custom autograd, dispatched against the reference.
 
 Both ops save only their inputs: the backward kernel recomputes the row statistics from the x it
-has to load anyway, which costs no extra memory traffic. Weight/bias gradients are reduced in two
-stages without atomics (each persistent program sums its rows in fp32, one more launch sums the partials),
-which keeps them deterministic on a given GPU; the persistent grid is as many programs as fit on it
-at once, read from the compiled kernel's registers. Rows are processed as (BLOCK_M, BLOCK_N) tiles so
-small hidden sizes (per-head q/k norms) still give each program a useful amount of work; the backward
-kernels can split a row into a power-of-two part and a remainder instead of padding it.
+has to load anyway, which costs no extra memory traffic. Weight/bias gradients come from a
+persistent grid (as many programs as fit on the GPU at once, read from the compiled kernel's
+registers), each program summing its rows in fp32; the per-program sums are then added up by a
+second launch (deterministic), or, for layer_norm's wide rows, by fp32 atomics into one buffer
+(faster; not under torch.use_deterministic_algorithms). Rows are processed as (BLOCK_M, BLOCK_N)
+tiles so small hidden sizes (per-head q/k norms) still give each program a useful amount of work;
+the backward kernels can split a row into a power-of-two part and a remainder instead of padding
+it, and on Hopper the weight-grad backward of such rows loads them by TMA instead.
 """
 
 from __future__ import annotations
@@ -80,9 +82,19 @@ if HAS_TRITON:
         return dx
 
     @triton.jit
+    def _emit(P, v, cols, mask, j, pid, R, N, ATOMIC: tl.constexpr):
+        """This program's sum of weight-grad quantity j over its rows: atomically added to P[j, cols]
+        of a zeroed (k, N) fp32 buffer (ATOMIC), else stored as partial row P[j, pid, cols] of a
+        (k, R, N) one for _sum_partials_kernel (deterministic)."""
+        if ATOMIC:
+            tl.atomic_add(P + j * N + cols, v, mask=mask, sem="relaxed")
+        else:
+            tl.store(P + (j * R + pid) * N + cols, v, mask=mask)
+
+    @triton.jit
     def _rms_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
                         eps, offset, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-                        MASK_A: tl.constexpr, PIPELINE: tl.constexpr):
+                        MASK_A: tl.constexpr, PIPELINE: tl.constexpr, ATOMIC: tl.constexpr):
         """One padded part per row (BLOCK_A >= N): splitting off the remainder would double the one
         row-sum reduction this kernel has, which measured slower (see _bwd_config)."""
         pid = tl.program_id(0)
@@ -116,7 +128,7 @@ if HAS_TRITON:
             if COMPUTE_DW:
                 dwa += dya * xa * rstd[:, None]
         if COMPUTE_DW:
-            tl.store(DWP + pid * N + ca, tl.sum(dwa, axis=0), mask=ca < N)
+            _emit(DWP, tl.sum(dwa, axis=0), ca, ca < N, 0, pid, step, N, ATOMIC)
 
     @triton.jit
     def _ln_fwd_kernel(X, W, B, Y, M, N, stride_xm, stride_xn, stride_ym, eps,
@@ -146,9 +158,9 @@ if HAS_TRITON:
         return dx
 
     @triton.jit
-    def _ln_bwd_kernel(DY, X, W, DX, DWP, DBP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
+    def _ln_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
                        eps, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-                       BLOCK_B: tl.constexpr, MASK_A: tl.constexpr, PIPELINE: tl.constexpr):
+                       BLOCK_B: tl.constexpr, MASK_A: tl.constexpr, PIPELINE: tl.constexpr, ATOMIC: tl.constexpr):
         pid = tl.program_id(0)
         step = tl.num_programs(0)
         ca = tl.arange(0, BLOCK_A)
@@ -204,11 +216,71 @@ if HAS_TRITON:
                     dwb += dyb * xhatb
                     dbb += dyb
         if COMPUTE_DW:
-            tl.store(DWP + pid * N + ca, tl.sum(dwa, axis=0), mask=ca < N)
-            tl.store(DBP + pid * N + ca, tl.sum(dba, axis=0), mask=ca < N)
+            _emit(DWP, tl.sum(dwa, axis=0), ca, ca < N, 0, pid, step, N, ATOMIC)
+            _emit(DWP, tl.sum(dba, axis=0), ca, ca < N, 1, pid, step, N, ATOMIC)
             if BLOCK_B > 0:
-                tl.store(DWP + pid * N + cb, tl.sum(dwb, axis=0), mask=cb < N)
-                tl.store(DBP + pid * N + cb, tl.sum(dbb, axis=0), mask=cb < N)
+                _emit(DWP, tl.sum(dwb, axis=0), cb, cb < N, 0, pid, step, N, ATOMIC)
+                _emit(DWP, tl.sum(dbb, axis=0), cb, cb < N, 1, pid, step, N, ATOMIC)
+
+    @triton.jit
+    def _rms_bwd_tma_kernel(DYD, XD, W, DX, DWP, M, N, stride_dxm, eps, offset, BLOCK_M: tl.constexpr,
+                            NSUB: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, ATOMIC: tl.constexpr):
+        """rms_norm backward with weight grad on Hopper: x and dy arrive by TMA into shared memory,
+        STAGES row blocks in flight (the pointer kernel keeps one more in registers, which caps its
+        occupancy). A row is viewed as (N // SUB, SUB) sub-rows and loaded as a (BLOCK_M, NSUB, SUB)
+        box; sub-rows past the row end come back zero-filled without being read, so a width that is
+        not a power of two moves no padding (2560 = 10 x 256 in a 16 x 256 box)."""
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        s = tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]
+        w = (tl.load(W + s, mask=s < N, other=0.0).to(tl.float32) + offset)[None, :, :]
+        dw = tl.zeros((BLOCK_M, NSUB, SUB), dtype=tl.float32)
+        for blk in tl.range(pid, tl.cdiv(M, BLOCK_M), step, num_stages=STAGES):
+            x = XD.load([blk * BLOCK_M, 0, 0]).to(tl.float32)
+            dy = DYD.load([blk * BLOCK_M, 0, 0]).to(tl.float32)
+            g = dy * w
+            ssq, sgx = tl.reduce((x * x, g * x), 2, _add2)
+            ssq, sgx = tl.reduce((ssq, sgx), 1, _add2)
+            rstd = 1.0 / tl.sqrt(ssq / N + eps)
+            r = rstd[:, None, None]
+            dx = (g - x * (rstd * rstd * sgx / N)[:, None, None]) * r
+            _store_box(DX, blk * BLOCK_M, M, N, stride_dxm, dx, s, BLOCK_M)
+            dw += dy * x * r
+        _emit(DWP, tl.sum(dw, axis=0), s, s < N, 0, pid, step, N, ATOMIC)
+
+    @triton.jit
+    def _ln_bwd_tma_kernel(DYD, XD, W, DX, DWP, M, N, stride_dxm, eps, BLOCK_M: tl.constexpr,
+                           NSUB: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr, ATOMIC: tl.constexpr):
+        """layer_norm backward with weight and bias grads by TMA; see _rms_bwd_tma_kernel."""
+        pid = tl.program_id(0)
+        step = tl.num_programs(0)
+        s = tl.arange(0, NSUB)[:, None] * SUB + tl.arange(0, SUB)[None, :]
+        w = tl.load(W + s, mask=s < N, other=0.0).to(tl.float32)[None, :, :]
+        dw = tl.zeros((BLOCK_M, NSUB, SUB), dtype=tl.float32)
+        db = tl.zeros((BLOCK_M, NSUB, SUB), dtype=tl.float32)
+        for blk in tl.range(pid, tl.cdiv(M, BLOCK_M), step, num_stages=STAGES):
+            x = XD.load([blk * BLOCK_M, 0, 0]).to(tl.float32)
+            dy = DYD.load([blk * BLOCK_M, 0, 0]).to(tl.float32)
+            g = dy * w
+            mean = tl.sum(tl.sum(x, axis=2), axis=1) / N
+            xc = tl.where((s < N)[None, :, :], x - mean[:, None, None], 0.0)
+            ssq, sgx, sg = tl.reduce((xc * xc, g * xc, g), 2, _add3)
+            ssq, sgx, sg = tl.reduce((ssq, sgx, sg), 1, _add3)
+            rstd = 1.0 / tl.sqrt(ssq / N + eps)
+            r = rstd[:, None, None]
+            xhat = xc * r
+            dx = ((g - (sg / N)[:, None, None]) - xhat * (rstd * sgx / N)[:, None, None]) * r
+            _store_box(DX, blk * BLOCK_M, M, N, stride_dxm, dx, s, BLOCK_M)
+            dw += dy * xhat
+            db += dy
+        _emit(DWP, tl.sum(dw, axis=0), s, s < N, 0, pid, step, N, ATOMIC)
+        _emit(DWP, tl.sum(db, axis=0), s, s < N, 1, pid, step, N, ATOMIC)
+
+    @triton.jit
+    def _store_box(DX, r0, M, N, stride_dxm, dx, s, BLOCK_M: tl.constexpr):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        tl.store(DX + rows[:, None, None] * stride_dxm + s[None, :, :], dx.to(DX.dtype.element_ty),
+                 mask=(rows < M)[:, None, None] & (s < N)[None, :, :])
 
     @triton.jit
     def _sum_partials_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -261,18 +333,18 @@ def _sm_count(index: int) -> int:
 _PER_SM: dict = {}
 
 
-def _programs_per_sm(kernel, args: tuple, consts: dict, num_warps: int, device: torch.device) -> int:
+def _programs_per_sm(kernel, args, consts: dict, num_warps: int, x: torch.Tensor) -> int:
     """How many programs of `kernel`, compiled for these arguments, fit on one SM at once (registers,
     warps, shared memory), as Triton's fused-softmax tutorial computes it. A persistent grid larger
-    than that runs in waves; the weight-gradient kernels hold ~110-255 registers a thread."""
-    key = (kernel.fn.__name__, tuple(sorted(consts.items())), num_warps, device.index,
-           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    than that runs in waves; the weight-gradient kernels hold ~110-255 registers a thread. `args()`
+    gives arguments to compile with; it is only called the first time a config is seen."""
+    key = (kernel.fn.__name__, tuple(sorted(consts.items())), num_warps, x.device.index, x.dtype)
     if key not in _PER_SM:
-        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, **consts)
+        compiled = kernel.warmup(*args(), grid=(1,), num_warps=num_warps, **consts)
         compiled._init_handles()  # fills in n_regs (the tutorial's way to read them)
-        props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+        props = triton.runtime.driver.active.utils.get_device_properties(x.device.index or 0)
         regs = -(-max(compiled.n_regs, 1) // 8) * 8  # allocated in units of 8 a thread
-        threads = torch.cuda.get_device_properties(device).max_threads_per_multi_processor
+        threads = torch.cuda.get_device_properties(x.device).max_threads_per_multi_processor
         fit = min(props["max_num_regs"] // (regs * 32 * num_warps), threads // (32 * num_warps))
         if compiled.metadata.shared:
             fit = min(fit, props["max_shared_mem"] // compiled.metadata.shared)
@@ -280,23 +352,100 @@ def _programs_per_sm(kernel, args: tuple, consts: dict, num_warps: int, device: 
     return _PER_SM[key]
 
 
-def _bwd_launch(kernel, x: torch.Tensor, m: int, n: int, split: bool, weight_grad: bool,
-                args) -> tuple[int, dict, int]:
-    """(grid, constexprs, num_warps) of a norm backward. Without weight grads one tile per program;
-    with them a persistent grid of as many programs as fit on the GPU at once (each sums its rows'
-    weight-grad terms, so more programs would only mean more partial rows to add up). `args(partials)`
-    gives the kernel's arguments around a partial-sums buffer."""
-    bm, a, b, mask_a, nw, pipeline = _bwd_config(n, split, weight_grad)
-    consts = dict(COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_A=a, MASK_A=mask_a, PIPELINE=pipeline)
-    if split:
-        consts["BLOCK_B"] = b
-    tiles = triton.cdiv(m, bm)
+def _tma_plan(x2: torch.Tensor, dy2: torch.Tensor, n: int) -> Optional[int]:
+    """SUB when the weight-grad backward should load these rows by TMA as (n // SUB, SUB) sub-rows,
+    else None. Only for widths that are not a power of two (the pointer kernel pads those, and
+    measured faster at 2048 / 4096 / 256); it needs a Hopper GPU (or the interpreter), unit column
+    strides, 16-byte aligned rows, and SUB (the largest power of two <= 256 dividing n) at least 16
+    bytes wide."""
+    if n & (n - 1) == 0:
+        return None
+    if not INTERPRET and not (x2.is_cuda and torch.cuda.get_device_capability(x2.device)[0] >= 9):
+        return None
+    el = x2.element_size()
+    sub = min(n & -n, 256)
+    if sub * el < 16 or n // sub > 256:
+        return None
+    for t in (x2, dy2):
+        if t.stride(1) != 1 or t.stride(0) < n or (t.stride(0) * el) % 16 or t.data_ptr() % 16:
+            return None
+    return sub
+
+
+def _tma_config(n: int, sub: int, ln: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, NSUB, STAGES, num_warps) of a TMA backward. From H100 sweeps (bf16, 8192 rows of
+    1152 / 2560 / 3584): the box padded to a power of two beat splitting it into a power-of-two
+    part and a remainder; one row a program from 2048 wide, 2-4 warps; 4 stages up to 2560 wide
+    (3 for rms_norm at 2560), 3 beyond."""
+    nsub = triton.next_power_of_2(n // sub)
+    width = nsub * sub
+    block_m = max(1, 2048 // width)
+    stages = 3 if n > 3072 or (not ln and width > 2048) else 4
+    return block_m, nsub, stages, max(2, min(8, block_m * width // 1024))
+
+
+def _use_atomics(ln: bool, n: int) -> bool:
+    """Whether the weight-grad sums go straight into one fp32 buffer by atomics (run-to-run bit
+    differences; never under torch.use_deterministic_algorithms) instead of per-program partial
+    rows added up by a second launch. On an H100 that made layer_norm's backward 1.03-1.05x faster
+    from 2048 wide (slower below, with more programs adding to the same columns); rms_norm's was
+    slower at every width (its gradient then needs a cast launch to the weight's dtype)."""
+    return ln and n >= 2048 and not torch.are_deterministic_algorithms_enabled()
+
+
+def _norm_backward(ln: bool, dy2: torch.Tensor, x2: torch.Tensor, w: torch.Tensor, dx2: torch.Tensor,
+                   tail: tuple, weight_grad: bool, out_dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Fill dx2 with the norm's input gradient; return the (k, n) weight-grad sums in out_dtype
+    (k = 2: layer_norm's weight and bias) or None without weight grads.
+
+    Without weight grads: one row tile per program (the pointer kernel). With them: a persistent
+    grid of as many programs as fit on the GPU at once, each summing its rows' weight-grad terms
+    (more programs would only mean more partial rows to add up); rows that are not a power of two
+    wide go by TMA on Hopper (see _rms_bwd_tma_kernel), the rest by the pointer kernel.
+    """
+    m, n = x2.shape
+    k = 2 if ln else 1
+    atomic = weight_grad and _use_atomics(ln, n)
+    sub = _tma_plan(x2, dy2, n) if weight_grad else None
+    if sub is not None:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kernel = _ln_bwd_tma_kernel if ln else _rms_bwd_tma_kernel
+        bm, nsub, stages, nw = _tma_config(n, sub, ln)
+        box = [bm, nsub, sub]
+        dyd = TensorDescriptor(dy2, [m, n // sub, sub], [dy2.stride(0), sub, 1], box)
+        xd = TensorDescriptor(x2, [m, n // sub, sub], [x2.stride(0), sub, 1], box)
+        consts = dict(BLOCK_M=bm, NSUB=nsub, SUB=sub, STAGES=stages, ATOMIC=atomic)
+
+        def args(buf):
+            return (dyd, xd, w, dx2, buf, m, n, dx2.stride(0), *tail)
+    else:
+        kernel = _ln_bwd_kernel if ln else _rms_bwd_kernel
+        bm, a, b, mask_a, nw, pipeline = _bwd_config(n, ln, weight_grad)
+        consts = dict(COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_A=a, MASK_A=mask_a, PIPELINE=pipeline, ATOMIC=atomic)
+        if ln:
+            consts["BLOCK_B"] = b
+
+        def args(buf):
+            return (dy2, x2, w, dx2, buf, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
+                    dx2.stride(0), *tail)
+    grid = triton.cdiv(m, bm)
+    if weight_grad:
+        if INTERPRET or not x2.is_cuda:  # the interpreter: a few programs, each looping over several tiles
+            grid = min(grid, 8)
+        else:
+            per_sm = _programs_per_sm(kernel, lambda: args(x2.new_empty((k, 1, n), dtype=torch.float32)), consts, nw, x2)
+            grid = min(grid, per_sm * _sm_count(x2.device.index or 0))
+    if atomic:
+        buf = torch.zeros((k, n), dtype=torch.float32, device=x2.device)
+    else:
+        buf = torch.empty((k, grid if weight_grad else 0, n), dtype=torch.float32, device=x2.device)
+    kernel[(grid,)](*args(buf), num_warps=nw, **consts)
     if not weight_grad:
-        return tiles, consts, nw
-    if INTERPRET or not x.is_cuda:  # the interpreter: a few programs, each looping over several tiles
-        return min(tiles, 8), consts, nw
-    per_sm = _programs_per_sm(kernel, args(x.new_empty((2, 1, n), dtype=torch.float32)), consts, nw, x.device)
-    return min(tiles, per_sm * _sm_count(x.device.index or 0)), consts, nw
+        return None
+    if atomic:
+        return buf.to(out_dtype)
+    return _sum_partials(buf, out_dtype)
 
 
 def _sum_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -342,17 +491,8 @@ def _rms_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
     if x.numel() == 0:
         return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format) if weight_grad else weight.new_empty(0)
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
-    m, n = x2.shape
-    w = weight.contiguous()
-
-    def args(dwp):
-        return (dy2, x2, w, dx2, dwp, m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1), dx2.stride(0),
-                eps, offset)
-
-    grid, consts, nw = _bwd_launch(_rms_bwd_kernel, x, m, n, False, weight_grad, args)
-    dwp = torch.empty((grid if weight_grad else 0, n), dtype=torch.float32, device=x.device)
-    _rms_bwd_kernel[(grid,)](*args(dwp), num_warps=nw, **consts)
-    return dx, _sum_partials(dwp[None], weight.dtype)[0] if weight_grad else weight.new_empty(0)
+    dw = _norm_backward(False, dy2, x2, weight.contiguous(), dx2, (eps, offset), weight_grad, weight.dtype)
+    return dx, dw[0] if weight_grad else weight.new_empty(0)
 
 
 def _rms_norm_bwd_fake(dy, x, weight, eps, offset, weight_grad):
@@ -409,17 +549,8 @@ def _layer_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     if x.numel() == 0:
         return dx, weight.new_zeros((2, weight.shape[0]) if param_grads else (0,), dtype=torch.float32)
     x2, dy2, dx2 = _rows(x), _rows(dy), dx.view(-1, x.shape[-1])
-    m, n = x2.shape
-    w = weight.contiguous()
-
-    def args(dwp):
-        return (dy2, x2, w, dx2, dwp[0], dwp[-1], m, n, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
-                dx2.stride(0), eps)
-
-    grid, consts, nw = _bwd_launch(_ln_bwd_kernel, x, m, n, True, param_grads, args)
-    dwp = torch.empty((2, grid if param_grads else 0, n), dtype=torch.float32, device=x.device)
-    _ln_bwd_kernel[(grid,)](*args(dwp), num_warps=nw, **consts)
-    return dx, _sum_partials(dwp, torch.float32) if param_grads else dwp.new_empty(0)
+    dwdb = _norm_backward(True, dy2, x2, weight.contiguous(), dx2, (eps,), param_grads, torch.float32)
+    return dx, dwdb if param_grads else dx.new_empty(0, dtype=torch.float32)
 
 
 def _layer_norm_bwd_fake(dy, x, weight, eps, param_grads):
