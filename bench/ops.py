@@ -11,6 +11,7 @@ allocated before the call, `grads_gib` the part of it that is the returned gradi
 `extra_gib` the rest (workspace).
 
   python bench/ops.py [--ops rms_norm,linear_cross_entropy] [--quick]
+  python bench/ops.py --norm-backward     # the norm backward ops alone, each path (GPU time)
 """
 
 from __future__ import annotations
@@ -195,16 +196,50 @@ def lora_cases(quick: bool):
             yield "lora_linear", dict(N=N, H=H, I=I, r=16, base=base_name), impls, None
 
 
+def norm_backward(bw: float) -> None:
+    """The rms_norm / layer_norm backward ops alone (what autograd runs), CUDA-graph GPU time, at
+    8192 rows (65536 of 256): without weight grads (LoRA's frozen norms), with them, and for
+    layer_norm also under torch.use_deterministic_algorithms (partial rows, no atomics). Bandwidth
+    counts x, dy and dx; `add` is a torch.add moving the same bytes with no maths."""
+    import triton.testing
+
+    import minift.ops.norms as nm
+
+    for h in (1152, 2048, 2560, 3584, 4096, 256):
+        m = 65536 if h == 256 else N
+        x, dy = (torch.randn(m, h, device="cuda", dtype=DT) for _ in range(2))
+        w = torch.randn(h, device="cuda", dtype=DT)
+        nbytes = 3 * m * h * x.element_size()
+        runs = {"add": lambda: torch.add(x, dy, out=torch.empty_like(x))}
+        for wg in (False, True):
+            suffix = "_dw" if wg else ""
+            runs[f"rms_norm{suffix}"] = lambda wg=wg: nm._rms_norm_bwd_impl(dy, x, w, 1e-6, 1.0, wg)
+            runs[f"layer_norm{suffix}"] = lambda wg=wg: nm._layer_norm_bwd_impl(dy, x, w, 1e-6, wg)
+        row = dict(kind="norm_backward", hidden=h, rows=m)
+        for name, fn in list(runs.items()) + [("layer_norm_dw_deterministic", runs["layer_norm_dw"])]:
+            previous = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(name.endswith("deterministic"), warn_only=True)
+            try:
+                us = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+            finally:
+                torch.use_deterministic_algorithms(previous)
+            row[name] = dict(us=round(us, 1), bw_frac=round(nbytes / (us * 1e-6) / bw, 3))
+        print(json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=None, help="comma list of op names (default: all)")
     ap.add_argument("--quick", action="store_true", help="one shape per op")
+    ap.add_argument("--norm-backward", action="store_true", help="only the norm backward ops, each path")
     a = ap.parse_args()
     from common import environment
 
     env = environment()
     bw = copy_bandwidth()
     print(json.dumps(dict(kind="copy_bandwidth", tb_s=round(bw / 1e12, 3), **env)), flush=True)
+    if a.norm_backward:
+        return norm_backward(bw)
     wanted = set(a.ops.split(",")) if a.ops else None
     for op, shape, impls, byt in cases(a.quick):
         if wanted and op not in wanted:
