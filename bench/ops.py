@@ -199,8 +199,9 @@ def lora_cases(quick: bool):
 def norm_backward(bw: float) -> None:
     """The rms_norm / layer_norm backward ops alone (what autograd runs), CUDA-graph GPU time, at
     8192 rows (65536 of 256): without weight grads (LoRA's frozen norms), with them, and for
-    layer_norm also under torch.use_deterministic_algorithms (partial rows, no atomics). Bandwidth
-    counts x, dy and dx; `add` is a torch.add moving the same bytes with no maths."""
+    layer_norm also under torch.use_deterministic_algorithms (partial rows, no atomics; timed without
+    the NaN fill of new tensors that mode also turns on, which costs a write of dx). Bandwidth counts
+    x, dy and dx; `add` is a torch.add moving the same bytes with no maths."""
     import triton.testing
 
     import minift.ops.norms as nm
@@ -216,13 +217,17 @@ def norm_backward(bw: float) -> None:
             runs[f"rms_norm{suffix}"] = lambda wg=wg: nm._rms_norm_bwd_impl(dy, x, w, 1e-6, 1.0, wg)
             runs[f"layer_norm{suffix}"] = lambda wg=wg: nm._layer_norm_bwd_impl(dy, x, w, 1e-6, wg)
         row = dict(kind="norm_backward", hidden=h, rows=m)
+        fill = torch.utils.deterministic.fill_uninitialized_memory
         for name, fn in list(runs.items()) + [("layer_norm_dw_deterministic", runs["layer_norm_dw"])]:
             previous = torch.are_deterministic_algorithms_enabled()
             torch.use_deterministic_algorithms(name.endswith("deterministic"), warn_only=True)
+            # deterministic mode also NaN-fills every torch.empty (dx here): time the kernels alone
+            torch.utils.deterministic.fill_uninitialized_memory = False
             try:
                 us = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
             finally:
                 torch.use_deterministic_algorithms(previous)
+                torch.utils.deterministic.fill_uninitialized_memory = fill
             row[name] = dict(us=round(us, 1), bw_frac=round(nbytes / (us * 1e-6) / bw, 3))
         print(json.dumps(row), flush=True)
 
