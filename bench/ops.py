@@ -11,7 +11,7 @@ allocated before the call, `grads_gib` the part of it that is the returned gradi
 `extra_gib` the rest (workspace).
 
   python bench/ops.py [--ops rms_norm,linear_cross_entropy] [--quick]
-  python bench/ops.py --norm-backward     # the norm backward ops alone, each path (GPU time)
+  python bench/ops.py --backward          # the norm and activation backward ops alone (GPU time)
 """
 
 from __future__ import annotations
@@ -196,6 +196,26 @@ def lora_cases(quick: bool):
             yield "lora_linear", dict(N=N, H=H, I=I, r=16, base=base_name), impls, None
 
 
+def glu_backward(bw: float) -> None:
+    """The swiglu / geglu backward op alone (reads dy, gate, up; writes dgate, dup), CUDA-graph GPU
+    time, 8192 tokens; `add` moves the same five tensors' bytes as two torch.add calls."""
+    import triton.testing
+
+    import minift.ops.activations as ma
+
+    for i in (8192, 14336):
+        dy, g, u = (torch.randn(N, i, device="cuda", dtype=DT) for _ in range(3))
+        nbytes = 5 * N * i * dy.element_size()
+        row = dict(kind="glu_backward", intermediate=i, tokens=N)
+        runs = {"add": lambda: (torch.add(dy, g), torch.add(u, u))}
+        for act in ("silu", "gelu_tanh", "gelu"):
+            runs[act] = lambda act=act: ma._glu_bwd_impl(dy, g, u, act)
+        for name, fn in runs.items():
+            us = triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median") * 1e3
+            row[name] = dict(us=round(us, 1), bw_frac=round(nbytes / (us * 1e-6) / bw, 3))
+        print(json.dumps(row), flush=True)
+
+
 def norm_backward(bw: float) -> None:
     """The rms_norm / layer_norm backward ops alone (what autograd runs), CUDA-graph GPU time, at
     8192 rows (65536 of 256): without weight grads (LoRA's frozen norms), with them, and for
@@ -236,15 +256,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=None, help="comma list of op names (default: all)")
     ap.add_argument("--quick", action="store_true", help="one shape per op")
-    ap.add_argument("--norm-backward", action="store_true", help="only the norm backward ops, each path")
+    ap.add_argument("--backward", action="store_true", help="only the norm and activation backward ops")
     a = ap.parse_args()
     from common import environment
 
     env = environment()
     bw = copy_bandwidth()
     print(json.dumps(dict(kind="copy_bandwidth", tb_s=round(bw / 1e12, 3), **env)), flush=True)
-    if a.norm_backward:
-        return norm_backward(bw)
+    if a.backward:
+        norm_backward(bw)
+        return glu_backward(bw)
     wanted = set(a.ops.split(",")) if a.ops else None
     for op, shape, impls, byt in cases(a.quick):
         if wanted and op not in wanted:
