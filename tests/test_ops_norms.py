@@ -158,8 +158,8 @@ def test_norm_weight_grad_paths(device: str, hidden: int, deterministic: bool) -
     which must then give bit-identical results run to run)."""
     from minift.ops import norms
 
-    c = dict(hidden=hidden, lead=(3,) if device == "cpu" else (4, 333), dtype=torch.bfloat16, scale=1.0, layout="contiguous", grad="random",
-             frozen=False, seed=hidden)
+    c = dict(hidden=hidden, lead=(3,) if device == "cpu" else (4, 333), dtype=torch.bfloat16, scale=1.0,
+             layout="contiguous", grad="random", frozen=False, seed=hidden)
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     try:
