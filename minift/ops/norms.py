@@ -28,6 +28,7 @@ _MAX_BLOCK_N = 65536  # one row must fit one tile; LLM hidden sizes are far belo
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     @triton.jit
     def _rms_fwd_kernel(X, W, Y, M, N, stride_xm, stride_xn, stride_ym, eps, offset,
@@ -94,7 +95,7 @@ if HAS_TRITON:
     @triton.jit
     def _rms_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
                         eps, offset, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-                        MASK_A: tl.constexpr, PIPELINE: tl.constexpr, ATOMIC: tl.constexpr):
+                        MASK_A: tl.constexpr, ATOMIC: tl.constexpr):
         """One padded part per row (BLOCK_A >= N): splitting off the remainder would double the one
         row-sum reduction this kernel has, which measured slower (see _bwd_config)."""
         pid = tl.program_id(0)
@@ -102,14 +103,14 @@ if HAS_TRITON:
         ca = tl.arange(0, BLOCK_A)
         wa = tl.load(W + ca, mask=ca < N, other=0.0).to(tl.float32) + offset
         dwa = tl.zeros((BLOCK_M, BLOCK_A), dtype=tl.float32)  # reduced over rows once, after the loop
-        # With COMPUTE_DW each persistent program loops over many tiles; PIPELINE (software pipelining
-        # by hand) then issues the next tile's loads before this tile's maths, two tiles in flight
-        # (loads past the end are masked off); 1.07-1.3x on an H100. Without it each program has one tile.
-        if PIPELINE:
+        # With COMPUTE_DW each persistent program loops over many tiles, pipelined by hand: the next
+        # tile's loads are issued before this tile's maths, two tiles in flight (loads past the end
+        # are masked off); 1.07-1.3x on an H100. Without it each program has one tile.
+        if COMPUTE_DW:
             rows_n, ma_n, _, xa_n, dya_n, _, _ = _load_rows(X, DY, pid, M, N, stride_xm, stride_xn, stride_dym,
                                                             stride_dyn, BLOCK_M, BLOCK_A, 0, MASK_A)
         for blk in range(pid, tl.cdiv(M, BLOCK_M), step):
-            if PIPELINE:
+            if COMPUTE_DW:
                 rows, ma, xa, dya = rows_n, ma_n, xa_n, dya_n
                 rows_n, ma_n, _, xa_n, dya_n, _, _ = _load_rows(X, DY, blk + step, M, N, stride_xm, stride_xn,
                                                                 stride_dym, stride_dyn, BLOCK_M, BLOCK_A, 0, MASK_A)
@@ -160,7 +161,7 @@ if HAS_TRITON:
     @triton.jit
     def _ln_bwd_kernel(DY, X, W, DX, DWP, M, N, stride_dym, stride_dyn, stride_xm, stride_xn, stride_dxm,
                        eps, COMPUTE_DW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-                       BLOCK_B: tl.constexpr, MASK_A: tl.constexpr, PIPELINE: tl.constexpr, ATOMIC: tl.constexpr):
+                       BLOCK_B: tl.constexpr, MASK_A: tl.constexpr, ATOMIC: tl.constexpr):
         pid = tl.program_id(0)
         step = tl.num_programs(0)
         ca = tl.arange(0, BLOCK_A)
@@ -172,11 +173,11 @@ if HAS_TRITON:
             wb = tl.load(W + cb, mask=cb < N, other=0.0).to(tl.float32)
             dwb = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
             dbb = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
-        if PIPELINE:  # next tile's loads first: see _rms_bwd_kernel
+        if COMPUTE_DW:  # next tile's loads first: see _rms_bwd_kernel
             rows_n, ma_n, mb_n, xa_n, dya_n, xb_n, dyb_n = _load_rows(
                 X, DY, pid, M, N, stride_xm, stride_xn, stride_dym, stride_dyn, BLOCK_M, BLOCK_A, BLOCK_B, MASK_A)
         for blk in range(pid, tl.cdiv(M, BLOCK_M), step):
-            if PIPELINE:
+            if COMPUTE_DW:
                 rows, ma, mb, xa, dya, xb, dyb = rows_n, ma_n, mb_n, xa_n, dya_n, xb_n, dyb_n
                 rows_n, ma_n, mb_n, xa_n, dya_n, xb_n, dyb_n = _load_rows(
                     X, DY, blk + step, M, N, stride_xm, stride_xn, stride_dym, stride_dyn, BLOCK_M, BLOCK_A, BLOCK_B, MASK_A)
@@ -221,6 +222,12 @@ if HAS_TRITON:
             if BLOCK_B > 0:
                 _emit(DWP, tl.sum(dwb, axis=0), cb, cb < N, 0, pid, step, N, ATOMIC)
                 _emit(DWP, tl.sum(dbb, axis=0), cb, cb < N, 1, pid, step, N, ATOMIC)
+
+    @triton.jit
+    def _store_box(DX, r0, M, N, stride_dxm, dx, s, BLOCK_M: tl.constexpr):
+        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        tl.store(DX + rows[:, None, None] * stride_dxm + s[None, :, :], dx.to(DX.dtype.element_ty),
+                 mask=(rows < M)[:, None, None] & (s < N)[None, :, :])
 
     @triton.jit
     def _rms_bwd_tma_kernel(DYD, XD, W, DX, DWP, M, N, stride_dxm, eps, offset, BLOCK_M: tl.constexpr,
@@ -277,12 +284,6 @@ if HAS_TRITON:
         _emit(DWP, tl.sum(db, axis=0), s, s < N, 1, pid, step, N, ATOMIC)
 
     @triton.jit
-    def _store_box(DX, r0, M, N, stride_dxm, dx, s, BLOCK_M: tl.constexpr):
-        rows = r0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        tl.store(DX + rows[:, None, None] * stride_dxm + s[None, :, :], dx.to(DX.dtype.element_ty),
-                 mask=(rows < M)[:, None, None] & (s < N)[None, :, :])
-
-    @triton.jit
     def _sum_partials_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """OUT[k, c] = sum over r of P[k, r, c], cast to OUT's dtype: each program loads all R partial
         rows of its columns at once (one round trip; a loop over rows is latency-bound)."""
@@ -303,8 +304,8 @@ def _tiles(n: int) -> tuple[int, int, int]:
     return block_m, block_n, min(32, max(4, block_m * block_n // 512))
 
 
-def _bwd_config(n: int, split: bool, weight_grad: bool) -> tuple[int, int, int, bool, int, bool]:
-    """(BLOCK_M, BLOCK_A, BLOCK_B, MASK_A, num_warps, PIPELINE) of a backward kernel for rows of n.
+def _bwd_config(n: int, split: bool, weight_grad: bool) -> tuple[int, int, int, bool, int]:
+    """(BLOCK_M, BLOCK_A, BLOCK_B, MASK_A, num_warps) of a backward kernel for rows of n.
 
     split: columns as the largest power of two <= n plus the rest padded to a power of two, else one
     tile padded to the next power of two. An H100 sweep (bf16; 8192 rows of 1152/2048/2560/4096 and
@@ -322,12 +323,17 @@ def _bwd_config(n: int, split: bool, weight_grad: bool) -> tuple[int, int, int, 
     block_m = max(1, min(16, tile // a))
     per_thread = 16 if a >= 1024 and not split else 32
     nw = min(16, max(2, triton.next_power_of_2(triton.cdiv(block_m * (a + b), 32 * per_thread))))
-    return block_m, a, b, a > n, nw, weight_grad
+    return block_m, a, b, a > n, nw
 
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
 
 
 _PER_SM: dict = {}
@@ -361,7 +367,7 @@ def _tma_plan(x2: torch.Tensor, dy2: torch.Tensor, n: int) -> Optional[int]:
     bytes wide."""
     if n & (n - 1) == 0:
         return None
-    if not INTERPRET and not (x2.is_cuda and torch.cuda.get_device_capability(x2.device)[0] >= 9):
+    if not INTERPRET and not (x2.is_cuda and _sm_major(x2.device.index or 0) >= 9):
         return None
     el = x2.element_size()
     sub = min(n & -n, 256)
@@ -411,8 +417,6 @@ def _norm_backward(ln: bool, dy2: torch.Tensor, x2: torch.Tensor, w: torch.Tenso
     atomic = weight_grad and _use_atomics(ln, n)
     sub = _tma_plan(x2, dy2, n) if weight_grad else None
     if sub is not None:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         kernel = _ln_bwd_tma_kernel if ln else _rms_bwd_tma_kernel
         bm, nsub, stages, nw, maxnreg = _tma_config(n, sub, ln)
         opts = dict(num_warps=nw) if maxnreg is None else dict(num_warps=nw, maxnreg=maxnreg)
@@ -425,9 +429,9 @@ def _norm_backward(ln: bool, dy2: torch.Tensor, x2: torch.Tensor, w: torch.Tenso
             return (dyd, xd, w, dx2, buf, m, n, dx2.stride(0), *tail)
     else:
         kernel = _ln_bwd_kernel if ln else _rms_bwd_kernel
-        bm, a, b, mask_a, nw, pipeline = _bwd_config(n, ln, weight_grad)
+        bm, a, b, mask_a, nw = _bwd_config(n, ln, weight_grad)
         opts = dict(num_warps=nw)
-        consts = dict(COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_A=a, MASK_A=mask_a, PIPELINE=pipeline, ATOMIC=atomic)
+        consts = dict(COMPUTE_DW=weight_grad, BLOCK_M=bm, BLOCK_A=a, MASK_A=mask_a, ATOMIC=atomic)
         if ln:
             consts["BLOCK_B"] = b
 
