@@ -1,12 +1,27 @@
-"""minift: fast, memory-lean fine-tuning of Llama, Mistral and Gemma (1/2/3, vision) in pure PyTorch."""
+"""minift: fast, memory-lean fine-tuning of Llama, Mistral and Gemma (1/2/3, vision) in pure PyTorch.
+
+The pipeline, one package a stage (imports only go down this list):
+  io      hub ids, local directories, safetensors, HF names ↔ minift names, atomic writes
+  ops     Triton kernels with custom autograd beside their plain-PyTorch references
+  arch    the one config-driven decoder, attention, RoPE, the Gemma 3 vision tower
+  quant   bitsandbytes NF4: Linear4bit and the quantising loader
+  lora    LoRA / DoRA layers, target selection, PEFT's adapter format
+  export  merged checkpoints
+  infer   generation
+  models  `load` and the model classes it returns (arch + the user-facing methods)
+  train   the training loop
+"""
 
 from . import errors, ops
 from .errors import MiniftError
-from .loading import load
-from .lora import add_lora
-from .adapters import load_adapter
+from .export import save_merged
+from .lora import add_lora, load_adapter, save_adapter
+from .models import load
 from . import train
 
 __version__ = "0.1.0"
 
-__all__ = ["load", "add_lora", "load_adapter", "ops", "errors", "MiniftError", "__version__"]
+__all__ = [
+    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "ops", "errors", "train", "MiniftError",
+    "__version__",
+]

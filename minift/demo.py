@@ -20,7 +20,7 @@ QUESTIONS = ["What color is the glimmerfox?", "Where does the frostnewt live?", 
 def build_base(path: Path, rows: list[dict], seed: int = 0) -> Path:
     """A tiny random-weight Llama checkpoint (hidden 128, 4 layers, untied head) with a 512-token BPE
     tokenizer trained on the sample texts, written with transformers' save_pretrained."""
-    from ._tiny import tiny_hf_model, tiny_tokenizer
+    from .testing import tiny_hf_model, tiny_tokenizer
 
     if (path / "config.json").is_file():
         return path
@@ -36,7 +36,7 @@ def build_base(path: Path, rows: list[dict], seed: int = 0) -> Path:
 
 
 def ask(model, tok, title: str) -> None:
-    from .generate import generate
+    from .infer import generate
 
     print(f"\n{title}")
     for q in QUESTIONS:

@@ -45,3 +45,7 @@ class DataError(MiniftError, ValueError):
 
 class TrainConfigError(MiniftError, ValueError):
     """A TrainConfig field is out of range or the output directory is unusable."""
+
+
+class NonFiniteLossError(MiniftError, FloatingPointError):
+    """The training loss became NaN or inf; training stopped (the last checkpoint is kept)."""

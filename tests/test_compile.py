@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import minift
-from minift._tiny import write_tiny_checkpoint
+from minift.testing import write_tiny_checkpoint
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 

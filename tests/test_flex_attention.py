@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import minift
-from minift._tiny import write_tiny_checkpoint
+from minift.testing import write_tiny_checkpoint
 from minift.arch import attention as A
 from minift.arch import flex
 from minift.arch.attention import attention, build_mask, make_mask, packed_segments, set_attention_backend
@@ -193,7 +193,7 @@ def test_gemma3_vision_image_groups_flex_vs_sdpa(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from minift._tiny_vision import write_tiny_gemma3_vision
+    from minift.testing import write_tiny_gemma3_vision
 
     model, processor = minift.load(write_tiny_gemma3_vision(tmp_path))
     rng = np.random.default_rng(0)

@@ -12,12 +12,11 @@ import pytest
 import torch
 
 import minift
-from minift._tiny_vision import write_tiny_gemma3_vision
+from minift.testing import write_tiny_gemma3_vision
 from minift.arch.attention import build_mask
 from minift.arch.model import CausalLM
-from minift.arch.vision import (
-    Gemma3VisionLM, build_vision_model, canonical_key, image_groups, text_only_key,
-)
+from minift.arch.vision import Gemma3VisionLM, build_vision_model, image_groups
+from minift.io.keys import canonical_key, text_only_key
 from minift.errors import ConfigError, InputError
 
 transformers = pytest.importorskip("transformers")

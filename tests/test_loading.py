@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import minift
-from minift._tiny import write_tiny_checkpoint
+from minift.testing import write_tiny_checkpoint
 from minift.errors import (
     CheckpointError, ConfigError, HubError, MiniftError, ShapeMismatchError, UnsupportedModelError,
 )

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import minift
-from minift._tiny import write_tiny_checkpoint
+from minift.testing import write_tiny_checkpoint
 from minift.errors import AdapterError
 from minift.lora import LoraLinear, hf_path
 
@@ -35,7 +35,7 @@ def ckpts(tmp_path_factory):
         "gemma3_text": write_tiny_checkpoint(root / "gemma3", "gemma3_text"),
     }
     try:
-        from minift._tiny_vision import write_tiny_gemma3_vision
+        from minift.testing import write_tiny_gemma3_vision
 
         out["gemma3"] = write_tiny_gemma3_vision(root / "gemma3_vision")
     except Exception:  # pragma: no cover - vision support missing
@@ -422,7 +422,6 @@ def test_save_merged_sharded_bf16(ckpts, tmp_path):
 
 @pytest.fixture(scope="module")
 def q4(ckpts):
-    pytest.importorskip("minift.quant")
     pytest.importorskip("bitsandbytes")
     return ckpts["llama"]
 
@@ -605,11 +604,10 @@ def test_load_adapter_reads_in_memory_peft_names(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_fused_lora_path_matches_plain(tmp_path, monkeypatch, family):
+def test_fused_lora_path_matches_plain(tmp_path, family):
     """The opt-in fused path (ops.lora_linear in each layer, ops.lora_mlp in the MLP) computes
     the same logits and adapter gradients as the plain matmuls."""
-    import minift.lora_layers as ll
-    from minift._tiny import write_tiny_checkpoint
+    from minift.testing import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path, family)
     model, _ = minift.load(path)
@@ -622,7 +620,7 @@ def test_fused_lora_path_matches_plain(tmp_path, monkeypatch, family):
     model.train()
     results = []
     for fuse in (False, True):
-        monkeypatch.setattr(ll, "FUSE_LORA", fuse)
+        model.set_fused_lora(fuse)
         model.zero_grad(set_to_none=True)
         out = model(ids, labels=ids)
         out.loss.backward()

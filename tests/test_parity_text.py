@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import minift
-from minift._tiny import write_tiny_checkpoint
+from minift.testing import write_tiny_checkpoint
 
 TOL = 1e-5
 

@@ -21,9 +21,9 @@ from torch import nn
 
 import minift
 import minift.quant as mq
-from minift._tiny import write_tiny_checkpoint
+from minift.testing import write_tiny_checkpoint
 from minift.errors import HubError, QuantizationError
-from minift.name_map import map_name, twin_candidates
+from minift.io.names import map_name, twin_candidates
 from minift.quant import Linear4bit
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -291,7 +291,7 @@ def test_without_bitsandbytes(ckpts, monkeypatch):
     def missing():
         raise ImportError("No module named 'bitsandbytes'")
 
-    monkeypatch.setattr(mq, "_import_bnb", missing)
+    monkeypatch.setattr(mq.bnb, "_import_bnb", missing)
     with pytest.raises(QuantizationError, match="needs bitsandbytes"):
         minift.load(fp, load_in_4bit=True)
     model, _ = minift.load(q, load_in_4bit=True)  # a pre-quantised checkpoint does not need it
@@ -358,14 +358,14 @@ def test_name_map_prefers_cached_bnb_twin(ckpts, hub_cache):
     assert map_name("unsloth/gemma-3-4b", load_in_4bit=True, revision="abc") == "unsloth/gemma-3-4b"
     assert hub_cache.calls == []  # HF_HUB_OFFLINE=1: the map never asked the hub
     model, _ = minift.load("unsloth/gemma-3-4b", load_in_4bit=True)
-    assert model.name_or_path == "unsloth/gemma-3-4b-bnb-4bit" and linear4bit_names(model)
+    assert model.load_info.name_or_path == "unsloth/gemma-3-4b-bnb-4bit" and linear4bit_names(model)
     with pytest.raises(HubError):  # the map off: the 16-bit original is not cached
         minift.load("unsloth/gemma-3-4b", load_in_4bit=True, use_name_map=False)
     # 16-bit request for the bnb id: its 16-bit twin once cached
     assert map_name("unsloth/gemma-3-4b-bnb-4bit", load_in_4bit=False) == "unsloth/gemma-3-4b-bnb-4bit"
     hub_cache("unsloth/gemma-3-4b", fp)
     model, _ = minift.load("unsloth/gemma-3-4b-bnb-4bit")
-    assert model.name_or_path == "unsloth/gemma-3-4b" and not linear4bit_names(model)
+    assert model.load_info.name_or_path == "unsloth/gemma-3-4b" and not linear4bit_names(model)
 
 
 def test_name_map_online_check(hub_cache, monkeypatch):
@@ -393,7 +393,7 @@ def vision(tmp_path_factory):
     pytest.importorskip("minift.arch.vision")
     from PIL import Image
 
-    from minift._tiny_vision import write_tiny_gemma3_vision
+    from minift.testing import write_tiny_gemma3_vision
 
     path = write_tiny_gemma3_vision(tmp_path_factory.mktemp("vision") / "fp", layout="save_pretrained")
     proc = transformers.AutoProcessor.from_pretrained(path)

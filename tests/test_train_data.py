@@ -6,7 +6,7 @@ import pytest
 import torch
 from train_utils import chat_rows, llama, load_full, one_thread, single_thread, text_rows, tiny_llama  # noqa: F401 (fixtures)
 
-from minift._tiny import tiny_tokenizer
+from minift.testing import tiny_tokenizer
 from minift.errors import DataError, TrainConfigError
 from minift.train import TrainConfig, Trainer
 from minift.train.data import Schedule, collate, pack
@@ -123,7 +123,7 @@ def test_packing_layout_and_boundaries():
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
 def test_packed_loss_and_grads_equal_unpacked(tmp_path, family):
     """Also with sliding windows (shorter than the sequences) and soft-capping."""
-    from minift._tiny import write_tiny_checkpoint
+    from minift.testing import write_tiny_checkpoint
 
     model, tok = load_full(write_tiny_checkpoint(tmp_path, family))
     model.train()

@@ -70,18 +70,26 @@ def test_stop_and_resume_continues_exact_losses(llama, tmp_path, reference, monk
 
 
 SCRIPT = """
-import sys, torch
+import sys, time, torch
 sys.path.insert(0, {here!r})
 torch.set_num_threads(1)
+import minift.train.checkpoint as ckpt
 from test_train_resume import train
 from pathlib import Path
+
+def stall(output_dir, step):  # checkpoint-4 half-written: signal the test, wait to be killed
+    if step == 4:
+        (output_dir / ".saving").write_text(str(step))
+        time.sleep(120)
+
+ckpt.before_commit = stall
 train(Path({model!r}), Path({out!r}))
 """
 
 
 def test_sigkill_during_save_resumes_from_last_complete(llama, tmp_path, reference):
     out = tmp_path / "run"
-    env = dict(os.environ, MINIFT_TEST_SAVE_SLEEP="4:120", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
     code = SCRIPT.format(here=str(HERE), model=str(llama), out=str(out))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:

@@ -8,7 +8,7 @@ import torch
 from train_utils import one_thread, single_thread  # noqa: F401 (fixtures)
 
 import minift
-from minift._tiny_vision import write_tiny_gemma3_vision
+from minift.testing import write_tiny_gemma3_vision
 from minift.train import TrainConfig, Trainer
 
 Image = pytest.importorskip("PIL.Image")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import minift
-from minift._tiny import write_tiny_checkpoint
+from minift.testing import write_tiny_checkpoint
 
 WORDS = "the quick brown fox jumps over lazy dog cat sat on mat sun rises east sets west water boils".split()
 

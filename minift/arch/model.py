@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..errors import InputError
+from ..io.info import LoadInfo
 from .attention import Mask, attention, make_mask, packed_segments
 from .config import FULL, SLIDING, ModelConfig
 from .rope import RotaryEmbedding
@@ -77,30 +78,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self._fused_lora(x)
-        if fused is not None:
-            return fused
-        g, u = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
+
+    def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.act == "silu":
-            h = ops.swiglu(g, u)
-        else:
-            h = ops.geglu(g, u, "tanh" if self.act == "gelu_pytorch_tanh" else "none")
-        return self.down_proj(h)
-
-
-    def _fused_lora(self, x: torch.Tensor) -> torch.Tensor | None:
-        """When all three projections are plain LoRA layers (see LoraLinear.fused_parts), one
-        ops.lora_mlp call with a hand-derived backward that saves only x and the two
-        pre-activations, never a dequantised weight."""
-        parts = []
-        for proj in (self.gate_proj, self.up_proj, self.down_proj):
-            get = getattr(proj, "fused_parts", None)
-            p = get(x) if get is not None else None
-            if p is None:
-                return None
-            parts.append(p)
-        act = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu"}[self.act]
-        return ops.lora_mlp(x, *(p for p, _ in parts), activation=act, scale=tuple(s for _, s in parts))
+            return ops.swiglu(gate, up)
+        return ops.geglu(gate, up, "tanh" if self.act == "gelu_pytorch_tanh" else "none")
 
 
 class DecoderLayer(nn.Module):
@@ -238,7 +221,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = TextModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.max_seq_length: int | None = None
+        self.load_info = LoadInfo()  # filled by minift.load
 
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:

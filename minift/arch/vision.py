@@ -2,7 +2,8 @@
 modules: the SigLIP tower, the multimodal projector and minift's text decoder.
 
 Attribute names mirror transformers 5 (`model.language_model`, `model.vision_tower.vision_model`,
-`model.multi_modal_projector`, `lm_head`), so a checkpoint maps 1:1 after `canonical_key`.
+`model.multi_modal_projector`, `lm_head`), so a checkpoint maps 1:1 after
+`minift.io.keys.canonical_key` (which reads both of the Hub's key layouts).
 Image features replace the image-token embeddings; the tokens of one image attend to each
 other both ways (token_type_ids == 1 runs), everything else is causal, as transformers does.
 """
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, InputError, UnsupportedModelError
+from ..io.info import LoadInfo
 from .config import ModelConfig
 from .model import CausalLM, CausalLMOutput, RMSNorm, TextModel
 from .siglip import SiglipVisionModel, VisionConfig
@@ -175,7 +177,7 @@ class Gemma3VisionLM(nn.Module):
         self.config = cfg
         self.model = Gemma3Model(cfg)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        self.max_seq_length: int | None = None
+        self.load_info = LoadInfo()
 
     # The LM head and loss are CausalLM's own: they read self.lm_head, self.training and
     # self.config.final_logit_softcapping (None here, as in transformers).
@@ -276,39 +278,3 @@ class Gemma3VisionLM(nn.Module):
 def build_vision_model(config_dict: dict[str, Any]) -> Gemma3VisionLM:
     """The model for a gemma3 config.json dict (parameters uninitialised; fine under meta)."""
     return Gemma3VisionLM(VisionLMConfig.from_hf(config_dict))
-
-
-# Checkpoint key layouts: the Hub's original one (transformers 4) and transformers 5's module
-# names; transformers 5.x save_pretrained writes the old prefixes but may drop the
-# `vision_model.` level of the tower. All map onto this module's names.
-_PREFIXES = (
-    ("language_model.lm_head.", "lm_head."),
-    ("language_model.model.", "model.language_model."),
-    ("language_model.", "model.language_model."),
-    ("vision_tower.", "model.vision_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-)
-_TOWER = "model.vision_tower."
-
-
-def canonical_key(key: str) -> str:
-    """A checkpoint tensor name (either layout) → this model's parameter name. Unknown names
-    come back unchanged, for the loader to report."""
-    for old, new in _PREFIXES:
-        if key.startswith(old):
-            key = new + key[len(old):]
-            break
-    if key.startswith(_TOWER) and not key.startswith(_TOWER + "vision_model."):
-        key = _TOWER + "vision_model." + key[len(_TOWER):]
-    return key
-
-
-def text_only_key(key: str) -> str | None:
-    """A vision checkpoint's tensor name → a plain CausalLM's name (`model.X`, `lm_head.weight`),
-    or None for the vision tower and projector, which a text-only load skips."""
-    key = canonical_key(key)
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    if key.startswith(("model.vision_tower.", "model.multi_modal_projector.")):
-        return None
-    return key

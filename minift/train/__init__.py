@@ -1,6 +1,7 @@
 """minift's training loop: `Trainer` and `TrainConfig` (see trainer.py for how a step runs)."""
 
 from .config import TrainConfig
-from .trainer import NonFiniteLossError, Trainer, TrainSummary
+from ..errors import NonFiniteLossError
+from .trainer import Trainer, TrainSummary
 
 __all__ = ["Trainer", "TrainConfig", "TrainSummary", "NonFiniteLossError"]

@@ -22,21 +22,21 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, TrainConfigError
+from ..lora import has_adapters
 from .optim import trainable_parameters
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
-# Test hook, "STEP:SECONDS": while writing checkpoint-STEP, after the weights and optimizer state
-# and before the trainer state, touch output_dir/.saving and sleep, so a test can kill the
-# process mid-save.
-SAVE_SLEEP_ENV = "MINIFT_TEST_SAVE_SLEEP"
+
+
+def before_commit(output_dir: Path, step: int) -> None:
+    """Called while checkpoint-`step` is half-written (weights and optimizer state in, trainer
+    state not yet): does nothing; the crash tests replace it to kill the process there."""
 
 
 def has_lora(model: nn.Module) -> bool:
     """Adapters (LoRA layers or modules_to_save) added by minift.add_lora / load_adapter."""
-    from ..lora import has_adapters
-
-    return hasattr(model, "save_adapter") and has_adapters(model)
+    return has_adapters(model)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -139,10 +139,7 @@ def save_checkpoint(
     (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
     rng_t, rng_js = rng_state()
     save_file(rng_t, str(tmp / "rng.safetensors"))
-    hook = os.environ.get(SAVE_SLEEP_ENV, "")
-    if hook.partition(":")[0] == str(step):
-        (output_dir / ".saving").write_text(str(step))
-        time.sleep(float(hook.partition(":")[2]))
+    before_commit(output_dir, step)
     full_state = dict(state, step=step, rng=rng_js, saved_at=time.time())
     (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
     _fsync_tree(tmp)

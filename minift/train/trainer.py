@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import DataError, MiniftError, TrainConfigError
+from ..errors import DataError, NonFiniteLossError, TrainConfigError
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import Batch, Schedule, collate, pack
@@ -33,10 +33,6 @@ from .report import Metrics, ensure_logging, log, peak_memory_gb, plot_losses
 from .tokenize import Example, make_encoder
 
 DEFAULT_MAX_LENGTH = 2048
-
-
-class NonFiniteLossError(MiniftError, FloatingPointError):
-    """The training loss became NaN or inf; training stopped (the last checkpoint is kept)."""
 
 
 @dataclass
@@ -99,7 +95,7 @@ class Trainer:
         self.tokenizer = tokenizer_or_processor
         self.formatting_func = formatting_func
         self.output_dir = self._check_output_dir(Path(cfg.output_dir))
-        self.max_length = cfg.max_seq_length or getattr(model, "max_seq_length", None) or DEFAULT_MAX_LENGTH
+        self.max_length = cfg.max_seq_length or model.load_info.max_seq_length or DEFAULT_MAX_LENGTH
         self.device = next(model.parameters()).device
         self.encoder = make_encoder(tokenizer_or_processor, max_length=self.max_length,
                                     responses_only=cfg.train_on_responses_only)
@@ -410,7 +406,7 @@ class Trainer:
         else:
             out.mkdir(parents=True, exist_ok=True)
             ckpt.save_trainable(self.model, out / "model.safetensors")
-            src = getattr(self.model, "source_path", None)
+            src = self.model.load_info.source_path
             if src is not None and (Path(src) / "config.json").is_file():
                 (out / "config.json").write_text((Path(src) / "config.json").read_text())
             try:

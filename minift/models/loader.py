@@ -1,5 +1,8 @@
 """`minift.load`: a hub id or local directory → (model, tokenizer or processor).
 
+Resolving and reading files is minift.io's job, the modules are minift.arch's (with the API of
+`minift.models.classes`), 4-bit weights minift.quant's; this module puts them together.
+
 The model is built on the meta device and each checkpoint tensor is read once from safetensors
 and materialised straight into its final dtype and device (or quantised to NF4 on the way), so
 peak memory stays near the final model size.
@@ -7,131 +10,33 @@ peak memory stays near the final model size.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from .arch.config import SUPPORTED_MODEL_TYPES, TEXT_MODEL_TYPES, VISION_MODEL_TYPES, ModelConfig
-from .arch.model import CausalLM
-from .errors import CheckpointError, ConfigError, HubError, ShapeMismatchError, UnsupportedModelError
-
-# Files a model needs: config, weights, tokenizer/processor, chat template, generation config.
-HUB_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "*.model",
-    "chat_template*", "preprocessor_config.json", "processor_config.json",
-]
-
-
-def resolve_path(name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None) -> Path:
-    """A local directory as it is, else a hub id through huggingface_hub's cache
-    (honours HF_HUB_OFFLINE, HF_HOME / HF_HUB_CACHE)."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        return p
-    name = str(name_or_path)
-    if p.exists():
-        raise ConfigError(f"{name}: is a file; expected a model directory or a hub id")
-    if not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) or name.startswith((".", "/")):
-        raise ConfigError(f"{name}: no such directory, and not a hub id of the form 'org/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import constants as hf_constants
-    from huggingface_hub.errors import (
-        GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError,
-    )
-
-    try:
-        return Path(snapshot_download(name, revision=revision, token=token, allow_patterns=HUB_PATTERNS))
-    except GatedRepoError as e:
-        raise HubError(f"{name}: gated repository; accept its terms on the hub and pass token=...: {e}") from e
-    except RepositoryNotFoundError as e:
-        raise HubError(f"{name}: no such repository on the hub (or no access; pass token=...)") from e
-    except RevisionNotFoundError as e:
-        raise HubError(f"{name}: revision {revision!r} not found") from e
-    except LocalEntryNotFoundError as e:
-        if hf_constants.HF_HUB_OFFLINE:
-            raise HubError(
-                f"{name}: not in the Hugging Face cache ({hf_constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE=1 forbids "
-                "downloading it; download it once online or pass a local directory"
-            ) from e
-        raise HubError(f"{name}: could not be downloaded or found in the cache: {e}") from e
-    except OSError as e:
-        raise HubError(f"{name}: could not be resolved: {e}") from e
+from ..arch.config import SUPPORTED_MODEL_TYPES, VISION_MODEL_TYPES
+from ..errors import CheckpointError, ConfigError, QuantizationError, ShapeMismatchError, UnsupportedModelError
+from ..io.files import read_json_object
+from ..io.hub import resolve_path
+from ..io.info import LoadInfo
+from ..io.keys import checkpoint_key_mapper
+from ..io.names import map_name
+from ..io.weights import iter_tensors, weight_files
+from ..quant import make_quantizer
+from .classes import build_model
 
 
 def read_config(path: Path) -> dict[str, Any]:
     f = path / "config.json"
-    if not f.is_file():
-        raise ConfigError(f"{f}: missing; a model directory needs config.json")
-    try:
-        cfg = json.loads(f.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{f}: not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{f}: expected a JSON object")
+    cfg = read_json_object(f, ConfigError, what="a model directory needs config.json")
     if cfg.get("model_type") not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{f}: model_type {cfg.get('model_type')!r} is not supported; minift supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     return cfg
-
-
-def weight_files(path: Path) -> dict[str, Path]:
-    """Checkpoint tensor name → the safetensors file that holds it."""
-    index = path / "model.safetensors.index.json"
-    single = path / "model.safetensors"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from e
-        out = {}
-        for k, fname in wm.items():
-            f = path / fname
-            if not f.is_file():
-                raise CheckpointError(f"{f}: shard named by {index.name} for tensor {k!r} is missing")
-            out[k] = f
-        return out
-    if single.is_file():
-        return {k: single for k in _safetensors_keys(single)}
-    if list(path.glob("*.bin")) or list(path.glob("*.pt")):
-        raise CheckpointError(
-            f"{path}: holds only pickle weights (*.bin/*.pt); minift loads safetensors only, since pickle can run code"
-        )
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def _safetensors_keys(f: Path) -> list[str]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(f), framework="pt") as h:
-            return list(h.keys())
-    except Exception as e:  # safetensors raises its own SafetensorError and OSError
-        raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupted?): {e}") from e
-
-
-def iter_tensors(files: dict[str, Path], keys: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yields (name, tensor) file by file, each tensor read once from its mapped file."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[str]] = {}
-    for k in keys if keys is not None else files:
-        by_file.setdefault(files[k], []).append(k)
-    for f, ks in by_file.items():
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in ks:
-                    yield k, h.get_tensor(k)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{f}: failed reading tensor data (truncated or corrupted?): {e}") from e
 
 
 def default_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
@@ -141,31 +46,6 @@ def default_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.replace("torch.", ""))
     return dev, dtype
-
-
-def build_model(cfg: dict[str, Any], *, text_only: bool = False) -> nn.Module:
-    """The minift module for a config.json dict (call under `torch.device('meta')`)."""
-    mt = cfg["model_type"]
-    if mt in VISION_MODEL_TYPES:
-        from .arch.vision import build_vision_model, gemma3_text_config
-
-        if text_only:
-            return CausalLM(ModelConfig.from_hf(gemma3_text_config(cfg), source="config.json text_config"))
-        return build_vision_model(cfg)
-    if mt in TEXT_MODEL_TYPES:
-        return CausalLM(ModelConfig.from_hf(cfg))
-    raise UnsupportedModelError(f"model_type {mt!r} is not supported; minift supports {', '.join(SUPPORTED_MODEL_TYPES)}")
-
-
-def key_mapper(cfg: dict[str, Any], text_only: bool) -> Callable[[str], str | None]:
-    """Checkpoint key → this model's parameter name (None: not part of this model)."""
-    if cfg["model_type"] not in VISION_MODEL_TYPES:
-        return lambda k: k
-    from .arch.vision import canonical_key, text_only_key
-
-    if text_only:
-        return lambda k: text_only_key(canonical_key(k))
-    return canonical_key
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -191,10 +71,10 @@ def load_weights(
 ) -> None:
     """Fills a meta-device model from the checkpoint in `path`, checking names and shapes.
 
-    `quantizer` (see minift.quant) takes over the linear weights (16-bit, or packed with their
+    `quantizer` (see minift.quant.bnb) takes over the linear weights (16-bit, or packed with their
     quant state) of the modules it claims, and loads them after the rest, a module at a time."""
     files = weight_files(path)
-    to_name = key_mapper(cfg, text_only)
+    to_name = checkpoint_key_mapper(vision_checkpoint=cfg["model_type"] in VISION_MODEL_TYPES, text_only=text_only)
     expected, aliases = _tensor_names(model)
     wanted: dict[str, str] = {}  # checkpoint key -> model name
     unexpected: list[str] = []
@@ -296,30 +176,27 @@ def load(
     language model of a vision checkpoint. `full_finetuning` leaves every weight trainable;
     otherwise all weights are frozen (add adapters with `minift.add_lora`). `use_name_map`
     swaps a hub id for its pre-quantised `-bnb-4bit` twin (or back) when that is available.
-    `max_seq_length` is kept on the model as the trainer's default. `trust_remote_code` is only
+    `max_seq_length` is kept in `model.load_info` as the trainer's default. `model.load_info`
+    records where the model came from (see `minift.io.LoadInfo`). `trust_remote_code` is only
     passed to the tokenizer/processor; minift never runs a checkpoint's modeling code.
     """
     dev, dt = default_device_dtype(device, dtype)
     if use_name_map and not Path(name_or_path).expanduser().exists():
-        from .quant import map_name
-
         name_or_path = map_name(str(name_or_path), load_in_4bit=load_in_4bit, revision=revision, token=token)
     path = resolve_path(name_or_path, revision=revision, token=token)
     cfg = read_config(path)
+    vision_checkpoint = cfg["model_type"] in VISION_MODEL_TYPES
     quantizer = None
     prequant = cfg.get("quantization_config")
     if load_in_4bit or prequant:
-        from .quant import make_quantizer
-
         if full_finetuning:
-            from .errors import QuantizationError
-
             raise QuantizationError(
                 "full_finetuning=True needs a 16-bit model; drop load_in_4bit (or, for a pre-quantised checkpoint, "
                 "load its 16-bit original) or train LoRA adapters"
             )
+        to_name = checkpoint_key_mapper(vision_checkpoint=vision_checkpoint, text_only=text_only)
         quantizer = make_quantizer(cfg, compute_dtype=dt, device=dev, quantize_vision=quantize_vision,
-                                   text_only=text_only, path=path, load_in_4bit=load_in_4bit)
+                                   to_name=to_name, path=path, load_in_4bit=load_in_4bit)
     with torch.device("meta"):
         model = build_model(cfg, text_only=text_only)
     model.tie_weights()
@@ -329,10 +206,10 @@ def load(
     for p in model.parameters():
         p.requires_grad_(full_finetuning and p.is_floating_point())
     model.eval()
-    model.max_seq_length = max_seq_length
-    model.name_or_path = str(name_or_path)
-    model.source_path = path
-    # The language half of a vision checkpoint: adapters name modules as the full model does (peft_path).
-    model.text_of_vision = text_only and cfg["model_type"] in VISION_MODEL_TYPES
-    vision = cfg["model_type"] in VISION_MODEL_TYPES and not text_only
-    return model, load_processor(path, vision, trust_remote_code)
+    model.load_info = LoadInfo(
+        name_or_path=str(name_or_path), source_path=path, revision=revision,
+        text_of_vision=text_only and vision_checkpoint,
+        quantization="nf4" if quantizer is not None else None, prequantized=bool(prequant),
+        max_seq_length=max_seq_length,
+    )
+    return model, load_processor(path, vision_checkpoint and not text_only, trust_remote_code)

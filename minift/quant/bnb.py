@@ -1,142 +1,36 @@
-"""4-bit (bitsandbytes NF4) loading: `Linear4bit` and the quantizer `minift.load` drives.
+"""4-bit (bitsandbytes NF4) loading: the quantizer `minift.load` drives.
 
 Two ways in, one result (frozen `Linear4bit` modules holding bitsandbytes' exact NF4 layout):
   * `load_in_4bit=True` on a 16-bit checkpoint quantises each linear weight on its way from
-    safetensors to the device with `bitsandbytes.functional.quantize_4bit` (NF4, blocksize 64,
-    double quantisation), so the GPU never holds more than one 16-bit tensor at a time;
+    safetensors to the device with bitsandbytes (`quantize_4bit`: NF4, blocksize 64, double
+    quantisation), so the GPU never holds more than one 16-bit tensor at a time;
   * a pre-quantised bitsandbytes checkpoint (config.json `quantization_config`) loads as stored,
     without dequantising/requantising and without needing bitsandbytes at all.
 Decoder linears (and the vision tower's, unless `quantize_vision=False`) become 4-bit; norms,
 embeddings, lm_head and the multimodal projector stay in the load dtype, as bitsandbytes users
-expect. Dequantisation is `minift.ops.dequantize_nf4`, bit-identical to bitsandbytes'.
+expect.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from . import ops
-from .errors import InputError, QuantizationError, ShapeMismatchError
-from .name_map import map_name  # noqa: F401  (minift.load imports it from here)
-from .ops.nf4 import NF4Weight
+from .. import ops
+from ..errors import InputError, QuantizationError, ShapeMismatchError
+from ..io.weights import iter_tensors, weight_files
+from ..ops.nf4 import NF4Weight
+from .linear4bit import BLOCKSIZE, Linear4bit
 
-BLOCKSIZE = 64
-NESTED_BLOCKSIZE = 256  # what bitsandbytes' double quantisation uses
 _AUX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _QS_PREFIX = "quant_state.bitsandbytes__"
 
-
-class Linear4bit(nn.Module):
-    """A frozen linear layer whose weight is one NF4 tensor in bitsandbytes' layout.
-
-    Everything lives in buffers (so `.to(device)` and `state_dict` carry it): `weight` (packed
-    uint8, two codes a byte, shape (numel/2, 1) like bitsandbytes' Params4bit), `absmax`,
-    `quant_map` (the 16 NF4 levels) and, when double-quantised, `nested_absmax`,
-    `nested_quant_map` and `offset`. The public surface LoRA builds on: `nf4`, `bias`,
-    `in_features`, `out_features`. Casting the module (`.to(torch.bfloat16)`) changes only the
-    compute dtype and the bias: the statistics keep their dtypes so dequantisation stays exact.
-    """
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        *,
-        compute_dtype: torch.dtype = torch.float32,
-        blocksize: int = BLOCKSIZE,
-        nested_blocksize: int | None = NESTED_BLOCKSIZE,
-        device: torch.device | str | None = None,
-    ):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.compute_dtype, self.blocksize, self.nested_blocksize = compute_dtype, blocksize, nested_blocksize
-        n = in_features * out_features
-        blocks = -(-n // blocksize)
-        nested = nested_blocksize is not None
-        f32 = dict(dtype=torch.float32, device=device)
-        self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device))
-        absmax_dtype = torch.uint8 if nested else torch.float32
-        self.register_buffer("absmax", torch.empty(blocks, dtype=absmax_dtype, device=device))
-        self.register_buffer("quant_map", torch.empty(16, **f32))
-        self.register_buffer("nested_absmax", torch.empty(-(-blocks // nested_blocksize), **f32) if nested else None)
-        self.register_buffer("nested_quant_map", torch.empty(256, **f32) if nested else None)
-        self.register_buffer("offset", torch.empty((), **f32) if nested else None)
-        b = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
-        self.register_parameter("bias", b if bias else None)
-
-    @classmethod
-    def from_nf4(cls, w: NF4Weight, bias: torch.Tensor | None = None) -> "Linear4bit":
-        """A module around an existing NF4 weight (e.g. `NF4Weight.from_bnb(*quantize_4bit(W))`)."""
-        out_f, in_f = (int(s) for s in w.shape)
-        m = cls(in_f, out_f, bias is not None, compute_dtype=w.dtype, blocksize=w.blocksize,
-                nested_blocksize=w.nested_blocksize, device="meta")
-        m.set_nf4(w)
-        if bias is not None:
-            m.bias = nn.Parameter(bias.detach().to(w.dtype), requires_grad=False)
-        return m
-
-    @property
-    def nf4(self) -> NF4Weight:
-        return NF4Weight(
-            self.weight, self.absmax, self.quant_map, torch.Size((self.out_features, self.in_features)),
-            self.compute_dtype, self.blocksize, self.nested_absmax, self.nested_quant_map,
-            self.nested_blocksize, self.offset,
-        )
-
-    def set_nf4(self, w: NF4Weight) -> None:
-        """Adopt `w`'s tensors (its dtype becomes the compute dtype)."""
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            raise QuantizationError(
-                f"NF4 weight of shape {tuple(w.shape)} does not fit Linear4bit({self.in_features}, {self.out_features})"
-            )
-        self._buffers.update(
-            weight=w.data, absmax=w.absmax, quant_map=w.code, nested_absmax=w.nested_absmax,
-            nested_quant_map=w.nested_code, offset=w.offset,
-        )
-        self.blocksize, self.nested_blocksize, self.compute_dtype = w.blocksize, w.nested_blocksize, w.dtype
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense (out_features, in_features) weight in `dtype` (default: the compute dtype),
-        dequantised straight to it, exactly; fresh, never cached."""
-        nf4 = self.nf4
-        return ops.dequantize_nf4(nf4 if dtype in (None, nf4.dtype) else dataclasses.replace(nf4, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        if torch.is_grad_enabled() and x.requires_grad:
-            # Dequantise again in backward instead of keeping a dense 16-bit weight per layer alive.
-            return FrozenNF4Linear.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantize(), bias).to(x.dtype)
-
-    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Linear4bit":
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for k, old in before.items():
-            new = self._buffers[k]
-            if old is not None and new.dtype != old.dtype:  # a dtype cast: keep the exact statistics
-                if k == "quant_map":
-                    self.compute_dtype = new.dtype
-                self._buffers[k] = old.to(new.device)
-        return self
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"nf4 blocksize={self.blocksize}, nested={self.nested_blocksize is not None}, "
-                f"compute_dtype={self.compute_dtype}")
-
-
-# ---- bitsandbytes, only needed to quantise --------------------------------------------------------
 
 _USABLE: set[str] = set()
 
@@ -161,8 +55,7 @@ def bnb_functional(device: torch.device, dtype: torch.dtype) -> Any:
     key = f"{device}/{dtype}"
     if key not in _USABLE:
         try:
-            bnbf.quantize_4bit(torch.ones(BLOCKSIZE, device=device, dtype=dtype), blocksize=BLOCKSIZE,
-                               compress_statistics=True, quant_type="nf4", quant_storage=torch.uint8)
+            _quantize_with(bnbf, torch.ones(BLOCKSIZE, device=device, dtype=dtype))
         except Exception as e:
             raise QuantizationError(
                 f"bitsandbytes cannot quantise {dtype} tensors on {device} ({type(e).__name__}: {e}); install a "
@@ -170,6 +63,21 @@ def bnb_functional(device: torch.device, dtype: torch.dtype) -> Any:
             ) from e
         _USABLE.add(key)
     return bnbf
+
+
+def _quantize_with(bnbf: Any, t: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    return bnbf.quantize_4bit(t, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4",
+                              quant_storage=torch.uint8)
+
+
+def quantize_4bit(t: torch.Tensor, name: str) -> tuple[torch.Tensor, Any]:
+    """bitsandbytes' NF4 of `t` as minift stores every 4-bit weight (blocksize 64, double
+    quantisation, uint8 storage): (packed data, QuantState). `name` goes into errors."""
+    bnbf = bnb_functional(t.device, t.dtype)
+    try:
+        return _quantize_with(bnbf, t)
+    except Exception as e:
+        raise QuantizationError(f"{name}: bitsandbytes could not quantise it ({type(e).__name__}: {e})") from e
 
 
 # ---- which modules ----------------------------------------------------------------------------------
@@ -215,12 +123,13 @@ def _parse_quant_state(t: torch.Tensor, where: str) -> dict[str, Any]:
 
 
 class BnbQuantizer:
-    """What `minift.load` calls (see `minift.loading.load_weights`): which checkpoint tensors it
-    takes over, which model tensors they cover, and loading them. `prequantized`: the checkpoint
-    is a bitsandbytes 4-bit one (else its linear weights are quantised while loading)."""
+    """What `minift.load` calls (see `minift.models.loader.load_weights`): which checkpoint
+    tensors it takes over, which model tensors they cover, and loading them. `prequantized`: the
+    checkpoint is a bitsandbytes 4-bit one (else its linear weights are quantised while loading).
+    `to_name` maps checkpoint tensor names to the model's (None: not in this model)."""
 
     def __init__(self, cfg: dict[str, Any], *, compute_dtype: torch.dtype, device: torch.device,
-                 quantize_vision: bool, text_only: bool, path: Path | None):
+                 quantize_vision: bool, to_name: Callable[[str], str | None], path: Path | None):
         self.compute_dtype, self.device, self.quantize_vision = compute_dtype, torch.device(device), quantize_vision
         qc = cfg.get("quantization_config")
         self.prequantized = bool(qc)
@@ -229,15 +138,12 @@ class BnbQuantizer:
         self.claimed: set[str] = set()  # module names whose weight tensors this quantizer loads
         self.ckpt_quantized: dict[str, str] = {}  # model module name -> checkpoint module name
         if self.prequantized:
-            self._scan_checkpoint(cfg, path, text_only)
+            self._scan_checkpoint(path, to_name)
 
-    def _scan_checkpoint(self, cfg: dict[str, Any], path: Path | None, text_only: bool) -> None:
+    def _scan_checkpoint(self, path: Path | None, to_name: Callable[[str], str | None]) -> None:
         """Modules the checkpoint stores quantised: those with quant-state tensors (names only)."""
-        from .loading import key_mapper, weight_files
-
         if path is None:
             raise QuantizationError("a pre-quantised checkpoint needs its path to find the quantised tensors")
-        to_name = key_mapper(cfg, text_only)
         for k in weight_files(path):
             name = to_name(k)
             mod = _module_of(name) if name is not None else None
@@ -292,8 +198,6 @@ class BnbQuantizer:
     def load_quantized(self, model: nn.Module, files: dict[str, Path], quant_keys: dict[str, str]) -> None:
         """Reads the claimed tensors, a module at a time (its parts may sit in different shards),
         and fills each module as soon as its parts are in."""
-        from .loading import iter_tensors
-
         want: dict[str, int] = {}
         for n in quant_keys.values():
             m = _module_of(n)[0]
@@ -320,13 +224,8 @@ class BnbQuantizer:
                 f"{file}: tensor '{m}.weight' has shape {tuple(t.shape)}, expected "
                 f"{(mod.out_features, mod.in_features)} from config.json"
             )
-        bnbf = bnb_functional(self.device, self.compute_dtype)
         t = t.to(device=self.device, dtype=self.compute_dtype)
-        try:
-            data, qs = bnbf.quantize_4bit(t, blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4",
-                                          quant_storage=torch.uint8)
-        except Exception as e:
-            raise QuantizationError(f"{m}.weight: bitsandbytes could not quantise it ({type(e).__name__}: {e})") from e
+        data, qs = quantize_4bit(t, f"{m}.weight")
         del t  # the 16-bit copy goes now: only one is ever alive
         return NF4Weight.from_bnb(data, qs)
 
@@ -394,7 +293,7 @@ def make_quantizer(
     compute_dtype: torch.dtype,
     device: torch.device,
     quantize_vision: bool = True,
-    text_only: bool = False,
+    to_name: Callable[[str], str | None] = lambda k: k,
     path: Path | None = None,
     load_in_4bit: bool = True,
 ) -> BnbQuantizer:
@@ -424,7 +323,7 @@ def make_quantizer(
     else:
         bnb_functional(torch.device(device), compute_dtype)
     return BnbQuantizer(cfg, compute_dtype=compute_dtype, device=device, quantize_vision=quantize_vision,
-                        text_only=text_only, path=path)
+                        to_name=to_name, path=path)
 
 
 def model_nbytes(model: nn.Module) -> int:
@@ -433,23 +332,3 @@ def model_nbytes(model: nn.Module) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
-
-
-def bits_per_weight(m: Linear4bit) -> float:
-    """Storage of a Linear4bit's weight (bias excluded) in bits per weight: ~4.13 at scale."""
-    n = sum(b.numel() * b.element_size() for b in m.buffers())
-    return 8 * n / math.prod((m.out_features, m.in_features))
-
-
-class FrozenNF4Linear(torch.autograd.Function):
-    """x W^T (+ b) for a frozen 4-bit `base` (a Linear4bit), W dequantised to x's dtype: nothing of W
-    is saved; the input gradient dequantises it again. Used by Linear4bit and by LoRA over it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.base = base
-        return F.linear(x, base.dequantize(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.base.dequantize(grad.dtype), None, None

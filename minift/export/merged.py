@@ -20,12 +20,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ._files import atomic_dir, parse_size, write_tokenizer_files
-from .errors import AdapterError
-from .lora_layers import LoraLinear, ModulesToSave, dense_weight, is_linear
-from .lora_targets import hf_path
-
-BLOCKSIZE = 64
+from ..errors import AdapterError
+from ..io.files import atomic_dir, parse_size, write_tokenizer_files
+from ..lora.layers import LoraLinear, ModulesToSave, dense_weight, is_linear
+from ..lora.targets import hf_path
+from ..quant import BLOCKSIZE, quantize_4bit
 
 
 @dataclass
@@ -62,10 +61,7 @@ def _dense(mod: nn.Module) -> torch.Tensor:
 
 
 def _quantized(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-    import bitsandbytes.functional as bnbf
-
-    data, qs = bnbf.quantize_4bit(w.contiguous(), blocksize=BLOCKSIZE, compress_statistics=True, quant_type="nf4",
-                                  quant_storage=torch.uint8)
+    data, qs = quantize_4bit(w.contiguous(), f"{name}.weight")
     out = {f"{name}.weight": data}
     out.update({f"{name}.weight.{k}": v for k, v in qs.as_dict(packed=True).items()})
     return out
@@ -186,7 +182,7 @@ def save_merged(
     groups, tied = merged_groups(model, out_dtype, quantize)
     cfg = _config(model, out_dtype, quantize, tied)
     shards = _shards(groups, limit)
-    src = getattr(model, "source_path", None)
+    src = model.load_info.source_path
     with atomic_dir(save_dir, overwrite=overwrite, what="merged checkpoint") as tmp:
         weight_map: dict[str, str] = {}
         total = 0
@@ -205,5 +201,5 @@ def save_merged(
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         if src is not None and (Path(src) / "generation_config.json").is_file():
             shutil.copy2(Path(src) / "generation_config.json", tmp / "generation_config.json")
-        write_tokenizer_files(model, tmp, tokenizer)
+        write_tokenizer_files(tmp, tokenizer, src)
     return Path(save_dir)

@@ -1,7 +1,9 @@
-"""Writing output directories atomically, and the tokenizer/processor files that go with them."""
+"""Reading JSON configs, writing output directories atomically, and the tokenizer / processor
+files that travel with a model."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -11,15 +13,27 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from torch import nn
+from ..errors import AdapterError, MiniftError
 
-from .errors import AdapterError
-
-# What a tokenizer / processor is made of (as minift.loading fetches from the hub).
+# What a tokenizer / processor is made of (fetched from the hub with a model, copied beside saves).
 TOKENIZER_PATTERNS = (
     "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "*.model",
     "chat_template*", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json",
 )
+
+
+def read_json_object(path: Path, error: type[MiniftError], *, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; `error` (naming the file) when it is missing, not JSON or not an
+    object. `what` says what the file is for ("a model directory needs config.json")."""
+    if not path.is_file():
+        raise error(f"{path}: missing; {what}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
 
 
 @contextmanager
@@ -50,16 +64,15 @@ def atomic_dir(target: str | os.PathLike, *, overwrite: bool, what: str) -> Iter
         raise
 
 
-def write_tokenizer_files(model: nn.Module, out: Path, tokenizer: Any = None) -> None:
+def write_tokenizer_files(out: Path, tokenizer: Any = None, source: Path | None = None) -> None:
     """The given tokenizer/processor's save_pretrained, else the files beside the source checkpoint."""
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
         return
-    src = getattr(model, "source_path", None)
-    if src is None or not Path(src).is_dir():
+    if source is None or not Path(source).is_dir():
         return
     for pat in TOKENIZER_PATTERNS:
-        for f in Path(src).glob(pat):
+        for f in Path(source).glob(pat):
             if f.is_file():
                 shutil.copy2(f, out / f.name)
 

@@ -7,7 +7,6 @@ never used for minift's own modeling.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +138,3 @@ def write_tiny_checkpoint(
     model.save_pretrained(path, safe_serialization=True, **kw)
     tok.save_pretrained(path)
     return path
-
-
-def read_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())

@@ -15,8 +15,9 @@ repo means nothing in its twin) and with `load(..., use_name_map=False)`.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
+
+from .hub import is_hub_id
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def on_hub(repo: str, token: str | bool | None = None) -> bool:
 
 def map_name(name: str, *, load_in_4bit: bool, revision: str | None = None, token: str | bool | None = None) -> str:
     """`name`, or its pre-quantised (load_in_4bit) / 16-bit twin when that is cached or on the hub."""
-    if revision is not None or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", name):
+    if revision is not None or not is_hub_id(name):
         return name
     try:
         cands = twin_candidates(name, load_in_4bit)

@@ -3,7 +3,7 @@
 Selection follows PEFT (targets: "all-linear", module-name suffixes, or a regex fullmatched on
 the module path) narrowed by unsloth's get_peft_regex tags (vision / language parts, attention
 / mlp components). minift's module paths are transformers' except for the SigLIP tower, where
-transformers 5 has no `vision_model.` level; `hf_path` / `minift_path` translate.
+transformers 5 has no `vision_model.` level; `hf_path` / `minift_path` translate (minift.io.keys).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .errors import AdapterError
-from .lora_layers import LoraLinear, ModulesToSave, is_linear
+from ..arch.config import VISION_MODEL_TYPES
+from ..errors import AdapterError
+from ..io import keys
+from .layers import LoraLinear, ModulesToSave, is_linear
 
 # unsloth's get_peft_regex tags: which part of the model and which component a module path is in.
 VISION_TAGS = ("vision", "image", "visual", "patch")
@@ -27,33 +29,27 @@ MLP_TAGS = ("mlp", "feed_forward", "ffn", "dense")
 
 
 def is_vision_model(model: nn.Module) -> bool:
-    return getattr(getattr(model, "config", None), "model_type", None) == "gemma3"
+    return model.config.model_type in VISION_MODEL_TYPES
+
+
+def _text_of_vision(model: nn.Module) -> bool:
+    return model.load_info.text_of_vision
 
 
 def hf_path(model: nn.Module, path: str) -> str:
-    """minift module path → the transformers 5 model's (the SigLIP tower has no `vision_model.` level there)."""
-    pre = "model.vision_tower.vision_model."
-    if is_vision_model(model) and path.startswith(pre):
-        return "model.vision_tower." + path[len(pre):]
-    return path
+    """minift module path → the transformers 5 model's (see `minift.io.keys.hf_path`)."""
+    return keys.hf_path(path, vision=is_vision_model(model))
 
 
 def peft_path(model: nn.Module, path: str) -> str:
-    """minift module path → its name in the model PEFT applies a saved adapter to: `hf_path`,
-    except that a text-only load of a Gemma 3 vision checkpoint (`model.text_of_vision`) names its
-    language half as the full model does, since the adapter's base checkpoint is the vision one
-    and transformers loads that as Gemma3ForConditionalGeneration (`model.language_model.*`)."""
-    p = hf_path(model, path)
-    if getattr(model, "text_of_vision", False) and p.startswith("model."):
-        return "model.language_model." + p[len("model."):]
-    return p
+    """minift module path → its name in the model PEFT applies a saved adapter to (a text-only load
+    of a Gemma 3 vision checkpoint names its language half as the full model does)."""
+    return keys.peft_path(path, vision=is_vision_model(model), text_of_vision=_text_of_vision(model))
 
 
 def minift_path(model: nn.Module, path: str) -> str | None:
     """A transformers module path (5's or the original Hub layout's) → this model's, or None."""
-    from .arch.vision import canonical_key, text_only_key
-
-    return canonical_key(path) if is_vision_model(model) else text_only_key(path)
+    return keys.minift_path(path, vision=is_vision_model(model))
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLinear]]:
@@ -66,6 +62,10 @@ def saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     for name, mod in model.named_modules():
         if isinstance(mod, ModulesToSave):
             yield name, mod
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return any(isinstance(m, (LoraLinear, ModulesToSave)) for m in model.modules())
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -161,7 +161,7 @@ def peft_target_modules(model: nn.Module, chosen: list[str], all_paths: list[str
     hf_chosen = {peft_path(model, p) for p in chosen}
     leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_chosen})
     # Leaf names would also pick the vision tower's q/k/v_proj in the full model of a text-only load.
-    exact = not getattr(model, "text_of_vision", False)
+    exact = not _text_of_vision(model)
     if exact and {p for p in hf_all if any(suffix_match(p, s) for s in leaves)} == hf_chosen:
         return leaves
     pats = sorted({r"\.".join(r"\d+" if c.isdigit() else re.escape(c) for c in p.split(".")) for p in hf_chosen})

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._tiny import tiny_tokenizer
+from .tiny import tiny_tokenizer
 
 VISION_DEFAULTS: dict[str, Any] = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -1,17 +1,17 @@
-"""The LoRA layer (LoRA / rsLoRA / DoRA over a frozen 16-bit `nn.Linear` or 4-bit `Linear4bit`),
-the modules_to_save wrapper, and PEFT's initialisations.
+"""The LoRA layers (LoRA / rsLoRA over a frozen 16-bit `nn.Linear` or 4-bit `Linear4bit`, and
+DoRA as a subclass), the modules_to_save wrapper, and PEFT's initialisations.
 
 Parameter names are PEFT's (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), so a
 layer's state maps 1:1 onto the keys of PEFT's `adapter_model.safetensors`. Adapters are kept
-in float32 and cast to the activations' dtype for compute; the fused `ops.lora_linear` does the
-forward and backward whenever dropout is off (dropout must only touch the LoRA input path, as
-in PEFT, which the fused op cannot express). DoRA follows PEFT's arithmetic term for term.
+in float32 and cast to the activations' dtype for compute. A layer runs as plain matmuls unless
+its `fuse` flag is set (`add_lora(fuse=True)`): then `ops.lora_linear` does the forward and
+backward whenever dropout is off (dropout must only touch the LoRA input path, as in PEFT, which
+the fused op cannot express). DoRA follows PEFT's arithmetic term for term.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -19,15 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from . import ops
-from .errors import AdapterError
-from .ops.nf4 import NF4Weight
-from .quant import FrozenNF4Linear
+from .. import ops
+from ..errors import AdapterError
+from ..ops.nf4 import NF4Weight
+from ..quant import FrozenNF4Linear, Linear4bit
 
 
 def is_4bit(m: nn.Module) -> bool:
-    """minift.quant.Linear4bit, duck-typed (its `.nf4` is what the fused op takes)."""
-    return hasattr(m, "nf4") and hasattr(m, "dequantize") and hasattr(m, "in_features")
+    return isinstance(m, Linear4bit)
 
 
 def is_linear(m: nn.Module) -> bool:
@@ -49,20 +48,16 @@ def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return F.linear(x, base.weight.to(x.dtype))
 
 
-# Route plain LoRA layers through the fused custom ops (ops.lora_linear / ops.lora_mlp) with
-# MINIFT_FUSE_LORA=1. Off by default: on an H100 with each decoder layer compiled, plain matmuls
-# that inductor sees into were as fast or faster (bench/RESULTS.md: 4-bit Gemma-3-4B 14.2k vs
-# 12.8k tokens/s), so the fused ops stay opt-in until their kernels beat that.
-FUSE_LORA = os.environ.get("MINIFT_FUSE_LORA", "0") == "1"
-
-
 class LoraLinear(nn.Module):
-    """y = base(x) + scaling * B A dropout(x), or DoRA's magnitude-rescaled form.
+    """y = base(x) + scaling * B A dropout(x).
 
     `base_layer` is the frozen original; `weight`, `bias`, `in_features`, `out_features` proxy
-    it so code reading `module.weight` keeps working."""
+    it so code reading `module.weight` keeps working. `fuse`: run through the fused custom op
+    `ops.lora_linear` (and, in an MLP whose three projections fuse, `ops.lora_mlp`)."""
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, dora: bool = False):
+    dora = False
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, *, fuse: bool = False):
         super().__init__()
         self.base_layer = base
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)
@@ -71,11 +66,9 @@ class LoraLinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.lora_A = skip_init(nn.Linear, self.in_features, r, bias=False, device=dev, dtype=torch.float32)
         self.lora_B = skip_init(nn.Linear, r, self.out_features, bias=False, device=dev, dtype=torch.float32)
-        mag = nn.Parameter(torch.empty(self.out_features, device=dev, dtype=torch.float32)) if dora else None
-        self.register_parameter("lora_magnitude_vector", mag)
+        self.fuse = bool(fuse)
         self.disabled = False
         self.merged = False
-        self._merge_norm: torch.Tensor | None = None  # DoRA: the norm used at merge, for unmerge
 
     # -- proxies of the base ---------------------------------------------------------------------
 
@@ -86,10 +79,6 @@ class LoraLinear(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
-
-    @property
-    def dora(self) -> bool:
-        return self.lora_magnitude_vector is not None
 
     def base_weight(self) -> torch.Tensor | NF4Weight:
         """What ops.lora_linear takes: the 16-bit weight or the NF4Weight."""
@@ -102,40 +91,88 @@ class LoraLinear(nn.Module):
         """scaling * B A in float32."""
         return (self.lora_B.weight.detach().float() @ self.lora_A.weight.detach().float()) * self.scaling
 
+    def _dropping(self) -> bool:
+        return self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
+
     # -- forward ----------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
         a, b = self.lora_A.weight, self.lora_B.weight
-        drop = self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0
-        base = self.base_weight()
         bias = self.bias
-        fusable = (isinstance(base, NF4Weight) or (base.dtype == x.dtype and not base.requires_grad)) and (
-            bias is None or not bias.requires_grad)
-        if self.lora_magnitude_vector is not None:
-            return self._dora_forward(x, drop)
-        if fusable and not drop and FUSE_LORA:
-            return ops.lora_linear(x, base, a, b, self.scaling, bias)
+        if self.fuse and not self._dropping() and self._fusable_base(x) and (bias is None or not bias.requires_grad):
+            return ops.lora_linear(x, self.base_weight(), a, b, self.scaling, bias)
         lora = F.linear(F.linear(self.lora_dropout(x), a.to(x.dtype)), b.to(x.dtype))
         y = frozen_linear(x, self.base_layer)  # (a 4-bit W is not kept for backward)
         return (y if bias is None else y + bias.to(x.dtype)) + self.scaling * lora
 
-    def fused_parts(self, x: torch.Tensor) -> tuple[tuple, float] | None:
-        """((base, lora_A, lora_B), scaling) when this layer's forward is exactly a plain LoRA
-        linear without bias, dropout or DoRA, so a caller may fuse it (the MLP's ops.lora_mlp)."""
-        if not FUSE_LORA or self.disabled or self.merged or self.lora_magnitude_vector is not None or self.bias is not None:
-            return None
-        if self.training and isinstance(self.lora_dropout, nn.Dropout) and self.lora_dropout.p > 0:
-            return None
+    def _fusable_base(self, x: torch.Tensor) -> bool:
+        """The fused ops take a frozen base in x's dtype, or an NF4 one."""
         base = self.base_weight()
-        if not isinstance(base, NF4Weight) and (base.dtype != x.dtype or base.requires_grad):
-            return None
-        return (base, self.lora_A.weight, self.lora_B.weight), self.scaling
+        return isinstance(base, NF4Weight) or (base.dtype == x.dtype and not base.requires_grad)
 
-    def _dora_forward(self, x: torch.Tensor, drop: bool) -> torch.Tensor:
-        """PEFT's DoRA, in PEFT's arithmetic: with m = magnitude / ||W + s B A||_row (the norm
-        detached), base(x) + (m - 1) * x' W^T + m * (x' A^T B^T) * s, x' the dropped-out input."""
+    def fused_parts(self, x: torch.Tensor) -> tuple[tuple, float] | None:
+        """((base, lora_A, lora_B), scaling) when this layer's forward is exactly a plain fused LoRA
+        linear without bias or dropout, so the MLP around it may fuse all three (ops.lora_mlp)."""
+        if not self.fuse or self.disabled or self.merged or self.bias is not None or self._dropping():
+            return None
+        if not self._fusable_base(x):
+            return None
+        return (self.base_weight(), self.lora_A.weight, self.lora_B.weight), self.scaling
+
+    # -- merging ----------------------------------------------------------------------------------
+
+    def merged_weight(self) -> torch.Tensor:
+        """The merged weight in float32 (the base as it is when already merged)."""
+        w = self.dense_weight(torch.float32)
+        return w if self.merged else w + self.delta_weight()
+
+    def _check_mergeable(self) -> None:
+        if is_4bit(self.base_layer):
+            raise AdapterError("merge_lora: a 4-bit base cannot hold merged weights; use save_merged(dir) to write "
+                               "a merged 16-bit (or re-quantised) checkpoint instead")
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        self._check_mergeable()
+        w = self.base_layer.weight
+        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Exact in float32; in 16-bit up to the one rounding merging made (as PEFT)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}, dora={self.dora}"
+
+
+class DoraLinear(LoraLinear):
+    """PEFT's DoRA: the LoRA-updated weight's rows rescaled to a trained magnitude vector, in
+    PEFT's arithmetic term for term. Never fused (the row norm needs the dense weight)."""
+
+    dora = True
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, *, fuse: bool = False):
+        super().__init__(base, r, scaling, dropout, fuse=False)
+        dev = self.lora_A.weight.device
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(self.out_features, device=dev, dtype=torch.float32))
+        self._merge_norm: torch.Tensor | None = None  # the norm used at merge, for unmerge
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """With m = magnitude / ||W + s B A||_row (the norm detached):
+        base(x) + (m - 1) * x' W^T + m * (x' A^T B^T) * s, x' the dropped-out input."""
+        if self.disabled or self.merged:
+            return self.base_layer(x)
+        drop = self._dropping()
         a, b = self.lora_A.weight.to(x.dtype), self.lora_B.weight.to(x.dtype)
         with torch.no_grad():
             norm = torch.linalg.norm(self.dense_weight(torch.float32) + self.delta_weight(), dim=1)
@@ -148,48 +185,42 @@ class LoraLinear(nn.Module):
         base_result = frozen_linear(xd, self.base_layer) if drop else z
         return result + ((m - 1) * base_result + m * lora * self.scaling)
 
-    # -- merging ----------------------------------------------------------------------------------
+    def fused_parts(self, x: torch.Tensor) -> None:
+        return None
 
     def merged_weight(self) -> torch.Tensor:
-        """The merged weight in float32 (the base as it is when already merged)."""
-        w = self.dense_weight(torch.float32)
+        w = super().merged_weight()
         if self.merged:
             return w
-        w = w + self.delta_weight()
-        if self.dora:
-            w = (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(w, dim=1)).unsqueeze(1) * w
-        return w
+        return (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(w, dim=1)).unsqueeze(1) * w
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
-        if is_4bit(self.base_layer):
-            raise AdapterError("merge_lora: a 4-bit base cannot hold merged weights; use save_merged(dir) to write "
-                               "a merged 16-bit (or re-quantised) checkpoint instead")
+        self._check_mergeable()
         w = self.base_layer.weight
         new = w.float() + self.delta_weight()
-        if self.dora:
-            self._merge_norm = torch.linalg.norm(new, dim=1)
-            new = (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1) * new
-        w.copy_(new.to(w.dtype))
+        self._merge_norm = torch.linalg.norm(new, dim=1)
+        w.copy_(((self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1) * new).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Exact in float32; in 16-bit up to the one rounding merging made (as PEFT)."""
         if not self.merged:
             return
         w = self.base_layer.weight
-        old = w.float()
-        if self.dora:
-            old = old / (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1)
-            self._merge_norm = None
+        old = w.float() / (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1)
+        self._merge_norm = None
         w.copy_((old - self.delta_weight()).to(w.dtype))
         self.merged = False
 
-    def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}, dora={self.dora}"
+
+def make_layer(base: nn.Module, r: int, scaling: float, dropout: float = 0.0, *, dora: bool = False,
+               fuse: bool = False) -> LoraLinear:
+    """A LoRA (or, with `dora`, DoRA) layer over `base`, in `base`'s train/eval mode."""
+    cls = DoraLinear if dora else LoraLinear
+    return cls(base, r, scaling, dropout, fuse=fuse).train(base.training)
 
 
 class ModulesToSave(nn.Module):

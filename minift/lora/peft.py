@@ -17,14 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._files import atomic_dir, write_tokenizer_files
-from .errors import AdapterError
-from .lora import LoraSettings, attach, has_adapters
-from .lora_layers import LoraLinear, ModulesToSave
-from .lora_targets import (
-    _tied_pair, add_modules_to_save, hf_path, linear_modules, lora_layers, match_modules_to_save, minift_path,
-    peft_modules_to_save, peft_path, saved_modules, set_module,
-)
+from ..errors import AdapterError
+from ..io.files import atomic_dir, read_json_object, write_tokenizer_files
+from .layers import ModulesToSave
+from .settings import LoraSettings, settings_of
+from .targets import _tied_pair, has_adapters, hf_path, lora_layers, match_modules_to_save, minift_path, peft_path, saved_modules
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
@@ -65,7 +62,7 @@ def adapter_config(model: nn.Module, s: LoraSettings, converted: bool) -> dict[s
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": getattr(model, "name_or_path", None),
+        "base_model_name_or_path": model.load_info.name_or_path,
         "r": r,
         "lora_alpha": alpha_out,
         "lora_dropout": s.dropout,
@@ -93,7 +90,7 @@ def save_adapter(model: nn.Module, save_dir: str | os.PathLike, *, overwrite: bo
     processor files (`tokenizer`'s, else copied from the source checkpoint), atomically."""
     from safetensors.torch import save_file
 
-    s: LoraSettings | None = getattr(model, "lora_settings", None)
+    s = settings_of(model)
     if s is None or not has_adapters(model):
         raise AdapterError("save_adapter: the model has no adapters; call minift.add_lora or minift.load_adapter first")
     tensors, converted = adapter_tensors(model)
@@ -101,27 +98,22 @@ def save_adapter(model: nn.Module, save_dir: str | os.PathLike, *, overwrite: bo
     with atomic_dir(save_dir, overwrite=overwrite, what="adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
         (tmp / CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        write_tokenizer_files(model, tmp, tokenizer)
+        write_tokenizer_files(tmp, tokenizer, model.load_info.source_path)
     return Path(save_dir)
 
 
 # ---- load -----------------------------------------------------------------------------------------
 
 
-def _read(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_adapter(adapter_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_config.json (checked: a LoRA adapter minift can load) and the adapter's tensors."""
     from safetensors.torch import load_file
 
     if not adapter_dir.is_dir():
         raise AdapterError(f"{adapter_dir}: no such adapter directory")
     cf, wf = adapter_dir / CONFIG, adapter_dir / WEIGHTS
-    if not cf.is_file():
-        raise AdapterError(f"{cf}: missing; an adapter directory needs {CONFIG}")
-    try:
-        cfg = json.loads(cf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{cf}: not valid JSON: {e}") from e
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{cf}: expected a JSON object")
+    cfg = read_json_object(cf, AdapterError, what=f"an adapter directory needs {CONFIG}")
+    _check_config(cfg, cf)
     if not wf.is_file():
         extra = " (only pickle adapter_model.bin, which minift does not load)" if (adapter_dir / "adapter_model.bin").exists() else ""
         raise AdapterError(f"{wf}: missing{extra}")
@@ -144,7 +136,7 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
         raise AdapterError(f"{where}: r must be a positive integer, got {r!r}")
 
 
-def _normalise(key: str) -> str:
+def normalise_key(key: str) -> str:
     """A saved or in-memory PEFT key → '<module path>.<lora_A.weight | lora_B.weight |
     lora_magnitude_vector | param of a modules_to_save copy>'."""
     if key.startswith(PREFIX):
@@ -154,7 +146,7 @@ def _normalise(key: str) -> str:
     return re.sub(r"\.(modules_to_save\.[^.]+|original_module)\.", ".", key)
 
 
-def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+def pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup (a key matches the end of the module path)."""
     for k, v in (patterns or {}).items():
         if re.match(rf"(.*\.)?({k})$", path):
@@ -162,70 +154,7 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
     return default
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
-    """Adds the LoRA layers a minift or PEFT adapter describes and loads its weights; returns the
-    model (changed in place, all base weights frozen). Module paths may use transformers 5's
-    names or the original Hub layout's."""
-    adapter_dir = Path(adapter_dir).expanduser()
-    cfg, tensors = _read(adapter_dir)
-    _check_config(cfg, adapter_dir / CONFIG)
-    if has_adapters(model):
-        raise AdapterError("load_adapter: the model already has adapters; load into a freshly loaded model")
-    all_paths = [n for n, _ in model.named_modules() if n]
-    lin = linear_modules(model)
-    lora: dict[str, dict[str, torch.Tensor]] = {}
-    other: dict[str, torch.Tensor] = {}
-    unknown: list[str] = []
-    for key, t in tensors.items():
-        k = _normalise(key)
-        for part in (".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"):
-            if k.endswith(part):
-                path = minift_path(model, k[: -len(part)])
-                if path not in lin:
-                    unknown.append(k[: -len(part)])
-                else:
-                    lora.setdefault(path, {})[part.split(".")[1]] = t
-                break
-        else:
-            other[k] = t
-    if unknown:
-        names = sorted(set(unknown))
-        raise AdapterError(f"{adapter_dir}: adapter targets modules this model has no linear layer for: "
-                           f"{', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
-    dora = bool(cfg.get("use_dora"))
-    rslora = bool(cfg.get("use_rslora"))
-    for path, parts in lora.items():
-        _check_shapes(path, parts, lin[path], dora, adapter_dir)
-    mts = _plan_modules_to_save(model, cfg, other, list(lora), adapter_dir)
-    # everything checked: now change the model
-    for p in model.parameters():
-        p.requires_grad_(False)
-    alpha = cfg.get("lora_alpha", cfg["r"])
-    for path, parts in lora.items():
-        r = parts["lora_A"].shape[0]
-        a = _pattern_value(cfg.get("alpha_pattern"), peft_path(model, path), alpha)
-        layer = LoraLinear(lin[path], r, a / (math.sqrt(r) if rslora else r), float(cfg.get("lora_dropout") or 0.0),
-                           dora).train(lin[path].training)
-        with torch.no_grad():
-            layer.lora_A.weight.copy_(parts["lora_A"])
-            layer.lora_B.weight.copy_(parts["lora_B"])
-            if dora:
-                layer.lora_magnitude_vector.copy_(parts["lora_magnitude_vector"])
-        set_module(model, path, layer)
-    add_modules_to_save(model, list(mts))
-    _fill_modules_to_save(model, mts)
-    targets = cfg.get("target_modules") or sorted({peft_path(model, p) for p in lora})
-    settings = LoraSettings(
-        r=cfg["r"], alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0), rslora=rslora, dora=dora,
-        init="default", target_modules=sorted(targets) if isinstance(targets, (list, set)) else targets,
-        modules_to_save=peft_modules_to_save(model, list(mts), all_paths) if mts else [],
-        rank_pattern=dict(cfg.get("rank_pattern") or {}), alpha_pattern=dict(cfg.get("alpha_pattern") or {}),
-    )
-    attach(model, settings)
-    return model
-
-
-def _check_shapes(path: str, parts: dict[str, torch.Tensor], base: nn.Module, dora: bool, where: Path) -> None:
+def check_shapes(path: str, parts: dict[str, torch.Tensor], base: nn.Module, dora: bool, where: Path) -> None:
     out_f, in_f = int(base.out_features), int(base.in_features)
     for need in ("lora_A", "lora_B") + (("lora_magnitude_vector",) if dora else ()):
         if need not in parts:
@@ -243,7 +172,7 @@ def _check_shapes(path: str, parts: dict[str, torch.Tensor], base: nn.Module, do
                            f"({out_f}, {in_f}) needs ({out_f},)")
 
 
-def _plan_modules_to_save(model: nn.Module, cfg: dict[str, Any], other: dict[str, torch.Tensor],
+def plan_modules_to_save(model: nn.Module, cfg: dict[str, Any], other: dict[str, torch.Tensor],
                           lora_paths: list[str], where: Path) -> dict[str, dict[str, torch.Tensor]]:
     """module path → {parameter name: tensor} for the adapter's modules_to_save, all checked."""
     names = list(cfg.get("modules_to_save") or [])
@@ -276,7 +205,7 @@ def _plan_modules_to_save(model: nn.Module, cfg: dict[str, Any], other: dict[str
 
 
 @torch.no_grad()
-def _fill_modules_to_save(model: nn.Module, placed: dict[str, dict[str, torch.Tensor]]) -> None:
+def fill_modules_to_save(model: nn.Module, placed: dict[str, dict[str, torch.Tensor]]) -> None:
     """Copies the tensors in. A tied head whose two saved copies differ (trained untied, e.g. by
     PEFT without ensure_weight_tying) is untied: each module gets its own matrix."""
     filled: dict[int, torch.Tensor] = {}
