@@ -10,17 +10,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import transformers
+from PIL import Image
 
 import minift
-from minift.testing import write_tiny_gemma3_vision
 from minift.arch.attention import build_mask
 from minift.arch.model import CausalLM
 from minift.arch.vision import Gemma3VisionLM, build_vision_model, image_groups
-from minift.io.keys import canonical_key, text_only_key
 from minift.errors import ConfigError, InputError
-
-transformers = pytest.importorskip("transformers")
-from PIL import Image  # noqa: E402
+from minift.io.keys import canonical_key, text_only_key
+from minift.testing import write_tiny_gemma3_vision
 
 TOL = 1e-5
 

@@ -7,16 +7,16 @@ from __future__ import annotations
 import json
 import warnings
 
+import peft
 import pytest
 import torch
 import transformers
 
 import minift
-from minift.testing import write_tiny_checkpoint
 from minift.errors import AdapterError
 from minift.lora import LoraLinear, hf_path
+from minift.testing import write_tiny_checkpoint, write_tiny_gemma3_vision
 
-peft = pytest.importorskip("peft")
 warnings.filterwarnings("ignore", module="peft")
 
 TOL = 1e-6
@@ -34,12 +34,7 @@ def ckpts(tmp_path_factory):
         "llama": write_tiny_checkpoint(root / "llama", "llama", tie_word_embeddings=False),
         "gemma3_text": write_tiny_checkpoint(root / "gemma3", "gemma3_text"),
     }
-    try:
-        from minift.testing import write_tiny_gemma3_vision
-
-        out["gemma3"] = write_tiny_gemma3_vision(root / "gemma3_vision")
-    except Exception:  # pragma: no cover - vision support missing
-        pass
+    out["gemma3"] = write_tiny_gemma3_vision(root / "gemma3_vision")
     return out
 
 
@@ -184,8 +179,6 @@ VISION_SELECTIONS = [
 
 @pytest.mark.parametrize("sel,regex", VISION_SELECTIONS, ids=["all", "language", "vision-attn"])
 def test_gemma3_vision_selections_match_peft(ckpts, tmp_path, sel, regex):
-    if "gemma3" not in ckpts:
-        pytest.skip("minift.arch.vision / _tiny_vision unavailable")
     model, _ = minift.load(ckpts["gemma3"])
     minift.add_lora(model, r=4, alpha=8, dora=sel == {}, **sel)
     pm = peft_model(ckpts["gemma3"], targets=regex, dora=sel == {})
@@ -312,8 +305,6 @@ def test_text_only_adapter_of_vision_checkpoint_loads_on_full_model(ckpts, tmp_p
     under the full model's names: PEFT applies it to Gemma3ForConditionalGeneration (what
     transformers loads for that checkpoint) without touching the vision tower, and minift loads
     it into the full model or another text-only load."""
-    if "gemma3" not in ckpts:
-        pytest.skip("no vision support")
     path = ckpts["gemma3"]
     model, _ = minift.load(path, text_only=True)
     minift.add_lora(model, r=4, alpha=8, **kw)
@@ -375,8 +366,6 @@ def randomise(model, seed=0):
                                        ("gemma3_text", dict(dora=True, modules_to_save=["embed_tokens"])),
                                        ("gemma3", dict(dora=True))])
 def test_save_merged_loads_in_transformers(ckpts, tmp_path, family, kw):
-    if family not in ckpts:
-        pytest.skip("vision unavailable")
     model, _ = minift.load(ckpts[family])
     minift.add_lora(model, r=4, alpha=8, **kw)
     randomise(model)
@@ -422,7 +411,6 @@ def test_save_merged_sharded_bf16(ckpts, tmp_path):
 
 @pytest.fixture(scope="module")
 def q4(ckpts):
-    pytest.importorskip("bitsandbytes")
     return ckpts["llama"]
 
 
@@ -607,8 +595,6 @@ def test_load_adapter_reads_in_memory_peft_names(ckpts, tmp_path):
 def test_fused_lora_path_matches_plain(tmp_path, family):
     """The opt-in fused path (ops.lora_linear in each layer, ops.lora_mlp in the MLP) computes
     the same logits and adapter gradients as the plain matmuls."""
-    from minift.testing import write_tiny_checkpoint
-
     path = write_tiny_checkpoint(tmp_path, family)
     model, _ = minift.load(path)
     minift.add_lora(model, r=4, alpha=8)

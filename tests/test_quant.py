@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
@@ -21,12 +22,11 @@ from torch import nn
 
 import minift
 import minift.quant as mq
-from minift.testing import write_tiny_checkpoint
 from minift.errors import HubError, QuantizationError
 from minift.io.names import map_name, twin_candidates
 from minift.quant import Linear4bit
+from minift.testing import write_tiny_checkpoint
 
-bnb = pytest.importorskip("bitsandbytes")
 BF = bnb.functional
 TOL = 1e-6
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -390,7 +390,6 @@ def test_name_map_online_check(hub_cache, monkeypatch):
 
 @pytest.fixture(scope="module")
 def vision(tmp_path_factory):
-    pytest.importorskip("minift.arch.vision")
     from PIL import Image
 
     from minift.testing import write_tiny_gemma3_vision

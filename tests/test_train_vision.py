@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 from train_utils import one_thread, single_thread  # noqa: F401 (fixtures)
 
 import minift
 from minift.testing import write_tiny_gemma3_vision
 from minift.train import TrainConfig, Trainer
-
-Image = pytest.importorskip("PIL.Image")
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "white": (255, 255, 255)}
 
