@@ -128,18 +128,16 @@ class LoraLinear(nn.Module):
         w = self.dense_weight(torch.float32)
         return w if self.merged else w + self.delta_weight()
 
-    def _check_mergeable(self) -> None:
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Folds the adapter into the 16-bit base in float32, cast once."""
+        if self.merged:
+            return
         if is_4bit(self.base_layer):
             raise AdapterError("merge_lora: a 4-bit base cannot hold merged weights; use save_merged(dir) to write "
                                "a merged 16-bit (or re-quantised) checkpoint instead")
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        self._check_mergeable()
         w = self.base_layer.weight
-        w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+        w.copy_(self._fold(w.float()).to(w.dtype))
         self.merged = True
 
     @torch.no_grad()
@@ -148,8 +146,14 @@ class LoraLinear(nn.Module):
         if not self.merged:
             return
         w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+        w.copy_(self._unfold(w.float()).to(w.dtype))
         self.merged = False
+
+    def _fold(self, w: torch.Tensor) -> torch.Tensor:
+        return w + self.delta_weight()
+
+    def _unfold(self, w: torch.Tensor) -> torch.Tensor:
+        return w - self.delta_weight()
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, dora={self.dora}"
@@ -194,26 +198,15 @@ class DoraLinear(LoraLinear):
             return w
         return (self.lora_magnitude_vector.detach().float() / torch.linalg.norm(w, dim=1)).unsqueeze(1) * w
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        self._check_mergeable()
-        w = self.base_layer.weight
-        new = w.float() + self.delta_weight()
+    def _fold(self, w: torch.Tensor) -> torch.Tensor:
+        new = w + self.delta_weight()
         self._merge_norm = torch.linalg.norm(new, dim=1)
-        w.copy_(((self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1) * new).to(w.dtype))
-        self.merged = True
+        return (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1) * new
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        w = self.base_layer.weight
-        old = w.float() / (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1)
+    def _unfold(self, w: torch.Tensor) -> torch.Tensor:
+        old = w / (self.lora_magnitude_vector.float() / self._merge_norm).unsqueeze(1)
         self._merge_norm = None
-        w.copy_((old - self.delta_weight()).to(w.dtype))
-        self.merged = False
+        return old - self.delta_weight()
 
 
 def make_layer(base: nn.Module, r: int, scaling: float, dropout: float = 0.0, *, dora: bool = False,
