@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as fa
 
 import minift
-from minift.testing import write_tiny_checkpoint
 from minift.arch import attention as A
 from minift.arch import flex
 from minift.arch.attention import attention, build_mask, make_mask, packed_segments, set_attention_backend
+from minift.testing import write_tiny_checkpoint, write_tiny_gemma3_vision
 
-fa = pytest.importorskip("torch.nn.attention.flex_attention")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # "flex_attention called without torch.compile"
 
 
@@ -162,6 +162,16 @@ def test_make_mask_dispatch():
         set_attention_backend("flash")
 
 
+def test_mask_spec_and_backend_error():
+    """One MaskSpec clips the window for every builder; a bad backend is a ConfigError."""
+    assert A.MaskSpec.of(8, sliding_window=8).plain and A.MaskSpec.of(8, sliding_window=9).window is None
+    assert A.MaskSpec.of(8, sliding_window=7).window == 7 and not A.MaskSpec.of(8, sliding_window=7).plain
+    with pytest.raises(TypeError, match="sliding_windo"):
+        build_mask(1, 8, torch.device("cpu"), sliding_windo=3)
+    with pytest.raises(minift.errors.ConfigError, match=r"set_attention_backend: backend='flash'"):
+        set_attention_backend("flash")
+
+
 def model_logits(model, ids, **kw):
     out = {}
     for backend in ("sdpa", "flex"):
@@ -192,8 +202,6 @@ def test_gemma3_vision_image_groups_flex_vs_sdpa(tmp_path):
     """Image tokens attend both ways, under a sliding window (8) shorter than an image (16)."""
     import numpy as np
     from PIL import Image
-
-    from minift.testing import write_tiny_gemma3_vision
 
     model, processor = minift.load(write_tiny_gemma3_vision(tmp_path))
     rng = np.random.default_rng(0)

@@ -152,3 +152,21 @@ def test_pixel_values_refused_by_text_model(tmp_path):
     model, _ = minift.load(write_tiny_checkpoint(tmp_path, "gemma3_text"))
     with pytest.raises(InputError, match="pixel_values given to a text-only gemma3_text model"):
         model(torch.randint(3, 200, (1, 5)), pixel_values=torch.zeros(1, 3, 32, 32))
+
+
+def test_family_table_defaults():
+    """Family facts come from FAMILIES; the default layer_types follow each family's pattern."""
+    from minift.arch.config import FAMILIES, TEXT_MODEL_TYPES, ModelConfig
+
+    assert TEXT_MODEL_TYPES == tuple(FAMILIES) == ("llama", "mistral", "gemma", "gemma2", "gemma3_text")
+    base = dict(vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4)
+    F, S = "full_attention", "sliding_attention"
+    want = {
+        "llama": [F] * 6, "mistral": [S] * 6, "gemma": [F] * 6,
+        "gemma2": [S, F] * 3, "gemma3_text": [S, S, F] * 2,
+    }
+    for mt, types in want.items():
+        c = ModelConfig.from_hf({**base, "model_type": mt, "sliding_window": 4, "sliding_window_pattern": 3})
+        assert c.layer_types == types, mt
+        assert c.norm_offset == (1.0 if mt.startswith("gemma") else 0.0) and c.embed_scale == mt.startswith("gemma")
+        assert (c.rope[F] is c.rope[S]) == (mt != "gemma3_text"), mt

@@ -8,12 +8,17 @@ suffices, so SDPA can take its fused causal (flash) path.
 
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import TYPE_CHECKING, Literal, Union
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from . import flex as _flex
+from .flex import MaskRequest, MaskSpec
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 Backend = Literal["auto", "sdpa", "flex"]
 Mask = Union[torch.Tensor, "_flex.BlockMask", None]
@@ -27,14 +32,12 @@ def set_attention_backend(backend: Backend) -> None:
     Plain causal attention without soft-capping always takes SDPA's flash path."""
     global _backend
     if backend not in ("auto", "sdpa", "flex"):
-        raise ValueError(f"attention backend must be 'auto', 'sdpa' or 'flex', not {backend!r}")
+        raise ConfigError(
+            f"set_attention_backend: backend={backend!r} is not an attention backend; expected 'auto', 'sdpa' or 'flex'"
+        )
     if backend == "flex" and not _flex.AVAILABLE:
-        raise ValueError("this torch has no torch.nn.attention.flex_attention")
+        raise ConfigError("set_attention_backend: backend='flex' needs torch.nn.attention.flex_attention, which this torch lacks")
     _backend = backend
-
-
-def get_attention_backend() -> Backend:
-    return _backend
 
 
 def uses_flex(device: torch.device | str) -> bool:
@@ -45,6 +48,7 @@ def uses_flex(device: torch.device | str) -> bool:
 
 
 def is_block_mask(mask: Mask) -> bool:
+    """Whether `attention` will take the flex path for this mask."""
     return mask is not None and not isinstance(mask, torch.Tensor)
 
 
@@ -55,65 +59,44 @@ def packed_segments(position_ids: torch.Tensor) -> torch.Tensor:
     return (position_ids - prev != 1).cumsum(-1)
 
 
-def build_mask(
-    batch: int,
-    seq: int,
-    device: torch.device,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    bidirectional_groups: torch.Tensor | None = None,
-) -> torch.Tensor | None:
+def build_mask(batch: int, seq: int, device: torch.device, **request: Unpack[MaskRequest]) -> torch.Tensor | None:
     """Causal mask with optional key padding, packed-sequence segments, a sliding window, and
     groups of tokens that see each other both ways (Gemma 3 image tokens; -1 for none).
 
     Returns None when the plain causal mask is enough."""
-    window = sliding_window if sliding_window is not None and sliding_window < seq else None
-    if attention_mask is None and segments is None and window is None and bidirectional_groups is None:
+    spec = MaskSpec.of(seq, **request)
+    if spec.plain:
         return None
+    w, g = spec.window, spec.groups
     q = torch.arange(seq, device=device)
     causal = q[:, None] >= q[None, :]
-    if window is not None and bidirectional_groups is None:
-        causal = causal & (q[None, :] > q[:, None] - window)
+    if w is not None and g is None:
+        causal = causal & (q[None, :] > q[:, None] - w)
     allowed = causal[None, None].expand(batch, 1, seq, seq)
-    if segments is not None:
-        allowed = allowed & (segments[:, None, :, None] == segments[:, None, None, :])
-    if bidirectional_groups is not None:
-        g = bidirectional_groups
+    if spec.segments is not None:
+        allowed = allowed & (spec.segments[:, None, :, None] == spec.segments[:, None, None, :])
+    if g is not None:
         same = (g[:, None, :, None] == g[:, None, None, :]) & (g[:, None, :, None] >= 0)
         allowed = allowed | same
-        if window is not None:  # as transformers: AND(window, OR(causal, groups)); the window bounds only the past
-            allowed = allowed & (q[None, :] > q[:, None] - window)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        if w is not None:  # as transformers: AND(window, OR(causal, groups)); the window bounds only the past
+            allowed = allowed & (q[None, :] > q[:, None] - w)
+    if spec.attention_mask is not None:
+        allowed = allowed & spec.attention_mask.bool()[:, None, None, :]
     # A query that may see nothing (left padding) would give NaN; let only such a row see itself.
     empty = ~allowed.any(-1, keepdim=True)
     return allowed | (empty & torch.eye(seq, dtype=torch.bool, device=device))
 
 
 def make_mask(
-    batch: int,
-    seq: int,
-    device: torch.device,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    bidirectional_groups: torch.Tensor | None = None,
-    softcap: float | None = None,
+    batch: int, seq: int, device: torch.device, *, softcap: float | None = None, **request: Unpack[MaskRequest]
 ) -> Mask:
     """The mask `attention` takes for one layer type, built once per forward: None (plain causal,
-    no soft-capping: SDPA flash), a flex BlockMask (see `uses_flex`), or build_mask's tensor."""
-    window = sliding_window if sliding_window is not None and sliding_window < seq else None
-    plain = attention_mask is None and segments is None and window is None and bidirectional_groups is None
-    if plain and softcap is None:
+    no soft-capping: SDPA flash), a flex BlockMask (see `uses_flex`), or build_mask's tensor
+    (None again when plain: the eager soft-capping path builds its causal mask itself)."""
+    if MaskSpec.of(seq, **request).plain and softcap is None:
         return None
-    kw = dict(attention_mask=attention_mask, segments=segments, sliding_window=window,
-              bidirectional_groups=bidirectional_groups)
-    if uses_flex(device):
-        return _flex.block_mask(batch, seq, device, **kw)
-    return build_mask(batch, seq, device, **kw)
+    build = _flex.block_mask if uses_flex(device) else build_mask
+    return build(batch, seq, device, **request)
 
 
 def attention(

@@ -2,7 +2,8 @@
 
 Family differences are fields here (norm offset, sandwich norms, q/k norms, soft-capping,
 per-layer attention types, RoPE per layer type), read from a Hugging Face `config.json` by
-`ModelConfig.from_hf`. Nothing downstream checks the family's name.
+`ModelConfig.from_hf`. What each model_type does differently is one row of `FAMILIES`, so
+adding a family is adding a row; nothing, `from_hf` included, checks the family's name.
 """
 
 from __future__ import annotations
@@ -13,12 +14,65 @@ from typing import Any
 
 from ..errors import ConfigError, UnsupportedModelError
 
-TEXT_MODEL_TYPES = ("llama", "mistral", "gemma", "gemma2", "gemma3_text")
-VISION_MODEL_TYPES = ("gemma3",)
-SUPPORTED_MODEL_TYPES = TEXT_MODEL_TYPES + VISION_MODEL_TYPES
-
 FULL = "full_attention"
 SLIDING = "sliding_attention"
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one text model_type does differently, as transformers' modeling code hard-wires it
+    (config.json does not say). `ModelConfig.from_hf` reads only this about the family.
+
+    norm_offset: RMSNorm multiplies by (offset + weight).
+    embed_scale: embeddings are multiplied by sqrt(hidden_size).
+    hidden_act: activation when config.json names none.
+    gelu_is_tanh: a config's "gelu" means the tanh approximation (legacy Gemma configs).
+    tie_word_embeddings: default when config.json does not say.
+    sandwich_norms, qk_norm: as the ModelConfig fields.
+    softcapping: config.json's query_pre_attn_scalar, attn_logit_softcapping and
+        final_logit_softcapping apply (other families' modeling code ignores them).
+    sliding_layers: layer_types / sliding_window apply; False: every layer is full attention
+        whatever config.json says (transformers' Llama and Gemma ignore both).
+    full_every: without layer_types, every full_every-th layer is full and the others sliding;
+        None: all sliding when sliding_window is set, else all full.
+    full_every_key: config.json field that overrides full_every (Gemma 3's sliding_window_pattern).
+    rope_theta: RoPE base when config.json gives none.
+    local_rope_theta: sliding layers have a RoPE table of their own with this default base
+        (Gemma 3's rope_local_base_freq); None: one table for all layers.
+    """
+
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    hidden_act: str = "silu"
+    gelu_is_tanh: bool = False
+    tie_word_embeddings: bool = False
+    sandwich_norms: bool = False
+    qk_norm: bool = False
+    softcapping: bool = False
+    sliding_layers: bool = True
+    full_every: int | None = None
+    full_every_key: str | None = None
+    rope_theta: float = 10_000.0
+    local_rope_theta: float | None = None
+
+
+# Shared by every Gemma generation.
+_GEMMA = dict(norm_offset=1.0, embed_scale=True, hidden_act="gelu_pytorch_tanh", gelu_is_tanh=True,
+              tie_word_embeddings=True)
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(sliding_layers=False),
+    "mistral": Family(),
+    "gemma": Family(**_GEMMA, sliding_layers=False),
+    "gemma2": Family(**_GEMMA, sandwich_norms=True, softcapping=True, full_every=2),
+    "gemma3_text": Family(**_GEMMA, sandwich_norms=True, qk_norm=True, softcapping=True, full_every=6,
+                          full_every_key="sliding_window_pattern", rope_theta=1_000_000.0,
+                          local_rope_theta=10_000.0),
+}
+
+TEXT_MODEL_TYPES = tuple(FAMILIES)
+VISION_MODEL_TYPES = ("gemma3",)  # the wrapper; its text_config is a gemma3_text row
+SUPPORTED_MODEL_TYPES = TEXT_MODEL_TYPES + VISION_MODEL_TYPES
 
 # Legacy rope_scaling 'type' names and HF's aliases, mapped to the names minift implements.
 _ROPE_TYPES = {"default": "default", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3", "yarn": "yarn"}
@@ -136,10 +190,6 @@ class ModelConfig:
     def attn_scale(self) -> float:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
-    @property
-    def is_gemma(self) -> bool:
-        return self.norm_offset == 1.0
-
     @classmethod
     def from_hf(cls, cfg: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
         """Reads a text decoder's config.json dict (for gemma3 vision pass its text_config)."""
@@ -154,7 +204,7 @@ class ModelConfig:
                 raise ConfigError(f"{source}: required field {name!r} is missing (model_type {mt!r})")
             return cfg[name]
 
-        gemma = mt.startswith("gemma")
+        fam = FAMILIES[mt]
         heads = int(req("num_attention_heads"))
         hidden = int(req("hidden_size"))
         kv = int(cfg.get("num_key_value_heads") or heads)
@@ -163,8 +213,8 @@ class ModelConfig:
         if heads % kv:
             raise ConfigError(f"{source}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
 
-        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
-        if gemma and act == "gelu":  # legacy Gemma value; transformers maps it to the tanh form
+        act = cfg.get("hidden_activation") or cfg.get("hidden_act") or fam.hidden_act
+        if fam.gelu_is_tanh and act == "gelu":  # transformers maps it to the tanh form
             act = "gelu_pytorch_tanh"
         if act not in ("silu", "gelu_pytorch_tanh", "gelu", "gelu_new"):
             raise ConfigError(f"{source}: hidden activation {act!r} is not supported (silu, gelu_pytorch_tanh, gelu)")
@@ -174,15 +224,7 @@ class ModelConfig:
         sliding = cfg.get("sliding_window")
         layer_types = cfg.get("layer_types")
         if layer_types is None:
-            if mt == "gemma2":
-                layer_types = [SLIDING if i % 2 == 0 else FULL for i in range(layers)]
-            elif mt == "gemma3_text":
-                pattern = int(cfg.get("sliding_window_pattern") or 6)
-                layer_types = [SLIDING if (i + 1) % pattern else FULL for i in range(layers)]
-            elif mt == "mistral" and sliding is not None:
-                layer_types = [SLIDING] * layers
-            else:
-                layer_types = [FULL] * layers
+            layer_types = _default_layer_types(fam, cfg, layers, sliding)
         layer_types = list(layer_types)
         if len(layer_types) != layers or any(t not in (FULL, SLIDING) for t in layer_types):
             raise ConfigError(
@@ -190,12 +232,13 @@ class ModelConfig:
             )
         if SLIDING in layer_types and not sliding:
             raise ConfigError(f"{source}: layer_types has sliding layers but sliding_window is {sliding!r}")
-        if mt in ("llama", "gemma"):
+        if not fam.sliding_layers:
             layer_types = [FULL] * layers
         if cfg.get("use_bidirectional_attention"):
             raise ConfigError(f"{source}: use_bidirectional_attention=True (an encoder) is not supported")
 
-        rope = _read_rope(cfg, mt, source)
+        rope = _read_rope(cfg, fam, source)
+        capped = fam.softcapping
         return cls(
             model_type=mt,
             vocab_size=int(req("vocab_size")),
@@ -206,7 +249,7 @@ class ModelConfig:
             num_key_value_heads=kv,
             head_dim=head_dim,
             rms_norm_eps=float(cfg.get("rms_norm_eps") or 1e-6),
-            norm_offset=1.0 if gemma else 0.0,
+            norm_offset=fam.norm_offset,
             hidden_act=act,
             max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
             rope=rope,
@@ -214,13 +257,13 @@ class ModelConfig:
             sliding_window=int(sliding) if sliding and SLIDING in layer_types else None,
             attention_bias=bool(cfg.get("attention_bias", False)),
             mlp_bias=bool(cfg.get("mlp_bias", False)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", gemma)),
-            embed_scale=gemma,
-            sandwich_norms=mt in ("gemma2", "gemma3_text"),
-            qk_norm=mt == "gemma3_text",
-            query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]) if mt in ("gemma2", "gemma3_text") and cfg.get("query_pre_attn_scalar") else None,
-            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if mt in ("gemma2", "gemma3_text") else None,
-            final_logit_softcapping=cfg.get("final_logit_softcapping") if mt in ("gemma2", "gemma3_text") else None,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", fam.tie_word_embeddings)),
+            embed_scale=fam.embed_scale,
+            sandwich_norms=fam.sandwich_norms,
+            qk_norm=fam.qk_norm,
+            query_pre_attn_scalar=float(cfg["query_pre_attn_scalar"]) if capped and cfg.get("query_pre_attn_scalar") else None,
+            attn_logit_softcapping=cfg.get("attn_logit_softcapping") if capped else None,
+            final_logit_softcapping=cfg.get("final_logit_softcapping") if capped else None,
             pad_token_id=cfg.get("pad_token_id"),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_id=cfg.get("eos_token_id"),
@@ -228,30 +271,46 @@ class ModelConfig:
         )
 
 
-def _read_rope(cfg: dict[str, Any], mt: str, source: str) -> dict[str, RopeConfig]:
+def _default_layer_types(fam: Family, cfg: dict[str, Any], layers: int, sliding: Any) -> list[str]:
+    """Per-layer attention types for a config.json without layer_types, as the family's
+    transformers code derives them."""
+    if not fam.sliding_layers:
+        return [FULL] * layers
+    if fam.full_every is not None:
+        every = fam.full_every
+        if fam.full_every_key:
+            every = int(cfg.get(fam.full_every_key) or every)
+        return [SLIDING if (i + 1) % every else FULL for i in range(layers)]
+    return [SLIDING if sliding is not None else FULL] * layers
+
+
+def _read_rope(cfg: dict[str, Any], fam: Family, source: str) -> dict[str, RopeConfig]:
     """RoPE per attention type from `rope_parameters` (transformers 5) or the legacy fields
-    (`rope_theta`, `rope_scaling`, Gemma 3's `rope_local_base_freq`)."""
+    (`rope_theta`, `rope_scaling`, Gemma 3's `rope_local_base_freq`). A family with
+    `local_rope_theta` keeps one table per attention type; the others share one."""
     params = cfg.get("rope_parameters")
-    legacy_scaling = cfg.get("rope_scaling")
-    if mt == "gemma3_text":
-        if isinstance(params, dict) and FULL in params:
-            full = RopeConfig.from_dict(params[FULL], 1_000_000.0, f"{source}: rope_parameters.{FULL}")
-            local = RopeConfig.from_dict(params.get(SLIDING), 10_000.0, f"{source}: rope_parameters.{SLIDING}")
-        else:
-            full_d = dict(legacy_scaling or {})
-            full_d.setdefault("rope_theta", cfg.get("rope_theta") or 1_000_000.0)
-            full = RopeConfig.from_dict(full_d, 1_000_000.0, f"{source}: rope_scaling")
-            local = RopeConfig(rope_theta=float(cfg.get("rope_local_base_freq") or 10_000.0))
-        out = {FULL: full, SLIDING: local}
-    else:
+    legacy = cfg.get("rope_scaling")
+    if fam.local_rope_theta is None:
         if isinstance(params, dict) and ("rope_type" in params or "rope_theta" in params):
             d = dict(params)
         else:
-            d = dict(legacy_scaling or {})
+            d = dict(legacy or {})
             if cfg.get("rope_theta") is not None:
                 d.setdefault("rope_theta", cfg["rope_theta"])
-        rc = RopeConfig.from_dict(d, 10_000.0, f"{source}: rope_parameters")
+        rc = RopeConfig.from_dict(d, fam.rope_theta, f"{source}: rope_parameters")
         out = {FULL: rc, SLIDING: rc}
+    elif isinstance(params, dict) and FULL in params:
+        out = {
+            t: RopeConfig.from_dict(params.get(t), theta, f"{source}: rope_parameters.{t}")
+            for t, theta in ((FULL, fam.rope_theta), (SLIDING, fam.local_rope_theta))
+        }
+    else:
+        full = dict(legacy or {})
+        full.setdefault("rope_theta", cfg.get("rope_theta") or fam.rope_theta)
+        out = {
+            FULL: RopeConfig.from_dict(full, fam.rope_theta, f"{source}: rope_scaling"),
+            SLIDING: RopeConfig(rope_theta=float(cfg.get("rope_local_base_freq") or fam.local_rope_theta)),
+        }
     for rc in out.values():
         if rc.original_max_position_embeddings is None and rc.rope_type in ("llama3", "yarn"):
             rc.original_max_position_embeddings = int(cfg.get("max_position_embeddings") or 2048)

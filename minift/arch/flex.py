@@ -20,10 +20,14 @@ fail to compile the head_dim > 128 backward with those defaults; on them `SMALL_
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 try:
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
@@ -46,6 +50,51 @@ SMALL_SMEM_OPTIONS: dict[str, Any] = {
 _kernel_options: dict[int, dict[str, Any] | None] = {}  # head_dim -> options (explicit overrides)
 _small_smem = False  # set by `block_mask` on the first CUDA device with little shared memory
 _checked_devices: set[int] = set()
+
+
+class MaskRequest(TypedDict, total=False):
+    """The keyword arguments every mask builder takes (`MaskSpec.of` documents them)."""
+
+    attention_mask: torch.Tensor | None
+    segments: torch.Tensor | None
+    sliding_window: int | None
+    bidirectional_groups: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class MaskSpec:
+    """One mask request, normalised once so that the dense mask (`attention.build_mask`), the
+    BlockMask (`block_mask`) and the dispatch (`attention.make_mask`) agree on what it means.
+    It lives here, not in attention.py, because attention.py imports this module.
+
+    attention_mask: (b, s) key padding, nonzero where valid. segments: (b, s) packed-sequence
+    ids. window: the sliding window, None when it is absent or covers the whole sequence.
+    groups: (b, s) ids of tokens that see each other both ways (Gemma 3 images), -1 for none.
+    """
+
+    attention_mask: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+    window: int | None = None
+    groups: torch.Tensor | None = None
+
+    @classmethod
+    def of(
+        cls,
+        seq: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+        sliding_window: int | None = None,
+        bidirectional_groups: torch.Tensor | None = None,
+    ) -> "MaskSpec":
+        """A window of at least `seq` keys cuts nothing, so it is dropped: the mask stays plain."""
+        window = sliding_window if sliding_window is not None and sliding_window < seq else None
+        return cls(attention_mask, segments, window, bidirectional_groups)
+
+    @property
+    def plain(self) -> bool:
+        """Nothing beyond causal: no mask needs building (SDPA's fused causal path)."""
+        return self.attention_mask is None and self.segments is None and self.window is None and self.groups is None
 
 
 def set_kernel_options(head_dim: int, options: dict[str, Any] | None) -> None:
@@ -138,29 +187,22 @@ def mask_mod(
     return mod
 
 
-def block_mask(
-    batch: int,
-    seq: int,
-    device: torch.device,
-    *,
-    attention_mask: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    sliding_window: int | None = None,
-    bidirectional_groups: torch.Tensor | None = None,
-) -> "BlockMask":
+def block_mask(batch: int, seq: int, device: torch.device, **request: Unpack[MaskRequest]) -> "BlockMask":
     """The BlockMask of build_mask's mask (arguments as build_mask; plain causal when none)."""
     _check_device(torch.device(device))
-    window = sliding_window if sliding_window is not None and sliding_window < seq else None
+    spec = MaskSpec.of(seq, **request)
     valid = empty = None
-    if attention_mask is not None:
-        valid = attention_mask.bool()
-        empty = empty_rows(valid, segments, bidirectional_groups, window)
-    mod = mask_mod(valid=valid, empty=empty, segments=segments, groups=bidirectional_groups, window=window)
-    per_row = valid is not None or segments is not None or bidirectional_groups is not None
+    if spec.attention_mask is not None:
+        valid = spec.attention_mask.bool()
+        empty = empty_rows(valid, spec.segments, spec.groups, spec.window)
+    mod = mask_mod(valid=valid, empty=empty, segments=spec.segments, groups=spec.groups, window=spec.window)
+    per_row = valid is not None or spec.segments is not None or spec.groups is not None
     return create_block_mask(mod, batch if per_row else None, None, seq, seq, device=device)
 
 
 def softcap_mod(cap: float) -> Callable:
+    """Gemma 2's tanh soft-capping of the scores, fused into the flex kernel."""
+
     def mod(score, b, h, q, k):
         return torch.tanh(score / cap) * cap
 
