@@ -7,7 +7,7 @@ The pipeline, one package a stage (imports only go down this list):
   quant   bitsandbytes NF4: Linear4bit and the quantising loader
   lora    LoRA / DoRA layers, target selection, PEFT's adapter format
   export  merged checkpoints
-  infer   generation
+  infer   generation (KV cache, sampling, chat)
   models  `load` and the model classes it returns (arch + the user-facing methods)
   train   the training loop
 """
@@ -15,6 +15,7 @@ The pipeline, one package a stage (imports only go down this list):
 from . import errors, ops
 from .errors import MiniftError
 from .export import save_merged
+from .infer import chat, generate
 from .lora import add_lora, load_adapter, save_adapter
 from .models import load
 from . import train
@@ -22,6 +23,6 @@ from . import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "ops", "errors", "train", "MiniftError",
+    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "generate", "chat", "ops", "errors", "train", "MiniftError",
     "__version__",
 ]

@@ -36,11 +36,11 @@ def build_base(path: Path, rows: list[dict], seed: int = 0) -> Path:
 
 
 def ask(model, tok, title: str) -> None:
-    from .infer import generate
+    from .infer import chat
 
     print(f"\n{title}")
     for q in QUESTIONS:
-        print(f"  Q: {q}\n  A: {generate(model, tok, [{'role': 'user', 'content': q}], max_new_tokens=24)!r}")
+        print(f"  Q: {q}\n  A: {chat(model, tok, [{'role': 'user', 'content': q}], max_new_tokens=24)!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

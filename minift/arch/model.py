@@ -18,7 +18,8 @@ from .. import ops
 from ..errors import InputError
 from ..io.info import LoadInfo
 from .attention import Mask, attention, make_mask, packed_segments
-from .config import FULL, SLIDING, ModelConfig
+from .cache import KVCache
+from .config import SLIDING, ModelConfig
 from .rope import RotaryEmbedding
 
 
@@ -55,7 +56,8 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
+                cache: KVCache | None = None) -> torch.Tensor:
         cfg = self.cfg
         b, s, _ = x.shape
         d = cfg.head_dim
@@ -65,6 +67,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.rope(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -100,11 +104,12 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
+                cache: KVCache | None = None) -> torch.Tensor:
         if self.sandwich:
-            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask))
+            x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -146,21 +151,29 @@ class TextModel(nn.Module):
         *,
         inputs_embeds: torch.Tensor | None = None,
         bidirectional_groups: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Final hidden states (batch, seq, hidden).
 
         position_ids given without attention_mask are read as packed rows: attention never
-        crosses a place where positions do not continue (a restart), as in padding-free training."""
+        crosses a place where positions do not continue (a restart), as in padding-free training.
+        With a `cache` (generation) the keys and values are stored in it; a decode step attends
+        to the cache under the masks it built (see arch/cache.py)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         b, s, _ = x.shape
+        decoding = cache is not None and not cache.prefilling
         segments = None
         if position_ids is None:
             position_ids = torch.arange(s, device=x.device).unsqueeze(0).expand(b, s)
-        elif attention_mask is None:
+        elif attention_mask is None and not decoding:
             segments = packed_segments(position_ids)
         if position_ids.shape[0] != b:
             position_ids = position_ids.expand(b, s)
         cos_sin = {t: self.rotary[t](position_ids) for t in self.rotary}
+        if decoding:
+            for layer in self.layers:
+                x = layer(x, *cos_sin[layer.layer_type], cache.mask(layer.layer_type), cache)
+            return self.norm(x)
         # One mask per layer type per forward (a BlockMask on CUDA, see attention.make_mask).
         masks = {
             t: make_mask(
@@ -177,7 +190,7 @@ class TextModel(nn.Module):
             if ckpt:
                 x = checkpoint(layer, x, cos, sin, masks[t], use_reentrant=False)
             else:
-                x = layer(x, cos, sin, masks[t])
+                x = layer(x, cos, sin, masks[t], cache)
         return self.norm(x)
 
     def reset_buffers(self, device: torch.device | str | None = None) -> None:
@@ -252,24 +265,29 @@ class CausalLM(nn.Module):
         loss_normalizer: torch.Tensor | float | None = None,
         pixel_values: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """return_logits: default True, except when training with labels, where the loss is
         fused with the LM head (`ops.linear_cross_entropy`) and no logits are materialised.
-        pixel_values are refused: this is a text-only model (token_type_ids are ignored)."""
+        pixel_values are refused: this is a text-only model (token_type_ids are ignored).
+        cache: a KVCache while generating; logits_to_keep: only the last n positions' logits
+        (0: all), so a long prompt's prefill does not materialise (batch, prompt, vocab)."""
         if pixel_values is not None:
             raise InputError(
                 f"pixel_values given to a text-only {self.config.model_type} model; load a vision checkpoint "
                 "(model_type 'gemma3') without text_only=True to use images"
             )
-        hidden = self.model(input_ids, attention_mask, position_ids)
-        return self.head(hidden, labels, return_logits=return_logits, loss_normalizer=loss_normalizer)
+        hidden = self.model(input_ids, attention_mask, position_ids, cache=cache)
+        return self.head(hidden, labels, return_logits=return_logits, loss_normalizer=loss_normalizer,
+                         logits_to_keep=logits_to_keep)
 
-    def head(self, hidden, labels=None, *, return_logits=None, loss_normalizer=None) -> CausalLMOutput:
+    def head(self, hidden, labels=None, *, return_logits=None, loss_normalizer=None, logits_to_keep=0) -> CausalLMOutput:
         if return_logits is None:
             return_logits = labels is None or not self.training
         logits = loss = None
         if return_logits:
-            logits = self.compute_logits(hidden)
+            logits = self.compute_logits(hidden[:, -logits_to_keep:] if logits_to_keep and labels is None else hidden)
             if labels is not None:
                 loss = logits_loss(logits, labels, loss_normalizer)
         elif labels is not None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError, InputError, UnsupportedModelError
 from ..io.info import LoadInfo
+from .cache import KVCache
 from .config import ModelConfig
 from .model import CausalLM, CausalLMOutput, RMSNorm, TextModel
 from .siglip import SiglipVisionModel, VisionConfig
@@ -229,14 +230,17 @@ class Gemma3VisionLM(nn.Module):
                 "build inputs with the model's processor (one <start_of_image> per image, no truncation inside images)"
             )
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+              check: bool = True) -> torch.Tensor:
         """Scaled text embeddings with the image features written over the image tokens, in order
-        (row by row, left to right, images in pixel_values order)."""
+        (row by row, left to right, images in pixel_values order). `check=False` (generated
+        tokens) reads an image token without pixels as text, as transformers does."""
         cfg = self.config
         is_image = input_ids == cfg.image_token_index
         ids = input_ids.masked_fill(is_image, 0) if cfg.image_token_index >= cfg.text.vocab_size else input_ids
         num_images = 0 if pixel_values is None else pixel_values.shape[0]
-        self._check_image_tokens(is_image, num_images)
+        if check:
+            self._check_image_tokens(is_image, num_images)
         x = self.model.language_model.embed(ids)
         if num_images == 0:
             return x
@@ -258,6 +262,8 @@ class Gemma3VisionLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         return_logits: bool | None = None,
         loss_normalizer: torch.Tensor | float | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
     ) -> CausalLMOutput:
         """Logits and/or the shifted next-token loss, as CausalLM.forward.
 
@@ -267,12 +273,13 @@ class Gemma3VisionLM(nn.Module):
             raise InputError(
                 f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected input_ids' {tuple(input_ids.shape)}"
             )
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, check=cache is None or cache.prefilling)
         groups = image_groups(token_type_ids) if token_type_ids is not None else None
         hidden = self.model.language_model(
-            None, attention_mask, position_ids, inputs_embeds=x, bidirectional_groups=groups
+            None, attention_mask, position_ids, inputs_embeds=x, bidirectional_groups=groups, cache=cache
         )
-        return self.head(hidden, labels, return_logits=return_logits, loss_normalizer=loss_normalizer)
+        return self.head(hidden, labels, return_logits=return_logits, loss_normalizer=loss_normalizer,
+                         logits_to_keep=logits_to_keep)
 
 
 def build_vision_model(config_dict: dict[str, Any]) -> Gemma3VisionLM:

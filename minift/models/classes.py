@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import export, lora
+from .. import export, infer, lora
 from ..arch import model as _model
 from ..arch import vision as _vision
 from ..arch.config import VISION_MODEL_TYPES, ModelConfig
@@ -48,6 +48,13 @@ class ModelAPI:
 
     def enable_adapters(self) -> None:
         lora.enable_adapters(self)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """(batch, prompt + new) token ids, with transformers' argument names (max_new_tokens,
+        do_sample, temperature, top_p, top_k, min_p, repetition_penalty, eos_token_id,
+        stop_strings, tokenizer, seed, streamer; pixel_values / token_type_ids for images); see
+        `minift.infer.generation.generate`."""
+        return infer.generate_ids(self, input_ids, attention_mask, **kwargs)
 
     def set_fused_lora(self, fuse: bool) -> None:
         """Adapters through the fused custom ops (True) or plain matmuls (False); same function."""
