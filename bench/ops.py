@@ -156,17 +156,15 @@ def cases(quick: bool):
         del logits
         for H in ([2048] if quick else [2048, 2560, 4096]):
             hid, W = leaf(N, H), leaf(V, H, scale=0.02)
-            from minift.ops.cross_entropy import linear_cross_entropy_chunked_reference as chunked
-
             impls = {"minift": lambda: mo.linear_cross_entropy(hid, W, labels),
                      "eager": lambda: ref.linear_cross_entropy(hid, W, labels),
-                     "compiled_chunked": torch.compile(lambda: chunked(hid, W, labels))}
+                     "compiled_chunked": torch.compile(lambda: ref.linear_cross_entropy_chunked(hid, W, labels))}
             if lk:
                 impls["liger"] = lambda: lk.liger_fused_linear_cross_entropy(hid, W, labels)
             yield "linear_cross_entropy", dict(N=N, V=V, H=H, head="trainable"), impls, None
             W.requires_grad_(False)  # LoRA's case: a frozen lm_head, no grad_weight
             impls = {k: v for k, v in impls.items() if k != "compiled_chunked"}
-            impls["compiled_chunked"] = torch.compile(lambda: chunked(hid, W, labels))
+            impls["compiled_chunked"] = torch.compile(lambda: ref.linear_cross_entropy_chunked(hid, W, labels))
             yield "linear_cross_entropy", dict(N=N, V=V, H=H, head="frozen"), impls, None
             del hid, W
     yield from lora_cases(quick)
@@ -224,7 +222,8 @@ def norm_backward(bw: float) -> None:
     x, dy and dx; `add` is a torch.add moving the same bytes with no maths."""
     import triton.testing
 
-    import minift.ops.norms as nm
+    from minift.ops.layer_norm import _layer_norm_bwd_impl
+    from minift.ops.rms_norm import _rms_norm_bwd_impl
 
     for h in (1152, 2048, 2560, 3584, 4096, 256):
         m = 65536 if h == 256 else N
@@ -234,8 +233,8 @@ def norm_backward(bw: float) -> None:
         runs = {"add": lambda: torch.add(x, dy, out=torch.empty_like(x))}
         for wg in (False, True):
             suffix = "_dw" if wg else ""
-            runs[f"rms_norm{suffix}"] = lambda wg=wg: nm._rms_norm_bwd_impl(dy, x, w, 1e-6, 1.0, wg)
-            runs[f"layer_norm{suffix}"] = lambda wg=wg: nm._layer_norm_bwd_impl(dy, x, w, 1e-6, wg)
+            runs[f"rms_norm{suffix}"] = lambda wg=wg: _rms_norm_bwd_impl(dy, x, w, 1e-6, 1.0, wg)
+            runs[f"layer_norm{suffix}"] = lambda wg=wg: _layer_norm_bwd_impl(dy, x, w, 1e-6, wg)
         row = dict(kind="norm_backward", hidden=h, rows=m)
         fill = torch.utils.deterministic.fill_uninitialized_memory
         for name, fn in list(runs.items()) + [("layer_norm_dw_deterministic", runs["layer_norm_dw"])]:

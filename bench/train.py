@@ -49,11 +49,11 @@ def _profile_step(step, dev: str) -> dict:
 
 def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str,
             prof: bool = False) -> dict:
-    os.environ["MINIFT_FUSE_LORA"] = "1" if "fusedlora" in variant else "0"
-    os.environ["MINIFT_COMPILED_ELEMENTWISE"] = "kernel" if "kernelew" in variant else "reference"  # fused LoRA custom ops or plain matmuls
     import torch
 
     import minift
+
+    minift.ops.set_compiled_elementwise("kernel" if "kernelew" in variant else "reference")
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if "torchops" in variant:  # plain-PyTorch references everywhere (inductor fuses them when compiled)
@@ -62,7 +62,8 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     t_load = time.time()
     model, _ = minift.load(path, dtype=torch.bfloat16, device=dev, load_in_4bit=quant == "4bit", use_name_map=False)
     vision = model.config.model_type == "gemma3"
-    minift.add_lora(model, r=r, alpha=r, targets="all-linear" if vision else TARGETS, seed=0)
+    minift.add_lora(model, r=r, alpha=r, targets="all-linear" if vision else TARGETS, seed=0,
+                    fuse="fusedlora" in variant)  # fused LoRA custom ops or plain matmuls
     lm = model.language_model if hasattr(model, "language_model") else model.model
     ckpt_mode = {"ckpt": True, "offload": "offload", "nockpt": False}.get(variant.split("+")[0], True)
     lm.gradient_checkpointing = ckpt_mode

@@ -72,8 +72,9 @@ def test_custom_op_registration_matches_eager_path(device: str, name: str) -> No
 
     import minift.ops as ops
 
-    mods = {m: importlib.import_module(f"minift.ops.{m}") for m in ("norms", "rope", "activations")}  # `rope` is also a function
-    eager = {"rms_norm": mods["norms"]._rms_norm_op, "layer_norm": mods["norms"]._layer_norm_op,
+    # import_module: minift.ops.rms_norm (and layer_norm, rope) is also the function of that name
+    mods = {m: importlib.import_module(f"minift.ops.{m}") for m in ("rms_norm", "layer_norm", "rope", "activations")}
+    eager = {"rms_norm": mods["rms_norm"]._rms_norm_op, "layer_norm": mods["layer_norm"]._layer_norm_op,
              "rope": mods["rope"]._rope_op, "swiglu": mods["activations"]._swiglu_op,
              "geglu": mods["activations"]._geglu_op}[name]
     args = _op_cases(device)[name]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 from op_checks import assert_no_worse
+from ops_helpers import assert_compiled_matches_eager, upstream
 
 import minift.ops as ops
 from minift.errors import InputError
@@ -70,16 +71,6 @@ def make_pair(c: dict, gen: torch.Generator, device: str) -> tuple[torch.Tensor,
     return (rand(*shape) * scale[0]).to(device, dtype), (rand(*shape) * scale[1]).to(device, dtype)
 
 
-def upstream(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """The gradient reaching the op: ones expanded by sum(), a random tensor, or an expanded row."""
-    if mode == "sum":
-        return torch.ones((), dtype=y.dtype, device=y.device).expand(y.shape)
-    if mode == "expand" and y.dim():
-        row = torch.randn(y.shape[-1], generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
-        return row.expand(y.shape)
-    return torch.randn(y.shape, generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
-
-
 def run(fn, gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype) -> list:
     g, u = (t.detach().to(dtype).requires_grad_() for t in (gate, up))
     y = fn(g, u)
@@ -108,7 +99,6 @@ def test_glu_matches_reference(device: str, data) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_glu_compile_fullgraph(device: str) -> None:
     """torch.compile traces the custom ops (forward and backward) without graph breaks."""
-    backend = "inductor" if device == "cuda" else "aot_eager"  # inductor's cold CPU compile is ~30 s
     x = torch.randn(3, 5, 2 * 65, device=device)
     w = torch.randn(65, device=device)
 
@@ -117,16 +107,7 @@ def test_glu_compile_fullgraph(device: str) -> None:
         h = ops.swiglu(g, u) + ops.geglu(g * 2, u, "tanh") + ops.geglu(g, u * w, "none")
         return h.square().sum()
 
-    torch._dynamo.reset()
-    with ops.backend("triton"):
-        outs = []
-        for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
-            leaves = [t.clone().requires_grad_() for t in (x, w)]
-            loss = fn(*leaves)
-            loss.backward()
-            outs.append([loss] + [t.grad for t in leaves])
-    for e, c in zip(*outs):
-        torch.testing.assert_close(c, e)
+    assert_compiled_matches_eager(f, (x, w), device)
 
 
 def test_glu_rejects_bad_inputs() -> None:

@@ -23,7 +23,7 @@ from minift.errors import InputError
 from minift.ops import _backend
 from minift.ops import _ce_kernels as kernels
 from minift.ops import reference as ref
-from minift.ops.cross_entropy import check_label_range, linear_cross_entropy_chunked_reference
+from minift.ops.cross_entropy import check_label_range
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -260,7 +260,7 @@ def test_chunked_reference_matches_reference(reduction):
     hidden = torch.randn(11, 8, generator=gen, requires_grad=True)
     weight = torch.randn(37, 8, generator=gen, requires_grad=True)
     labels = make_labels(11, 37, "some", -100, gen, "cpu")
-    a = linear_cross_entropy_chunked_reference(hidden, weight, labels, softcap=5.0, reduction=reduction, chunk_size=4)
+    a = ref.linear_cross_entropy_chunked(hidden, weight, labels, softcap=5.0, reduction=reduction, chunk_size=4)
     with ops.backend("torch"):
         b = ops.linear_cross_entropy(hidden, weight, labels, softcap=5.0, reduction=reduction)
     torch.testing.assert_close(a, b)
@@ -339,7 +339,7 @@ def test_bad_inputs_raise_input_error(backend):
         lambda: ops.linear_cross_entropy(h, w, y, reduction="mean_"),
         lambda: ops.linear_cross_entropy(h, w, y, softcap=0.0),
         lambda: ops.linear_cross_entropy(h, w, torch.tensor([0, 1, 10, -100])),
-        lambda: linear_cross_entropy_chunked_reference(h, w, y[:2]),
+        lambda: ref.linear_cross_entropy_chunked(h, w, y[:2]),
     ]
     with ops.backend(backend):
         for call in bad_calls:

@@ -7,6 +7,7 @@ from unittest import mock
 import pytest
 import torch
 import torch.nn.functional as F
+import bitsandbytes.functional as bnbF
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +19,6 @@ from minift.ops.nf4 import NF4Weight
 
 from op_checks import assert_no_worse
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -2,6 +2,7 @@
 
 from unittest import mock
 
+import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from hypothesis import given
@@ -13,7 +14,6 @@ from minift.ops import nf4
 from minift.ops import reference as ref
 from minift.ops.nf4 import NF4Weight
 
-bnbF = pytest.importorskip("bitsandbytes.functional")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -17,6 +17,7 @@ from minift.errors import InputError
 from minift.ops._backend import use_triton
 
 from op_checks import EXTRA_TOL, assert_no_worse
+from ops_helpers import assert_compiled_matches_eager, upstream
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -52,16 +53,6 @@ def make_x(shape: tuple, scale: float, layout: str, gen: torch.Generator, device
     if layout == "strided":
         return rand(*shape[:-1], 2 * shape[-1])[..., ::2]
     return rand(*shape)
-
-
-def upstream(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """The gradient reaching the op: ones expanded by sum(), a random tensor, or an expanded row."""
-    if mode == "sum":
-        return torch.ones((), dtype=y.dtype, device=y.device).expand(y.shape)
-    if mode == "expand":
-        row = torch.randn(y.shape[-1], generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
-        return row.expand(y.shape)
-    return torch.randn(y.shape, generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
 
 
 def run(fn, inputs: list, grad: torch.Tensor, dtype: torch.dtype, frozen: bool = False) -> list:
@@ -156,7 +147,7 @@ def test_norm_weight_grad_paths(device: str, hidden: int, deterministic: bool) -
     1152 boxes 128-wide sub-rows, 40 eight-wide ones) or the pointer kernel, layer_norm's sums by
     fp32 atomics (wide rows) or by partial rows (always under torch.use_deterministic_algorithms,
     which must then give bit-identical results run to run)."""
-    from minift.ops import norms
+    from minift.ops import _norm_common
 
     c = dict(hidden=hidden, lead=(3,) if device == "cpu" else (4, 333), dtype=torch.bfloat16, scale=1.0,
              layout="contiguous", grad="random", frozen=False, seed=hidden)
@@ -166,9 +157,9 @@ def test_norm_weight_grad_paths(device: str, hidden: int, deterministic: bool) -
         gen, x, w, b = _case_inputs(c, device, with_bias=True)
         x2 = x.reshape(-1, hidden)
         if device == "cpu" or torch.cuda.get_device_capability()[0] >= 9:
-            assert (norms._tma_plan(x2, x2, hidden) is not None) == (hidden & (hidden - 1) != 0)
-        assert norms._use_atomics(True, hidden) == (hidden >= 2048 and not deterministic)
-        assert not norms._use_atomics(False, hidden)
+            assert (_norm_common._tma_plan(x2, x2, hidden) is not None) == (hidden & (hidden - 1) != 0)
+        assert _norm_common._use_atomics(True, hidden) == (hidden >= 2048 and not deterministic)
+        assert not _norm_common._use_atomics(False, hidden)
         fn = lambda a, ww, bb: ops.layer_norm(a, ww, bb, 1e-5)  # noqa: E731
         compare(fn, lambda a, ww, bb: layer_norm64(a, ww, bb, 1e-5), lambda a: layer_norm64(a, None, None, 1e-5),
                 [x, w, b], ["layer_norm y", "layer_norm dx", "layer_norm dweight", "layer_norm dbias"], gen, c)
@@ -190,7 +181,6 @@ def test_norm_weight_grad_paths(device: str, hidden: int, deterministic: bool) -
 @pytest.mark.parametrize("device", DEVICES)
 def test_norms_compile_fullgraph(device: str) -> None:
     """torch.compile traces the custom ops (forward and backward) without graph breaks."""
-    backend = "inductor" if device == "cuda" else "aot_eager"  # inductor's cold CPU compile is ~30 s
     x = torch.randn(3, 5, 65, device=device)
     w = torch.randn(65, device=device)
     b = torch.randn(65, device=device)
@@ -199,16 +189,7 @@ def test_norms_compile_fullgraph(device: str) -> None:
         h = ops.rms_norm(x, w, 1e-6, 1.0)
         return ops.layer_norm(h * 2, w, b, 1e-5).square().sum()
 
-    torch._dynamo.reset()
-    with ops.backend("triton"):
-        outs = []
-        for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
-            leaves = [t.clone().requires_grad_() for t in (x, w, b)]
-            loss = fn(*leaves)
-            loss.backward()
-            outs.append([loss] + [t.grad for t in leaves])
-    for e, c in zip(*outs):
-        torch.testing.assert_close(c, e)
+    assert_compiled_matches_eager(f, (x, w, b), device)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from op_checks import assert_no_worse
+from ops_helpers import assert_compiled_matches_eager, upstream
 
 import minift.ops as ops
 from minift.errors import InputError
@@ -77,16 +78,6 @@ def make_table(c: dict, gen: torch.Generator, device: str) -> tuple[torch.Tensor
     return cos.to(device, c["dtype"]), sin.to(device, c["dtype"])
 
 
-def upstream(y: torch.Tensor, mode: str, gen: torch.Generator) -> torch.Tensor:
-    """The gradient reaching the op: ones expanded by sum(), a random tensor, or an expanded row."""
-    if mode == "sum":
-        return torch.ones((), dtype=y.dtype, device=y.device).expand(y.shape)
-    if mode == "expand":
-        row = torch.randn(y.shape[-1], generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
-        return row.expand(y.shape)
-    return torch.randn(y.shape, generator=gen, dtype=torch.float64, device=gen.device).to(y.device, y.dtype)
-
-
 def run(fn, q, k, cos, sin, gq, gk, dtype: torch.dtype) -> list:
     q, k = (t.detach().to(dtype).requires_grad_() for t in (q, k))
     qo, ko = fn(q, k, cos.to(dtype), sin.to(dtype))
@@ -119,7 +110,6 @@ def test_rope_matches_reference(device: str, data) -> None:
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_compile_fullgraph(device: str) -> None:
     """torch.compile traces the custom op (forward and backward) without graph breaks."""
-    backend = "inductor" if device == "cuda" else "aot_eager"  # inductor's cold CPU compile is ~30 s
     b, s, h, hk, d = 2, 5, 4, 2, 8
     q = torch.randn(b, s, h * d, device=device)
     k = torch.randn(b, hk, s, d, device=device)
@@ -129,16 +119,7 @@ def test_rope_compile_fullgraph(device: str) -> None:
         qo, ko = ops.rope(q.view(b, s, h, d).transpose(1, 2), k * 2, cos, sin)
         return qo.square().sum() + (ko * 3).sum()
 
-    torch._dynamo.reset()
-    with ops.backend("triton"):
-        outs = []
-        for fn in (f, torch.compile(f, fullgraph=True, backend=backend)):
-            leaves = [t.clone().requires_grad_() for t in (q, k)]
-            loss = fn(*leaves)
-            loss.backward()
-            outs.append([loss] + [t.grad for t in leaves])
-    for e, c in zip(*outs):
-        torch.testing.assert_close(c, e)
+    assert_compiled_matches_eager(f, (q, k), device)
 
 
 def test_rope_rejects_bad_inputs() -> None:

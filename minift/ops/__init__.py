@@ -1,18 +1,27 @@
 """minift's fused ops: each a Triton kernel with custom autograd, registered with torch.library,
-and a plain-PyTorch reference (`minift.ops.reference`) that defines what it computes."""
+and a plain-PyTorch reference (`minift.ops.reference`) that defines what it computes.
 
-from ._backend import backend, get_backend, set_backend
+One module per op family (rms_norm, layer_norm, rope, activations, cross_entropy, nf4, lora);
+`_backend` holds the dispatch options and `Op`, the pattern every op is registered through.
+"""
+
+from ._backend import (backend, compiled_elementwise, get_backend, get_compiled_elementwise, set_backend,
+                       set_compiled_elementwise)
 from .activations import geglu, swiglu
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
 from .nf4 import NF4Weight, dequantize_nf4
-from .norms import layer_norm, rms_norm
+from .rms_norm import rms_norm
 from .rope import rope
 
 __all__ = [
     "backend",
     "get_backend",
     "set_backend",
+    "compiled_elementwise",
+    "get_compiled_elementwise",
+    "set_compiled_elementwise",
     "rms_norm",
     "layer_norm",
     "rope",

@@ -14,6 +14,8 @@ from typing import Iterator
 
 import torch
 
+from ..errors import ConfigError
+
 try:  # triton is a Linux-only dependency; everything must still work without it
     import triton  # noqa: F401
     import triton.language as tl  # noqa: F401
@@ -22,10 +24,10 @@ try:  # triton is a Linux-only dependency; everything must still work without it
 except Exception:  # pragma: no cover - exercised on machines without triton
     HAS_TRITON = False
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"  # Triton's own switch, read as Triton reads it
 
 _BACKENDS = ("auto", "triton", "torch")
-_backend = os.environ.get("MINIFT_OPS_BACKEND", "auto")
+_backend = "auto"
 
 
 def get_backend() -> str:
@@ -35,20 +37,52 @@ def get_backend() -> str:
 def set_backend(name: str) -> None:
     """'auto' (Triton on CUDA, reference elsewhere), 'triton' (always, CPU via the interpreter) or 'torch'."""
     global _backend
-    if name not in _BACKENDS:
-        raise ValueError(f"ops backend must be one of {_BACKENDS}, got {name!r}")
-    _backend = name
+    _backend = _checked(name, _BACKENDS, "ops backend")
+
+
+def backend(name: str) -> contextlib.AbstractContextManager:
+    """Temporarily force an ops backend: `with minift.ops.backend("triton"): ...`."""
+    return _scoped(set_backend, get_backend, name)
+
+
+_COMPILED_ELEMENTWISE = ("reference", "kernel")
+_compiled_elementwise = "reference"
+
+
+def get_compiled_elementwise() -> str:
+    return _compiled_elementwise
+
+
+def set_compiled_elementwise(mode: str) -> None:
+    """What rms_norm, layer_norm, rope, swiglu and geglu become inside torch.compile (backend "auto"):
+    'reference' (the default) traces their plain-PyTorch references, which inductor fuses with the
+    neighbouring adds and casts (measured 1.36-1.45x faster training than opaque kernels, for ~0.4 GiB
+    more peak: bench/RESULTS.md); 'kernel' keeps minift's Triton kernels there. Eager calls always use
+    the kernels; a change recompiles (torch.compile guards on it)."""
+    global _compiled_elementwise
+    _compiled_elementwise = _checked(mode, _COMPILED_ELEMENTWISE, "ops compiled_elementwise")
+
+
+def compiled_elementwise(mode: str) -> contextlib.AbstractContextManager:
+    """Temporarily set_compiled_elementwise: `with minift.ops.compiled_elementwise("kernel"): ...`."""
+    return _scoped(set_compiled_elementwise, get_compiled_elementwise, mode)
+
+
+def _checked(value: str, allowed: tuple, what: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{what} must be one of {allowed}, got {value!r}")
+    return value
 
 
 @contextlib.contextmanager
-def backend(name: str) -> Iterator[None]:
-    """Temporarily force an ops backend: `with minift.ops.backend("triton"): ...`."""
-    old = _backend
-    set_backend(name)
+def _scoped(set_, get, value: str) -> Iterator[None]:
+    """set_(value) for a with-block, then the previous value back (get's, read on entry)."""
+    old = get()
+    set_(value)
     try:
         yield
     finally:
-        set_backend(old)
+        set_(old)
 
 
 def triton_runnable(t: torch.Tensor) -> bool:
@@ -58,12 +92,6 @@ def triton_runnable(t: torch.Tensor) -> bool:
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 
 
-# Under torch.compile in "auto" mode, elementwise and norm ops (rms_norm, layer_norm, rope,
-# swiglu, geglu) trace as their references, so inductor fuses them with the neighbouring adds and
-# casts, which an opaque custom op prevents. MINIFT_COMPILED_ELEMENTWISE=kernel keeps the kernels.
-_COMPILED_ELEMENTWISE = os.environ.get("MINIFT_COMPILED_ELEMENTWISE", "reference")
-
-
 def use_triton(t: torch.Tensor, elementwise: bool = False) -> bool:
     """Dispatch decision for an op whose main input is `t` (`elementwise`: a norm / RoPE /
     activation op that inductor can fuse when compiling)."""
@@ -71,7 +99,7 @@ def use_triton(t: torch.Tensor, elementwise: bool = False) -> bool:
         return False
     if _backend == "triton":
         return triton_runnable(t)
-    if elementwise and _COMPILED_ELEMENTWISE == "reference" and torch.compiler.is_compiling():
+    if elementwise and _compiled_elementwise == "reference" and torch.compiler.is_compiling():
         return False
     return HAS_TRITON and t.is_cuda
 
@@ -82,14 +110,26 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _tracing(args: tuple) -> bool:
     """Whether a compiler is tracing this call: dynamo, or AOT autograd tracing a backward (which
     runs the backward of an eager autograd.Function on fake/functional tensors under dispatch
-    modes, with `is_compiling()` False). The kernels must then stay behind the custom op."""
+    modes, with `is_compiling()` False). The kernels must then stay behind the custom op. Tensor
+    lists (NF4 bases) are looked into: their tensors are as fake as the rest."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True
-    return any(isinstance(a, torch.Tensor) and type(a) not in _PLAIN for a in args)
+    for a in args:  # plain loops: this runs on every eager call
+        if type(a) is list:
+            if a and isinstance(a[0], torch.Tensor):  # a Tensor[] (a schema's lists are of one type)
+                for t in a:
+                    if type(t) not in _PLAIN:
+                        return True
+        elif isinstance(a, torch.Tensor) and type(a) not in _PLAIN:
+            return True
+    return False
 
 
 class _Direct(torch.autograd.Function):
-    """Runs an `Op`'s implementation with its own setup_context and backward (the Op comes last)."""
+    """Runs an `Op`'s implementation with its own setup_context and backward (the Op comes last).
+
+    Only direct tensor arguments are autograd inputs here (a tensor list passes through, as the
+    frozen NF4 bases do), so the op's backward's list of Nones for a tensor list becomes one None."""
 
     @staticmethod
     def forward(ctx, *args):
@@ -101,7 +141,8 @@ class _Direct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        return (*ctx.minift_op.backward(ctx, *grads), None)
+        res = ctx.minift_op.backward(ctx, *grads)
+        return (*(None if type(g) is list else g for g in res), None)
 
 
 class Op:
@@ -112,7 +153,8 @@ class Op:
     autograd.Function with the op's own setup_context and backward when a gradient is needed: the
     same code at half the Python cost (the dispatcher took ~40 us of a stubbed rms_norm's ~70 us
     forward on the CI machine, and about as much again in its backward) - which is most of a small
-    kernel's time on a GPU when the calls are not compiled.
+    kernel's time on a GPU when the calls are not compiled. `impl`'s annotations are the custom
+    op's schema; the backward ops themselves are Ops without a backward.
     """
 
     def __init__(self, name: str, impl, fake, setup=None, backward=None) -> None:

@@ -8,6 +8,7 @@ gradients need no copies.
 No libdevice (the interpreter has none): the sigmoid is written overflow-free from exp, tanh-GELU
 uses the identity 0.5 * (1 + tanh(u)) = sigmoid(2u), which also avoids the cancellation of
 1 + tanh(u) for negative inputs, and exact GELU uses `tl.math.erf` (a core Triton op on both).
+These activation helpers and their ACTIVATIONS codes are also lora_mlp's (ops.lora).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from . import reference as ref
 from ._backend import HAS_TRITON, Op, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_ACTS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
+# The activations' codes, the ACT constexpr of every kernel that applies one (here and lora_mlp's).
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
 if HAS_TRITON:
     import triton
@@ -34,6 +36,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _act_fwd(g, ACT: tl.constexpr):
+        """act(g) in float32, ACT an ACTIVATIONS code."""
         if ACT == 0:
             f = g * _sigmoid(g)
         elif ACT == 1:
@@ -60,25 +63,32 @@ if HAS_TRITON:
         return f, df
 
     @triton.jit
-    def _glu_fwd_kernel(G, U, Y, M, N, sg_m, sg_n, su_m, su_n,
-                        ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's (rows, cols, mask) of an (M, N) grid of (BLOCK_M, BLOCK_N) tiles."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        g = tl.load(G + rows[:, None] * sg_m + cols[None, :] * sg_n, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * su_m + cols[None, :] * su_n, mask=mask, other=0.0).to(tl.float32)
+        return rows, cols, (rows < M)[:, None] & (cols < N)[None, :]
+
+    @triton.jit
+    def _load_f32(P, rows, cols, mask, s_m, s_n):
+        return tl.load(P + rows[:, None] * s_m + cols[None, :] * s_n, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _glu_fwd_kernel(G, U, Y, M, N, sg_m, sg_n, su_m, su_n,
+                        ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+        g = _load_f32(G, rows, cols, mask, sg_m, sg_n)
+        u = _load_f32(U, rows, cols, mask, su_m, su_n)
         y = _act_fwd(g, ACT) * u
         tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _glu_bwd_kernel(DY, G, U, DG, DU, M, N, sdy_m, sdy_n, sg_m, sg_n, su_m, su_n,
                         ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rows < M)[:, None] & (cols < N)[None, :]
-        dy = tl.load(DY + rows[:, None] * sdy_m + cols[None, :] * sdy_n, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(G + rows[:, None] * sg_m + cols[None, :] * sg_n, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(U + rows[:, None] * su_m + cols[None, :] * su_n, mask=mask, other=0.0).to(tl.float32)
+        rows, cols, mask = _tile(M, N, BLOCK_M, BLOCK_N)
+        dy = _load_f32(DY, rows, cols, mask, sdy_m, sdy_n)
+        g = _load_f32(G, rows, cols, mask, sg_m, sg_n)
+        u = _load_f32(U, rows, cols, mask, su_m, su_n)
         f, df = _act_bwd(g, ACT)
         out = rows[:, None] * N + cols[None, :]
         tl.store(DG + out, (dy * u * df).to(DG.dtype.element_ty), mask=mask)
@@ -106,7 +116,7 @@ def _fwd(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     m, n = g2.shape
     grid, bm, bn, nw = _grid(m, n)
     _glu_fwd_kernel[grid](g2, u2, out, m, n, *g2.stride(), *u2.stride(),
-                          ACT=_ACTS[act], BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+                          ACT=ACTIVATIONS[act], BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
     return out
 
 
@@ -132,7 +142,7 @@ def _glu_bwd_impl(dy: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: s
     m, n = g2.shape
     grid, bm, bn, nw = _grid(m, n)
     _glu_bwd_kernel[grid](dy2, g2, u2, dg, du, m, n, *dy2.stride(), *g2.stride(), *u2.stride(),
-                          ACT=_ACTS[act], BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
+                          ACT=ACTIVATIONS[act], BLOCK_M=bm, BLOCK_N=bn, num_warps=nw)
     return dg, du
 
 

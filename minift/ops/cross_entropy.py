@@ -25,13 +25,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
 from . import _backend
 from . import reference as ref
+from ._backend import Op
 
 if _backend.HAS_TRITON:
     from . import _ce_kernels as _k
@@ -108,8 +107,7 @@ def default_chunk_size(n: int, v: int, dtype: torch.dtype) -> int:
 # ----------------------------------------------------------------------------- cross_entropy op
 
 
-@torch.library.custom_op("minift::cross_entropy", mutates_args=())
-def _ce_op(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float) -> tuple[Tensor, Tensor]:
+def _ce_impl(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float) -> tuple[Tensor, Tensor]:
     """Per-row fp32 loss (N,) and stats (N, 2): row max and log-sum-exp below it; softcap 0.0 = off."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     n = x.shape[0]
@@ -119,14 +117,13 @@ def _ce_op(logits: Tensor, labels: Tensor, ignore_index: int, softcap: float) ->
     return loss, stats
 
 
-@_ce_op.register_fake
-def _(logits, labels, ignore_index, softcap):
+def _ce_fake(logits, labels, ignore_index, softcap):
     n = logits.shape[0]
     return logits.new_empty(n, dtype=torch.float32), logits.new_empty((n, 2), dtype=torch.float32)
 
 
-@torch.library.custom_op("minift::cross_entropy_backward", mutates_args=())
-def _ce_bwd_op(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor, ignore_index: int, softcap: float) -> Tensor:
+def _ce_bwd_impl(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor, ignore_index: int, softcap: float
+                 ) -> Tensor:
     """Gradient w.r.t. logits, a new tensor in the logits' dtype (saved logits may be used elsewhere)."""
     x = logits if logits.stride(-1) == 1 else logits.contiguous()
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
@@ -134,9 +131,11 @@ def _ce_bwd_op(logits: Tensor, labels: Tensor, stats: Tensor, grad_loss: Tensor,
     return dx
 
 
-@_ce_bwd_op.register_fake
-def _(logits, labels, stats, grad_loss, ignore_index, softcap):
+def _ce_bwd_fake(logits, labels, stats, grad_loss, ignore_index, softcap):
     return logits.new_empty(logits.shape)
+
+
+_ce_bwd_op = Op("cross_entropy_backward", _ce_bwd_impl, _ce_bwd_fake)
 
 
 def _ce_setup(ctx, inputs, output):
@@ -152,7 +151,7 @@ def _ce_backward(ctx, grad_loss, _grad_stats):
     return _ce_bwd_op(logits, labels, stats, grad_loss, ctx.ignore_index, ctx.softcap), None, None, None
 
 
-_ce_op.register_autograd(_ce_backward, setup_context=_ce_setup)
+_ce_op = Op("cross_entropy", _ce_impl, _ce_fake, _ce_setup, _ce_backward)
 
 
 def cross_entropy(
@@ -206,9 +205,8 @@ def vocab_slab(n: int, v: int, chunk_size: int) -> int:
     return min(cols, v)
 
 
-@torch.library.custom_op("minift::linear_cross_entropy_grad_weight", mutates_args=())
-def _lce_gw_op(hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, g: Tensor, ignore_index: int,
-               softcap: float, slab: int) -> Tensor:
+def _lce_gw_impl(hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, g: Tensor, ignore_index: int,
+                 softcap: float, slab: int) -> Tensor:
     """d(sum_i g_i loss_i)/d weight, (V, H) in weight's dtype, one vocabulary slab at a time.
 
     Per slab: logits = hidden @ W[slab].T for all tokens (cuBLAS), the CE kernel turns them into
@@ -230,13 +228,14 @@ def _lce_gw_op(hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, g:
     return gw
 
 
-@_lce_gw_op.register_fake
-def _(hidden, weight, labels, stats, g, ignore_index, softcap, slab):
+def _lce_gw_fake(hidden, weight, labels, stats, g, ignore_index, softcap, slab):
     return weight.new_empty(weight.shape)
 
 
-@torch.library.custom_op("minift::linear_cross_entropy", mutates_args=())
-def _lce_op(
+_lce_gw_op = Op("linear_cross_entropy_grad_weight", _lce_gw_impl, _lce_gw_fake)
+
+
+def _lce_impl(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, softcap: float, mean: bool,
     chunk_size: int, need_grad_hidden: bool, need_grad_weight: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -266,8 +265,7 @@ def _lce_op(
     return loss, gh, stats, scale
 
 
-@_lce_op.register_fake
-def _(hidden, weight, labels, ignore_index, softcap, mean, chunk_size, need_grad_hidden, need_grad_weight):
+def _lce_fake(hidden, weight, labels, ignore_index, softcap, mean, chunk_size, need_grad_hidden, need_grad_weight):
     gh = hidden.new_empty(hidden.shape) if need_grad_hidden else hidden.new_empty(0)
     f32 = dict(dtype=torch.float32)
     return hidden.new_empty((), **f32), gh, hidden.new_empty((hidden.shape[0], 2), **f32), hidden.new_empty((), **f32)
@@ -298,11 +296,10 @@ def _lce_backward(ctx, grad_loss, _gh, _stats, _scale):
     return (dh, dw) + none
 
 
-_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup)
+_lce_op = Op("linear_cross_entropy", _lce_impl, _lce_fake, _lce_setup, _lce_backward)
 
 
-@torch.library.custom_op("minift::linear_cross_entropy_rows", mutates_args=())
-def _lce_rows_op(
+def _lce_rows_impl(
     hidden: Tensor, weight: Tensor, labels: Tensor, ignore_index: int, softcap: float, chunk_size: int,
 ) -> tuple[Tensor, Tensor]:
     """Per-row (loss, stats) for reduction='none'; the backward recomputes logits chunk by chunk
@@ -319,14 +316,12 @@ def _lce_rows_op(
     return rows, stats
 
 
-@_lce_rows_op.register_fake
-def _(hidden, weight, labels, ignore_index, softcap, chunk_size):
+def _lce_rows_fake(hidden, weight, labels, ignore_index, softcap, chunk_size):
     n = hidden.shape[0]
     return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty((n, 2), dtype=torch.float32)
 
 
-@torch.library.custom_op("minift::linear_cross_entropy_rows_backward", mutates_args=())
-def _lce_rows_bwd_op(
+def _lce_rows_bwd_impl(
     hidden: Tensor, weight: Tensor, labels: Tensor, stats: Tensor, grad_rows: Tensor, ignore_index: int,
     softcap: float, chunk_size: int,
 ) -> Tensor:
@@ -343,9 +338,11 @@ def _lce_rows_bwd_op(
     return gh
 
 
-@_lce_rows_bwd_op.register_fake
-def _(hidden, weight, labels, stats, grad_rows, ignore_index, softcap, chunk_size):
+def _lce_rows_bwd_fake(hidden, weight, labels, stats, grad_rows, ignore_index, softcap, chunk_size):
     return hidden.new_empty(hidden.shape)
+
+
+_lce_rows_bwd_op = Op("linear_cross_entropy_rows_backward", _lce_rows_bwd_impl, _lce_rows_bwd_fake)
 
 
 def _lce_rows_setup(ctx, inputs, output):
@@ -368,7 +365,7 @@ def _lce_rows_backward(ctx, grad_rows, _grad_stats):
     return gh, gw, None, None, None, None
 
 
-_lce_rows_op.register_autograd(_lce_rows_backward, setup_context=_lce_rows_setup)
+_lce_rows_op = Op("linear_cross_entropy_rows", _lce_rows_impl, _lce_rows_fake, _lce_rows_setup, _lce_rows_backward)
 
 
 # ----------------------------------------------------------------------------- linear_cross_entropy API
@@ -425,34 +422,3 @@ def linear_cross_entropy(
     grad_on = torch.is_grad_enabled()
     return _lce_op(hidden, weight, labels, ignore_index, cap, reduction == "mean", chunk,
                    grad_on and hidden.requires_grad, grad_on and weight.requires_grad)[0]
-
-
-def _chunk_rows(h: Tensor, w: Tensor, y: Tensor, ignore_index: int, softcap: float | None) -> Tensor:
-    z = (h @ w.t()).float()
-    if softcap is not None:
-        z = softcap * torch.tanh(z / softcap)
-    return F.cross_entropy(z, y, ignore_index=ignore_index, reduction="none")
-
-
-def linear_cross_entropy_chunked_reference(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    *,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    reduction: str = "mean",
-    chunk_size: int | None = None,
-) -> Tensor:
-    """Plain-PyTorch linear_cross_entropy, chunked over tokens and checkpointed per chunk.
-
-    Holds one chunk's fp32 logits at a time (recomputed in the backward); `torch.compile` fuses each
-    chunk's upcast, softcap and logsumexp. The baseline the fused Triton version is benchmarked against.
-    """
-    labels, _, chunk = _check_linear(hidden, weight, labels, softcap, reduction, chunk_size)
-    parts = [
-        checkpoint(_chunk_rows, hidden[s:e], weight, labels[s:e], ignore_index, softcap, use_reentrant=False)
-        for s, e in _chunks(hidden.shape[0], chunk)
-    ]
-    rows = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
-    return _reduce(rows, labels, ignore_index, reduction)

@@ -15,16 +15,20 @@ import torch
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, use_triton
+from ._backend import HAS_TRITON, Op, use_triton
+from .activations import ACTIVATIONS
 from .nf4 import NF4Weight, base_shape, base_weight, bf16_bits, out_arg, pack_base
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .activations import _act_bwd, _act_fwd
     from .nf4 import store_cast
 
-_ACTS = {"swiglu": 0, "geglu": 1, "geglu_tanh": 2}
+# lora_mlp's activation names -> the activations' (whose ACTIVATIONS codes the op and kernels take)
+_MLP_ACTS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+_ACT_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 1024
 
@@ -33,27 +37,12 @@ _BLOCK = 1024
 if HAS_TRITON:
 
     @triton.jit
-    def _act_and_grad(e, ACT: tl.constexpr):
-        """act(e) and act'(e) in float32. 0: silu, 1: erf gelu, 2: tanh gelu (tanh via sigmoid)."""
-        if ACT == 0:
-            s = tl.sigmoid(e)
-            return e * s, s * (1.0 + e * (1.0 - s))
-        elif ACT == 1:
-            c = 0.5 * (1.0 + tl.math.erf(e * 0.7071067811865476))
-            return e * c, c + e * tl.exp(-0.5 * e * e) * 0.3989422804014327
-        else:
-            k = 0.7978845608028654
-            s = tl.sigmoid(2.0 * k * (e + 0.044715 * e * e * e))  # 0.5 * (1 + tanh(z))
-            return e * s, s + 2.0 * k * e * s * (1.0 - s) * (1.0 + 3.0 * 0.044715 * e * e)
-
-    @triton.jit
     def _act_fwd_kernel(e_ptr, g_ptr, h_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr, BF16_BITS: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < n
         e = tl.load(e_ptr + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        a, _ = _act_and_grad(e, ACT)
-        store_cast(h_ptr, offs, a * g, m, BF16_BITS)
+        store_cast(h_ptr, offs, _act_fwd(e, ACT) * g, m, BF16_BITS)
 
     @triton.jit
     def _act_bwd_kernel(
@@ -65,40 +54,28 @@ if HAS_TRITON:
         dh = tl.load(dh_ptr + offs, mask=m, other=0.0).to(tl.float32)
         e = tl.load(e_ptr + offs, mask=m, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=m, other=0.0).to(tl.float32)
-        a, da = _act_and_grad(e, ACT)
+        a, da = _act_bwd(e, ACT)
         store_cast(h_ptr, offs, a * g, m, BF16_BITS)
         store_cast(dg_ptr, offs, dh * a, m, BF16_BITS)
         store_cast(de_ptr, offs, dh * g * da, m, BF16_BITS)
 
 
-def _act_torch(e: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The kernel's float32 act(e), act'(e) in PyTorch (the CPU path of the backward)."""
-    if act == 0:
-        s = torch.sigmoid(e)
-        return e * s, s * (1.0 + e * (1.0 - s))
-    if act == 1:
-        c = 0.5 * (1.0 + torch.erf(e * 0.7071067811865476))
-        return e * c, c + e * torch.exp(-0.5 * e * e) * 0.3989422804014327
-    k = 0.7978845608028654
-    s = torch.sigmoid(2.0 * k * (e + 0.044715 * e * e * e))
-    return e * s, s + 2.0 * k * e * s * (1.0 - s) * (1.0 + 3.0 * 0.044715 * e * e)
-
-
-def _act_fwd(e: torch.Tensor, g: torch.Tensor, act: int) -> torch.Tensor:
-    """h = act(e) * g, computed in float32, rounded once."""
+def _gated(e: torch.Tensor, g: torch.Tensor, act: int) -> torch.Tensor:
+    """h = act(e) * g, computed in float32, rounded once (act an ACTIVATIONS code)."""
     if use_triton(e):
         return _act_fwd_triton(e, g, act)
-    if act == 0:
+    if act == ACTIVATIONS["silu"]:
         return ref.swiglu(e, g)
-    return ref.geglu(e, g, "none" if act == 1 else "tanh")
+    return ref.geglu(e, g, "tanh" if act == ACTIVATIONS["gelu_tanh"] else "none")
 
 
-def _act_bwd(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, act: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _gated_bwd(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, act: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(h, de, dg) from dh = dL/dh and the saved e, g."""
     if use_triton(e):
         return _act_bwd_triton(dh, e, g, act)
     ef, gf, dhf = e.float(), g.float(), dh.float()
-    a, da = _act_torch(ef, act)
+    a, da = ref.act_and_grad(ef, _ACT_NAMES[act])
     return (a * gf).to(e.dtype), (dhf * gf * da).to(e.dtype), (dhf * a).to(e.dtype)
 
 
@@ -172,8 +149,7 @@ def _no_grads(inputs: tuple) -> list:
 # ---- lora_linear ----------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("minift::lora_linear", mutates_args=())
-def _lora_linear_op(
+def _lora_linear_impl(
     x: torch.Tensor, base: list[torch.Tensor], meta: list[int], lora_a: torch.Tensor, lora_b: torch.Tensor,
     scale: float, bias: torch.Tensor | None,
 ) -> torch.Tensor:
@@ -183,13 +159,11 @@ def _lora_linear_op(
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-@_lora_linear_op.register_fake
-def _(x, base, meta, lora_a, lora_b, scale, bias):
+def _lora_linear_fake(x, base, meta, lora_a, lora_b, scale, bias):
     return x.new_empty((*x.shape[:-1], lora_b.shape[0]))
 
 
-@torch.library.custom_op("minift::lora_linear_bwd", mutates_args=())
-def _lora_linear_bwd_op(
+def _lora_linear_bwd_impl(
     grad: torch.Tensor, x: torch.Tensor, base: list[torch.Tensor], meta: list[int], lora_a: torch.Tensor,
     lora_b: torch.Tensor, scale: float, need_dx: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -200,9 +174,11 @@ def _lora_linear_bwd_op(
     return (dx.view(x.shape) if need_dx else _empty(x)), da, db
 
 
-@_lora_linear_bwd_op.register_fake
-def _(grad, x, base, meta, lora_a, lora_b, scale, need_dx):
+def _lora_linear_bwd_fake(grad, x, base, meta, lora_a, lora_b, scale, need_dx):
     return (x.new_empty(x.shape) if need_dx else _empty(x)), lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape)
+
+
+_lora_linear_bwd_op = Op("lora_linear_bwd", _lora_linear_bwd_impl, _lora_linear_bwd_fake)
 
 
 def _lora_linear_setup(ctx, inputs, output):
@@ -220,7 +196,7 @@ def _lora_linear_backward(ctx, grad):
     return tuple(grads)
 
 
-_lora_linear_op.register_autograd(_lora_linear_backward, setup_context=_lora_linear_setup)
+_lora_linear_op = Op("lora_linear", _lora_linear_impl, _lora_linear_fake, _lora_linear_setup, _lora_linear_backward)
 
 
 # ---- input checks ---------------------------------------------------------------------------------
@@ -305,8 +281,7 @@ def lora_linear(
 # ---- lora_mlp ---------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("minift::lora_mlp", mutates_args=())
-def _lora_mlp_op(
+def _lora_mlp_impl(
     x: torch.Tensor,
     g_base: list[torch.Tensor], g_meta: list[int], g_a: torch.Tensor | None, g_b: torch.Tensor | None,
     u_base: list[torch.Tensor], u_meta: list[int], u_a: torch.Tensor | None, u_b: torch.Tensor | None,
@@ -317,21 +292,19 @@ def _lora_mlp_op(
     x2 = x.reshape(-1, x.shape[-1])
     e = _proj_fwd(x2, base_weight(g_base, g_meta, dt), _cast(g_a, dt), _cast(g_b, dt), scales[0])
     g = _proj_fwd(x2, base_weight(u_base, u_meta, dt), _cast(u_a, dt), _cast(u_b, dt), scales[1])
-    h = _act_fwd(e, g, act)
+    h = _gated(e, g, act)
     y = _proj_fwd(h, base_weight(d_base, d_meta, dt), _cast(d_a, dt), _cast(d_b, dt), scales[2])
     return y.view(*x.shape[:-1], y.shape[-1]), e, g
 
 
-@_lora_mlp_op.register_fake
-def _(x, g_base, g_meta, g_a, g_b, u_base, u_meta, u_a, u_b, d_base, d_meta, d_a, d_b, scales, act):
+def _lora_mlp_fake(x, g_base, g_meta, g_a, g_b, u_base, u_meta, u_a, u_b, d_base, d_meta, d_a, d_b, scales, act):
     m = math.prod(x.shape[:-1])
     inter = base_shape(g_base, g_meta)[0]
     out = base_shape(d_base, d_meta)[0]
     return x.new_empty((*x.shape[:-1], out)), x.new_empty((m, inter)), x.new_empty((m, inter))
 
 
-@torch.library.custom_op("minift::lora_mlp_bwd", mutates_args=())
-def _lora_mlp_bwd_op(
+def _lora_mlp_bwd_impl(
     grad: torch.Tensor, x: torch.Tensor, e: torch.Tensor, g: torch.Tensor,
     g_base: list[torch.Tensor], g_meta: list[int], g_a: torch.Tensor | None, g_b: torch.Tensor | None,
     u_base: list[torch.Tensor], u_meta: list[int], u_a: torch.Tensor | None, u_b: torch.Tensor | None,
@@ -349,7 +322,7 @@ def _lora_mlp_bwd_op(
     if a is not None:
         gb = dy @ b
         dh.addmm_(gb, a, alpha=scales[2])
-    h, de, dg = _act_bwd(dh, e, g, act)
+    h, de, dg = _gated_bwd(dh, e, g, act)
     da = db = None
     if a is not None:  # down's adapter grads need h, which exists only now
         da = _grad_param(gb.t() @ h, scales[2], d_a.dtype)
@@ -369,12 +342,15 @@ def _dtypes(a, b):
     return (None, None) if a is None else (a.dtype, b.dtype)
 
 
-@_lora_mlp_bwd_op.register_fake
-def _(grad, x, e, g, g_base, g_meta, g_a, g_b, u_base, u_meta, u_a, u_b, d_base, d_meta, d_a, d_b, scales, act, need_dx):
+def _lora_mlp_bwd_fake(grad, x, e, g, g_base, g_meta, g_a, g_b, u_base, u_meta, u_a, u_b, d_base, d_meta, d_a, d_b,
+                       scales, act, need_dx):
     res = [x.new_empty(x.shape) if need_dx else _empty(x)]
     for t in (g_a, g_b, u_a, u_b, d_a, d_b):
         res.append(_empty(x) if t is None else t.new_empty(t.shape))
     return res
+
+
+_lora_mlp_bwd_op = Op("lora_mlp_bwd", _lora_mlp_bwd_impl, _lora_mlp_bwd_fake)
 
 
 def _lora_mlp_setup(ctx, inputs, output):
@@ -403,7 +379,7 @@ def _lora_mlp_backward(ctx, grad, _grad_e, _grad_g):
     return tuple(grads)
 
 
-_lora_mlp_op.register_autograd(_lora_mlp_backward, setup_context=_lora_mlp_setup)
+_lora_mlp_op = Op("lora_mlp", _lora_mlp_impl, _lora_mlp_fake, _lora_mlp_setup, _lora_mlp_backward)
 
 
 def _scales(scale) -> list[float]:
@@ -426,8 +402,8 @@ def lora_mlp(
     (base 16-bit or NF4Weight; lora_a/lora_b None for no adapter). activation: 'swiglu', 'geglu'
     (erf GELU) or 'geglu_tanh'. Gradients for x and every adapter matrix."""
     _check_x(x)
-    if activation not in _ACTS:
-        raise InputError(f"activation: must be one of {tuple(_ACTS)}, got {activation!r}")
+    if activation not in _MLP_ACTS:
+        raise InputError(f"activation: must be one of {tuple(_MLP_ACTS)}, got {activation!r}")
     projs = {"gate": gate, "up": up, "down": down}
     for nm, p in projs.items():
         if not isinstance(p, (tuple, list)) or len(p) != 3:
@@ -441,5 +417,5 @@ def lora_mlp(
     for p in (gate, up, down):
         ts, meta = pack_base(p[0])
         args += [ts, meta, p[1], p[2]]
-    y, _, _ = _lora_mlp_op(x, *args, _scales(scale), _ACTS[activation])
+    y, _, _ = _lora_mlp_op(x, *args, _scales(scale), ACTIVATIONS[_MLP_ACTS[activation]])
     return y

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import InputError, QuantizationError
 from . import reference as ref
-from ._backend import HAS_TRITON, INTERPRET, _tracing, use_triton
+from ._backend import HAS_TRITON, INTERPRET, Op, use_triton
 
 if HAS_TRITON:
     import triton
@@ -197,7 +197,7 @@ def base_weight(ts: list[torch.Tensor], meta: list[int], dtype: torch.dtype) -> 
     """The dense weight in `dtype`: the tensor itself, or a fresh dequantisation (never cached)."""
     if not meta:
         return ts[0] if ts[0].dtype == dtype else ts[0].to(dtype)
-    return _dequantize_impl(unpack_nf4(ts, meta)).to(dtype)
+    return _dequantize_impl(ts, meta).to(dtype)
 
 
 # ---- the kernel -----------------------------------------------------------------------------------
@@ -291,45 +291,44 @@ if HAS_TRITON:
         store_cast(out_ptr, offs, vals, offs < n_out, BF16_BITS)
 
 
-def _dequant_triton(w: NF4Weight) -> torch.Tensor:
-    out = torch.empty(w.shape, dtype=w.dtype, device=w.data.device)
+def _dequant_triton(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    """The kernel on pack_base's (tensors, ints), read in place: no NF4Weight is rebuilt."""
+    data, absmax, code = ts[0], ts[1], ts[2]
+    nested = len(ts) == 6
+    blocksize = meta[0]
+    out = torch.empty(meta[3:], dtype=_DTYPES[meta[2]], device=data.device)
     n = out.numel()
-    half = w.blocksize // 2
+    half = blocksize // 2
     rows = max(1, _BYTES_PER_PROGRAM // half)
-    blocks = -(-n // w.blocksize)
-    nested = w.nested
+    blocks = -(-n // blocksize)
     # The kernel reads each tensor as a flat array. Checkpoints' tensors are contiguous already, and a
     # no-op .contiguous() / .reshape() is still a dispatcher call: ~3-8 us each on an H100 machine's
     # host, which a small model's NF4 step (224 dequantisations, host-bound) pays in full.
-    c = lambda t: w.code if t is None else (t if t.is_contiguous() else t.contiguous())  # noqa: E731
+    c = lambda t: t if t.is_contiguous() else t.contiguous()  # noqa: E731
+    nabsmax, ncode, offset = (c(t) for t in ts[3:]) if nested else (code, code, code)
     _nf4_dequant_kernel[(triton.cdiv(blocks, rows),)](
-        c(w.data), c(w.absmax), c(w.code), c(w.nested_absmax), c(w.nested_code), c(w.offset),
-        out_arg(out), w.data.numel(), n, blocks, w.nested_blocksize or 1,
+        c(data), c(absmax), c(code), nabsmax, ncode, offset,
+        out_arg(out), data.numel(), n, blocks, meta[1] or 1,
         HALF=half, ROWS=rows, NESTED=nested, BF16_BITS=bf16_bits(out), num_warps=2,
         enable_fp_fusion=False,  # keep nested `code * absmax + offset` as bitsandbytes' two roundings
     )
     return out
 
 
-def _dequantize_impl(w: NF4Weight) -> torch.Tensor:
-    if use_triton(w.data):
-        return _dequant_triton(w)
-    return ref.dequantize_nf4(w)
+def _dequantize_impl(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    if use_triton(ts[0]):
+        return _dequant_triton(ts, meta)
+    return ref.dequantize_nf4(unpack_nf4(ts, meta))
 
 
-@torch.library.custom_op("minift::dequantize_nf4", mutates_args=())
-def _dequantize_op(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
-    return _dequantize_impl(unpack_nf4(ts, meta))
-
-
-@_dequantize_op.register_fake
-def _(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+def _dequantize_fake(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
     return ts[0].new_empty(tuple(meta[3:]), dtype=_DTYPES[meta[2]])
+
+
+_dequantize_op = Op("dequantize_nf4", _dequantize_impl, _dequantize_fake)
 
 
 def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
     """The dense weight (shape w.shape, dtype w.dtype), bit-identical to bitsandbytes."""
     _validate(w, "w")
-    if _tracing((w.data,)):  # the compiler must see the custom op (see ops._backend._tracing)
-        return _dequantize_op(*pack_base(w))
-    return _dequantize_impl(w)  # eager: the same code without packing and the dispatcher
+    return _dequantize_op(*pack_base(w))

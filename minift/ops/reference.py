@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
@@ -35,6 +36,19 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return (qf * c + rotate_half(qf) * s).to(q.dtype), (kf * c + rotate_half(kf) * s).to(k.dtype)
 
 
+def act_and_grad(x: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """act(x) and act'(x) for act in ops.activations.ACTIVATIONS ('silu', 'gelu_tanh', 'gelu'), by
+    the formulas of the kernels' `_act_bwd`, in x's dtype (float32 there): lora_mlp's CPU backward."""
+    if act == "silu":
+        s = torch.sigmoid(x)
+        return x * s, s * (1.0 + x * (1.0 - s))
+    if act == "gelu_tanh":  # 0.5 * (1 + tanh(u)) = sigmoid(2u)
+        s = torch.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))  # 2 * sqrt(2/pi)
+        return x * s, s + x * s * (1.0 - s) * (1.5957691216057308 * (1.0 + 0.134145 * x * x))
+    cdf = 0.5 * (1.0 + torch.erf(x * 0.7071067811865476))
+    return x * cdf, cdf + x * torch.exp(-0.5 * x * x) * 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
@@ -58,17 +72,31 @@ def cross_entropy(
     return F.cross_entropy(z, labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    softcap: float | None = None,
-    reduction: str = "mean",
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **options) -> torch.Tensor:
+    """cross_entropy(hidden @ weight.T, labels, **options), materialising the logits (the definition)."""
+    return cross_entropy(hidden @ weight.t(), labels, **options)
+
+
+def linear_cross_entropy_chunked(
+    hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, chunk_size: int | None = None, **options,
 ) -> torch.Tensor:
-    """cross_entropy(hidden @ weight.T, labels), materialising the logits (the definition)."""
-    return cross_entropy(hidden @ weight.t(), labels, ignore_index=ignore_index, softcap=softcap, reduction=reduction)
+    """ops.linear_cross_entropy in plain PyTorch, chunked over tokens and checkpointed per chunk
+    (options: ignore_index, softcap, reduction; inputs checked and reduced as the op does).
+
+    Holds one chunk's fp32 logits at a time (recomputed in the backward); `torch.compile` fuses each
+    chunk's upcast, softcap and logsumexp. The baseline the fused Triton version is benchmarked against.
+    """
+    from .cross_entropy import _check_linear, _chunks, _reduce  # imported here: that module imports this one
+
+    ignore_index, reduction = options.pop("ignore_index", -100), options.pop("reduction", "mean")
+    labels, _, chunk = _check_linear(hidden, weight, labels, options.get("softcap"), reduction, chunk_size)
+    parts = [
+        checkpoint(linear_cross_entropy, hidden[s:e], weight, labels[s:e], use_reentrant=False,
+                   ignore_index=ignore_index, reduction="none", **options)
+        for s, e in _chunks(hidden.shape[0], chunk)
+    ]
+    rows = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+    return _reduce(rows, labels, ignore_index, reduction)
 
 
 def lora_linear(
