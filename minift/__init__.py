@@ -2,6 +2,7 @@
 
 The pipeline, one package a stage (imports only go down this list):
   io      hub ids, local directories, safetensors, HF names ↔ minift names, atomic writes
+  templates  chat templates by name (rendering, end-of-turn tokens, Ollama's form)
   ops     Triton kernels with custom autograd beside their plain-PyTorch references
   arch    the one config-driven decoder, attention, RoPE, the Gemma 3 vision tower
   quant   bitsandbytes NF4: Linear4bit and the quantising loader
@@ -18,11 +19,13 @@ from .export import save_merged
 from .infer import chat, generate
 from .lora import add_lora, load_adapter, save_adapter
 from .models import load
+from .templates import chat_templates, get_chat_template
 from . import train
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "generate", "chat", "ops", "errors", "train", "MiniftError",
+    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "generate", "chat", "get_chat_template",
+    "chat_templates", "ops", "errors", "train", "MiniftError",
     "__version__",
 ]

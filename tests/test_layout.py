@@ -18,14 +18,15 @@ ALLOWED: dict[str, set[str]] = {
     "data": set(),
     "io": BASE,
     "ops": BASE,
+    "templates": BASE,
     "testing": BASE,
     "arch": BASE | {"io", "ops"},
     "quant": BASE | {"io", "ops"},
     "lora": BASE | {"io", "ops", "arch", "quant"},
-    "export": BASE | {"io", "ops", "arch", "quant", "lora"},
-    "infer": BASE | {"io", "ops", "arch"},
-    "models": BASE | {"io", "ops", "arch", "quant", "lora", "export", "infer"},
-    "train": BASE | {"io", "ops", "arch", "quant", "lora", "export", "infer", "data"},
+    "export": BASE | {"io", "ops", "templates", "arch", "quant", "lora"},
+    "infer": BASE | {"io", "ops", "templates", "arch"},
+    "models": BASE | {"io", "ops", "templates", "arch", "quant", "lora", "export", "infer"},
+    "train": BASE | {"io", "ops", "templates", "arch", "quant", "lora", "export", "infer", "data"},
 }
 TOP = {"__init__", "demo", "cli"}  # the public surface: may import any stage
 

@@ -10,29 +10,14 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..templates import is_processor, stop_token_ids, tokenizer_of
 from .generation import default_eos, generate as generate_ids
-
-# End-of-turn tokens of the common chat formats: a chat stops there as well as at eos.
-END_OF_TURN = ("<|eot_id|>", "<end_of_turn>", "<|im_end|>", "<|end|>", "<|eom_id|>")
-
-
-def is_processor(obj: Any) -> bool:
-    """A multimodal processor (has an image processor and a tokenizer), not a bare tokenizer."""
-    return hasattr(obj, "image_processor") and hasattr(obj, "tokenizer")
-
-
-def tokenizer_of(obj: Any) -> Any:
-    return obj.tokenizer if is_processor(obj) else obj
 
 
 def stop_ids(model: nn.Module, tokenizer: Any) -> list[int]:
-    """The model's eos ids, the tokenizer's eos and the end-of-turn tokens it knows."""
-    ids = list(default_eos(model))
-    if tokenizer.eos_token_id is not None:
-        ids.append(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
-    return list(dict.fromkeys(ids))
+    """Where a reply ends: the model's eos ids, the tokenizer's eos and the end-of-turn tokens of
+    its chat format."""
+    return list(dict.fromkeys([*default_eos(model), *stop_token_ids(tokenizer)]))
 
 
 class TextStreamer:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import DataError
+from ..templates import is_processor
 from .formats import has_images, images_of, text_only
 
 IGNORE = -100
@@ -220,7 +221,3 @@ def make_encoder(tokenizer_or_processor: Any, *, max_length: int, responses_only
     if is_processor(tokenizer_or_processor):
         return Encoder(tokenizer_or_processor.tokenizer, tokenizer_or_processor, max_length, responses_only)
     return Encoder(tokenizer_or_processor, None, max_length, responses_only)
-
-
-def is_processor(obj: Any) -> bool:
-    return hasattr(obj, "image_processor") and hasattr(obj, "tokenizer")
