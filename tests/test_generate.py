@@ -237,3 +237,17 @@ def test_bad_text_level_input(tmp_path, vision):
     right = enc["attention_mask"].flip(1)
     with pytest.raises(InputError, match="right padding"):
         model.generate(enc["input_ids"], right, max_new_tokens=2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
+def test_cuda_graph_decode_equals_transformers(tmp_path, family):
+    """The compiled (CUDA-graph) decode step on a GPU: greedy tokens equal transformers' in fp32,
+    twice in a row (a second call replays the compiled step)."""
+    path = write_tiny_checkpoint(tmp_path, family, **FAMILIES[family])
+    model, tok = minift.load(path, device="cuda", dtype=torch.float32)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
+    enc = {k: v.cuda() for k, v in batch(tok).items()}
+    want = hf_greedy(ref, enc, eos_token_id=None)
+    for _ in range(2):
+        assert_same(ours(model, enc, eos_token_id=[], compile=True), want)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -25,6 +24,7 @@ from ..io.files import atomic_dir, parse_size, write_tokenizer_files
 from ..lora.layers import LoraLinear, ModulesToSave, dense_weight, is_linear
 from ..lora.targets import hf_path
 from ..quant import BLOCKSIZE, quantize_4bit
+from ..templates import stop_token_ids
 
 
 @dataclass
@@ -148,6 +148,44 @@ def _config(model: nn.Module, out_dtype: torch.dtype, quantize: bool, tied: bool
     return cfg
 
 
+def _saved_tokenizer(folder: Path) -> Any:
+    """The tokenizer just written beside the weights (None when there is none or it cannot load)."""
+    if not any(folder.glob("tokenizer*")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        return None
+
+
+def _id_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
+
+
+def generation_config(model: nn.Module, tokenizer: Any = None) -> dict[str, Any]:
+    """generation_config.json for a merged checkpoint: the source's (or config.json's ids), with
+    eos extended by the tokenizer's eos and its chat template's end-of-turn tokens. Without them a
+    chat model loaded in transformers does not stop at the end of its answer and repeats it."""
+    src = model.load_info.source_path
+    f = Path(src) / "generation_config.json" if src is not None else None
+    gen: dict[str, Any] = json.loads(f.read_text()) if f is not None and f.is_file() else {}
+    text = getattr(model.config, "text", model.config)
+    eos = _id_list(gen.get("eos_token_id", text.eos_token_id))
+    if tokenizer is not None:
+        eos += stop_token_ids(tokenizer)
+    eos = list(dict.fromkeys(eos))
+    for key in ("bos_token_id", "pad_token_id"):
+        if gen.get(key) is None and getattr(text, key, None) is not None:
+            gen[key] = getattr(text, key)
+    if eos:
+        gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+    return gen
+
+
 def _shards(groups: list[_Group], limit: int) -> list[list[_Group]]:
     shards: list[list[_Group]] = [[]]
     used = 0
@@ -171,7 +209,8 @@ def save_merged(
     tokenizer: Any = None,
 ) -> Path:
     """Writes config.json, safetensors shards (+ model.safetensors.index.json when more than one),
-    generation_config.json (if the source has one) and the tokenizer / processor files, with
+    generation_config.json (eos including the chat template's end-of-turn tokens, see
+    `generation_config`) and the tokenizer / processor files, with
     every adapter merged. dtype: the output dtype, or "4bit" for a bitsandbytes NF4 checkpoint
     (computing in the model's dtype). Written to a temporary directory, then renamed."""
     from safetensors.torch import save_file
@@ -199,7 +238,7 @@ def save_merged(
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        if src is not None and (Path(src) / "generation_config.json").is_file():
-            shutil.copy2(Path(src) / "generation_config.json", tmp / "generation_config.json")
         write_tokenizer_files(tmp, tokenizer, src)
+        gen = generation_config(model, tokenizer if tokenizer is not None else _saved_tokenizer(tmp))
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
     return Path(save_dir)

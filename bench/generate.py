@@ -1,0 +1,143 @@
+"""Decode speed: minift's `model.generate` against transformers' `generate` (its default dynamic
+cache, and its static cache, which transformers compiles) on random-weight models of real shapes,
+each (shape, quant, impl, batch) in its own process. Prints one JSON line a run, then a table.
+
+    python bench/generate.py --shapes llama-3.2-1b,gemma-3-4b --quant none,4bit --batch 1,8
+
+Decode tokens/s = batch x (new - 1) / (time of the whole generate - time of a 1-token generate),
+prompt and new token counts fixed (eos off), after one warm-up generate (compilation).
+Roofline: a decode step must read every weight once plus the KV cache so far."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+IMPLS = ("minift", "hf", "hf-static")
+
+
+def _timed(fn) -> float:
+    import torch
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int) -> dict:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    if impl == "minift":
+        import minift
+
+        model, _ = minift.load(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=quant == "4bit",
+                               use_name_map=False)
+        vocab = model.config.vocab_size
+        ids = torch.randint(10, vocab - 10, (batch, prompt), generator=g).cuda()
+
+        def gen(n):
+            return model.generate(ids, max_new_tokens=n, eos_token_id=[])
+    else:
+        import transformers
+
+        kw = dict(dtype=torch.bfloat16, device_map="cuda")
+        if quant == "4bit":
+            kw["quantization_config"] = transformers.BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, **kw).eval()
+        vocab = model.config.vocab_size
+        ids = torch.randint(10, vocab - 10, (batch, prompt), generator=g).cuda()
+        extra = {"cache_implementation": "static"} if impl == "hf-static" else {}
+
+        def gen(n):
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False, pad_token_id=0, **extra)
+    t0 = time.perf_counter()
+    out = gen(new)
+    warm_s = time.perf_counter() - t0
+    assert out.shape == (batch, prompt + new), out.shape
+    gen(1)
+    prefill = min(_timed(lambda: gen(1)) for _ in range(2))
+    total = min(_timed(lambda: gen(new)) for _ in range(2))
+    decode_tps = batch * (new - 1) / (total - prefill)
+    params = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.buffers())
+    c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_avg = batch * (prompt + new / 2) * c.num_hidden_layers * c.num_key_value_heads * hd * 2 * 2  # bf16 K and V
+    return dict(impl=impl, quant=quant, batch=batch, prompt=prompt, new=new, decode_tok_s=round(decode_tps, 1),
+                prefill_ms=round(prefill * 1e3, 1), total_s=round(total, 3), first_call_s=round(warm_s, 1),
+                weight_bytes=params, kv_bytes_avg=int(kv_avg), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="llama-3.2-1b")
+    ap.add_argument("--quant", default="none")
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline column")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
+    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--child", nargs=4, metavar=("PATH", "QUANT", "IMPL", "BATCH"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        path, quant, impl, batch = a.child
+        print("RESULT " + json.dumps(run_one(path, quant, impl, int(batch), a.prompt, a.new)), flush=True)
+        return
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from common import environment, write_random_checkpoint
+
+    env = environment()
+    rows = []
+    for shape in a.shapes.split(","):
+        path = os.path.join(a.root, shape)
+        if not os.path.exists(os.path.join(path, "config.json")):
+            write_random_checkpoint(shape, path)
+        for quant in a.quant.split(","):
+            for batch in a.batch.split(","):
+                for impl in a.impls.split(","):
+                    cmd = [sys.executable, os.path.abspath(__file__), "--child", path, quant, impl, batch,
+                           "--prompt", str(a.prompt), "--new", str(a.new)]
+                    try:
+                        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+                        out = p.stdout + p.stderr
+                    except subprocess.TimeoutExpired:
+                        out = f"TIMEOUT after {a.timeout}s"
+                    got = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
+                    res = got[0] if got else dict(impl=impl, quant=quant, batch=int(batch), error=out[-1500:])
+                    res.update(shape=shape, **env)
+                    if "weight_bytes" in res:  # a step reads every weight and the KV cache so far
+                        res["roofline_tok_s"] = round(res["batch"] * a.bandwidth / (res["weight_bytes"] + res["kv_bytes_avg"]), 1)
+                    rows.append(res)
+                    print(json.dumps(res), flush=True)
+    print("\n| shape | quant | batch | impl | decode tok/s | vs hf | vs hf-static | % of HBM roofline | first call s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "decode_tok_s" not in r:
+            print(f"| {r['shape']} | {r['quant']} | {r['batch']} | {r['impl']} | error | | | | |")
+            continue
+        peers = {p["impl"]: p.get("decode_tok_s") for p in rows
+                 if p.get("shape") == r["shape"] and p["quant"] == r["quant"] and p["batch"] == r["batch"]}
+
+        def ratio(k):
+            return f"{r['decode_tok_s'] / peers[k]:.2f}x" if peers.get(k) else ""
+
+        print(f"| {r['shape']} | {r['quant']} | {r['batch']} | {r['impl']} | {r['decode_tok_s']:,.0f} | {ratio('hf')} | "
+              f"{ratio('hf-static')} | {100 * r['decode_tok_s'] / r['roofline_tok_s']:.0f}% | {r['first_call_s']} |")
+
+
+if __name__ == "__main__":
+    main()
