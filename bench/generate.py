@@ -31,7 +31,22 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int) -> dict:
+def _profile(fn, steps: int) -> dict:
+    """Top CUDA kernels of one `fn()` (a whole generate) and the kernel count per decode step."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in ev) / 1e3
+    top = sorted(ev, key=lambda e: -e.self_device_time_total)[:12]
+    return dict(gpu_ms=round(total, 2), kernels_per_step=round(sum(e.count for e in ev) / steps, 1),
+                top=[(e.key[:80], e.count, round(e.self_device_time_total / 1e3, 2)) for e in top])
+
+
+def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int, prof: bool = False) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -70,6 +85,7 @@ def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int)
     prefill = min(_timed(lambda: gen(1)) for _ in range(2))
     total = min(_timed(lambda: gen(new)) for _ in range(2))
     decode_tps = batch * (new - 1) / (total - prefill)
+    extra_info = _profile(lambda: gen(new), new) if prof else {}
     params = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for b in model.buffers())
     c = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -77,7 +93,8 @@ def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int)
     kv_avg = batch * (prompt + new / 2) * c.num_hidden_layers * c.num_key_value_heads * hd * 2 * 2  # bf16 K and V
     return dict(impl=impl, quant=quant, batch=batch, prompt=prompt, new=new, decode_tok_s=round(decode_tps, 1),
                 prefill_ms=round(prefill * 1e3, 1), total_s=round(total, 3), first_call_s=round(warm_s, 1),
-                weight_bytes=params, kv_bytes_avg=int(kv_avg), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2))
+                weight_bytes=params, kv_bytes_avg=int(kv_avg), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                **extra_info)
 
 
 def main() -> None:
@@ -91,11 +108,12 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline column")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--profile", action="store_true", help="add the top kernels of one profiled generate")
     ap.add_argument("--child", nargs=4, metavar=("PATH", "QUANT", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         path, quant, impl, batch = a.child
-        print("RESULT " + json.dumps(run_one(path, quant, impl, int(batch), a.prompt, a.new)), flush=True)
+        print("RESULT " + json.dumps(run_one(path, quant, impl, int(batch), a.prompt, a.new, a.profile)), flush=True)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import environment, write_random_checkpoint
@@ -110,7 +128,7 @@ def main() -> None:
             for batch in a.batch.split(","):
                 for impl in a.impls.split(","):
                     cmd = [sys.executable, os.path.abspath(__file__), "--child", path, quant, impl, batch,
-                           "--prompt", str(a.prompt), "--new", str(a.new)]
+                           "--prompt", str(a.prompt), "--new", str(a.new)] + ["--profile"] * a.profile
                     try:
                         p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
                         out = p.stdout + p.stderr
@@ -118,6 +136,9 @@ def main() -> None:
                         out = f"TIMEOUT after {a.timeout}s"
                     got = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
                     res = got[0] if got else dict(impl=impl, quant=quant, batch=int(batch), error=out[-1500:])
+                    hints = [ln.strip()[:200] for ln in out.splitlines() if "cudagraph" in ln.lower() or "recompil" in ln.lower()]
+                    if hints:
+                        res["compile_notes"] = hints[:5]
                     res.update(shape=shape, **env)
                     if "weight_bytes" in res:  # a step reads every weight and the KV cache so far
                         res["roofline_tok_s"] = round(res["batch"] * a.bandwidth / (res["weight_bytes"] + res["kv_bytes_avg"]), 1)
