@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._ce_common import _check_linear, _chunks, _reduce
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * (offset + weight), in float32, cast to x's dtype at the end."""
@@ -86,8 +88,6 @@ def linear_cross_entropy_chunked(
     Holds one chunk's fp32 logits at a time (recomputed in the backward); `torch.compile` fuses each
     chunk's upcast, softcap and logsumexp. The baseline the fused Triton version is benchmarked against.
     """
-    from .cross_entropy import _check_linear, _chunks, _reduce  # imported here: that module imports this one
-
     ignore_index, reduction = options.pop("ignore_index", -100), options.pop("reduction", "mean")
     labels, _, chunk = _check_linear(hidden, weight, labels, options.get("softcap"), reduction, chunk_size)
     parts = [
