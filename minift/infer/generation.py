@@ -78,7 +78,8 @@ def check_prompt(model: nn.Module, input_ids: Any, attention_mask: Any, max_new_
 
 
 class _Stops:
-    """Rows that ended: an eos token, or a stop string in the row's new text."""
+    """Rows that ended: an eos token (checked on the device, no host sync), or a stop string in
+    the row's new text (decoded on the host, so only when stop strings are asked for)."""
 
     def __init__(self, eos: list[int], stop_strings: Sequence[str] | None, tokenizer: Any, batch: int, device):
         self.eos = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
@@ -89,17 +90,29 @@ class _Stops:
             raise InputError(f"generate: stop_strings={stop_strings!r}; expected non-empty strings")
         self.tokenizer = tokenizer
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.ended_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # step of the ending token
         self._tail = max((len(s) for s in self.strings), default=0) + 16  # characters to re-decode
+        self._new: list[list[int]] = [[] for _ in range(batch)]
 
-    def update(self, tok: torch.Tensor, new: list[list[int]]) -> None:
+    def update(self, step: int, tok: torch.Tensor) -> None:
+        ended = torch.zeros_like(self.done)
         if self.eos is not None:
-            self.done |= torch.isin(tok, self.eos)
+            ended = torch.isin(tok, self.eos)
         if self.strings:
-            for i, row in enumerate(new):
-                if not self.done[i]:
-                    text = self.tokenizer.decode(row[-self._tail:], skip_special_tokens=False)
-                    if any(s in text for s in self.strings):
-                        self.done[i] = True
+            for r, t in enumerate(tok.tolist()):
+                row = self._new[r]
+                row.append(t)
+                text = self.tokenizer.decode(row[-self._tail:], skip_special_tokens=False)
+                if any(s in text for s in self.strings):
+                    ended[r] = True
+        ended &= ~self.done
+        self.ended_at = torch.where(ended, torch.full_like(self.ended_at, step), self.ended_at)
+        self.done |= ended
+
+
+# Decode steps between checks whether every row has ended: a check reads a flag back from the
+# device, which stalls the CUDA-graph pipeline, so it is not done every token.
+CHECK_EVERY = 8
 
 
 @torch.no_grad()
@@ -166,30 +179,31 @@ def generate(
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
                        return_logits=True, logits_to_keep=1, **extra).logits[:, -1]
         cache.advance(n)
-        seen = input_ids.long()
+        seen = torch.full((b, n + max_new_tokens), pad, dtype=torch.long, device=device)
+        seen[:, :n] = input_ids
         pos = positions[:, -1:]
-        new: list[list[int]] = [[] for _ in range(b)]
+        length = n + max_new_tokens
+        cache_positions = torch.arange(n, n + max_new_tokens, device=device)  # no host-to-device copy per step
         for i in range(max_new_tokens):
-            tok = next_token(process(logits, seen, sampling), sampling, generator)
+            tok = next_token(process(logits, seen[:, : n + i], sampling), sampling, generator)
             tok = torch.where(stops.done, torch.full_like(tok, pad), tok)
-            seen = torch.cat([seen, tok[:, None]], dim=1)
+            seen[:, n + i] = tok
             if streamer is not None:
                 streamer.put(tok.cpu())
-            listed = tok.tolist()
-            for r in range(b):
-                if not stops.done[r]:
-                    new[r].append(listed[r])
-            stops.update(tok, new)
-            if bool(stops.done.all()) or i == max_new_tokens - 1:
+            stops.update(i, tok)
+            last = i == max_new_tokens - 1
+            if last or ((i + 1) % CHECK_EVERY == 0 or stops.strings or streamer is not None) and bool(stops.done.all()):
+                if bool(stops.done.all()):  # as transformers: stop at the step the last row ended
+                    length = n + int(stops.ended_at.max()) + 1
                 break
             pos = pos + 1
-            logits = step(model, cache, tok[:, None], pos, torch.tensor(n + i, device=device))
+            logits = step(model, cache, tok[:, None], pos, cache_positions[i])
             cache.advance(1)
     finally:
         model.train(was_training)
         if streamer is not None:
             streamer.end()
-    return seen.to(input_ids.dtype)
+    return seen[:, :length].to(input_ids.dtype)
 
 
 def _step(model: nn.Module, cache: KVCache, tok: torch.Tensor, pos: torch.Tensor,
