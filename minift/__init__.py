@@ -15,7 +15,7 @@ The pipeline, one package a stage (imports only go down this list):
 
 from . import errors, ops
 from .errors import MiniftError
-from .export import save_merged
+from .export import ollama_modelfile, save_gguf, save_merged
 from .infer import chat, generate
 from .lora import add_lora, load_adapter, save_adapter
 from .models import load
@@ -25,7 +25,7 @@ from . import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "generate", "chat", "get_chat_template",
+    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "save_gguf", "ollama_modelfile", "generate", "chat", "get_chat_template",
     "chat_templates", "ops", "errors", "train", "MiniftError",
     "__version__",
 ]

@@ -47,5 +47,10 @@ class TrainConfigError(MiniftError, ValueError):
     """A TrainConfig field is out of range or the output directory is unusable."""
 
 
+class ExportError(MiniftError, ValueError):
+    """A model or tokenizer cannot be written in the requested export format (GGUF, Ollama
+    Modelfile), or the output already exists."""
+
+
 class NonFiniteLossError(MiniftError, FloatingPointError):
     """The training loss became NaN or inf; training stopped (the last checkpoint is kept)."""

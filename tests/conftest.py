@@ -29,6 +29,7 @@ settings.load_profile(os.environ.get("MINIFT_HYPOTHESIS_PROFILE", "gpu" if torch
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (runs the kernels natively, larger hypothesis profile)")
     config.addinivalue_line("markers", "slow: takes more than a few seconds on CPU")
+    config.addinivalue_line("markers", "llamacpp: runs exported GGUFs in llama-cpp-python (opt-in: pytest -m llamacpp)")
 
 
 def pytest_runtest_logreport(report):
@@ -39,6 +40,11 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_collection_modifyitems(config, items):
+    if "llamacpp" not in (config.getoption("markexpr", "") or ""):  # opt-in: only when -m names it
+        skip_llamacpp = pytest.mark.skip(reason="llama.cpp tests are opt-in: pytest -m llamacpp")
+        for item in items:
+            if "llamacpp" in item.keywords:
+                item.add_marker(skip_llamacpp)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

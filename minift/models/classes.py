@@ -34,6 +34,12 @@ class ModelAPI:
         return export.save_merged(self, save_dir, dtype, overwrite=overwrite, max_shard_size=max_shard_size,
                                   tokenizer=tokenizer)
 
+    def save_gguf(self, path: str | os.PathLike, quant: str | list[str] = "q8_0", *, tokenizer: Any = None,
+                  overwrite: bool = False, modelfile: bool | str = False) -> Path | list[Path]:
+        """llama.cpp GGUF file(s) with the adapters merged (+ mmproj for Gemma 3 vision, + an Ollama
+        Modelfile with modelfile=); see `minift.export.save_gguf`."""
+        return export.save_gguf(self, path, quant, tokenizer=tokenizer, overwrite=overwrite, modelfile=modelfile)
+
     def merge_lora(self) -> None:
         """Folds every adapter into its 16-bit base; the forward then skips them."""
         lora.merge_lora(self)
