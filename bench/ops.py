@@ -12,6 +12,8 @@ allocated before the call, `grads_gib` the part of it that is the returned gradi
 
   python bench/ops.py [--ops rms_norm,linear_cross_entropy] [--quick]
   python bench/ops.py --backward          # the norm and activation backward ops alone (GPU time)
+  python bench/ops.py --nf4-matmul        # decoding's NF4 matmul vs dequantize_nf4 + F.linear
+  python bench/ops.py --nf4-sweep         # every candidate tile config of nf4_matmul on the key shapes
 """
 
 from __future__ import annotations
@@ -251,11 +253,166 @@ def norm_backward(bw: float) -> None:
         print(json.dumps(row), flush=True)
 
 
+# ---- nf4_matmul: decoding's 4-bit matmul ----------------------------------------------------------
+
+HBM_TB_S = {"H200": 4.8, "H100": 3.35}  # nominal HBM bandwidth by device-name fragment (the target's basis)
+
+
+def _nf4_projections(name: str) -> dict:
+    """(out_features, in_features) of a decoder layer's seven projections, from bench/common.py's shapes."""
+    from common import SHAPES
+
+    c = SHAPES[name]
+    h, i, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv = c["num_attention_heads"] * d, c["num_key_value_heads"] * d
+    return dict(q_proj=(q, h), k_proj=(kv, h), v_proj=(kv, h), o_proj=(h, q), gate_proj=(i, h), up_proj=(i, h),
+                down_proj=(h, i))
+
+
+def _nf4_weights(n: int, k: int, min_bytes: float = 256e6):
+    """Enough distinct NF4 weights of (n, k) that cycling through them defeats the L2 cache
+    (>= 256 MB of packed bytes, the H200's L2 is 50 MB): a single weight would be timed from L2."""
+    import importlib
+
+    import bitsandbytes.functional as bnbf
+
+    import minift.ops as mo
+
+    g = torch.Generator("cuda").manual_seed(n * 7 + k)
+    w = torch.randn(n, k, device="cuda", dtype=DT, generator=g) * 0.02
+    data, qs = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    base = mo.NF4Weight.from_bnb(data, qs)
+    nbytes = importlib.import_module("minift.ops.nf4_matmul").bytes_read(base)
+    copies = max(1, min(1024, int(-(-min_bytes // nbytes))))
+    ws = [base] + [mo.NF4Weight(base.data.clone(), base.absmax.clone(), base.code.clone(), base.shape, base.dtype,
+                                base.blocksize, base.nested_absmax.clone(), base.nested_code.clone(),
+                                base.nested_blocksize, base.offset.clone()) for _ in range(copies - 1)]
+    del w
+    return ws, nbytes
+
+
+def _time_each(fn, ws) -> dict:
+    """Per-call time of fn(w) for w cycling through ws: eager (host overhead included) and from a CUDA
+    graph (GPU time), both medians, in microseconds."""
+    import triton.testing
+
+    def all_():
+        for w in ws:
+            fn(w)
+
+    eager = triton.testing.do_bench(all_, warmup=10, rep=100, return_mode="median") * 1e3 / len(ws)
+    graph = triton.testing.do_bench_cudagraph(all_, rep=100, return_mode="median") * 1e3 / len(ws)
+    return dict(us=round(eager, 2), graph_us=round(graph, 2))
+
+
+def nf4_matmul_bench(bw: float, sweep: bool = False) -> None:
+    """ops.nf4_matmul on each projection of Llama-3.2-1B, Llama-3.1-8B and Gemma-3-4B at M = 1, 4, 8,
+    16 rows (bf16), beside dequantize_nf4 + F.linear (what Linear4bit ran before). `gb_s` counts the
+    bytes the op must read (packed weight + absmax + nested statistics) over the CUDA-graph time;
+    `hbm_frac` is that over the device's nominal HBM bandwidth (the target: >= 0.70 at M = 1 on the
+    4096 x 14336 weights), `copy_frac` over the copy bandwidth measured in this run. One row per case,
+    then a per-layer total. `sweep`: instead, every candidate tile config on the key shapes."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    import minift.ops as mo
+
+    nm = importlib.import_module("minift.ops.nf4_matmul")
+    name = torch.cuda.get_device_name()
+    nominal = next((v for k, v in HBM_TB_S.items() if k in name), None)
+    if sweep:
+        return _nf4_sweep(nm, bw, nominal)
+    for model in ("llama-3.2-1b", "llama-3.1-8b", "gemma-3-4b"):
+        totals: dict[int, dict] = {}
+        for proj, (n, k) in _nf4_projections(model).items():
+            ws, nbytes = _nf4_weights(n, k)
+            for m in (1, 4, 8, 16):
+                x = torch.randn(m, k, device="cuda", dtype=DT)
+                with torch.no_grad():
+                    got = mo.nf4_matmul(x, ws[0])
+                    want = F.linear(x, mo.dequantize_nf4(ws[0]))
+                    err = ((got.float() - want.float()).norm() / want.float().norm()).item()
+                    t = _time_each(lambda w: mo.nf4_matmul(x, w), ws)
+                    d = _time_each(lambda w: F.linear(x, mo.dequantize_nf4(w)), ws)
+                gbs = nbytes / (t["graph_us"] * 1e-6) / 1e9
+                row = dict(kind="nf4_matmul", model=model, proj=proj, N=n, K=k, M=m, bytes=nbytes,
+                           config=nm._config(m, n, k, x.device, x.dtype), nf4_matmul=dict(**t, gb_s=round(gbs, 1)),
+                           dequant_linear=d, graph_speedup=round(d["graph_us"] / t["graph_us"], 2),
+                           copy_frac=round(gbs * 1e9 / bw, 3), rel_err_vs_dequant_linear=float(f"{err:.2e}"))
+                if nominal:
+                    row["hbm_frac"] = round(gbs / (nominal * 1e3), 3)
+                print(json.dumps(row), flush=True)
+                tot = totals.setdefault(m, dict(nf4_matmul_us=0.0, dequant_linear_us=0.0, bytes=0))
+                tot["nf4_matmul_us"] += t["graph_us"]
+                tot["dequant_linear_us"] += d["graph_us"]
+                tot["bytes"] += nbytes
+            del ws
+            torch.cuda.empty_cache()
+        for m, tot in totals.items():
+            print(json.dumps(dict(kind="nf4_matmul_layer", model=model, M=m,
+                                  nf4_matmul_us=round(tot["nf4_matmul_us"], 1),
+                                  dequant_linear_us=round(tot["dequant_linear_us"], 1),
+                                  speedup=round(tot["dequant_linear_us"] / tot["nf4_matmul_us"], 2),
+                                  gb_s=round(tot["bytes"] / (tot["nf4_matmul_us"] * 1e-6) / 1e9, 1))), flush=True)
+
+
+def _nf4_sweep(nm, bw: float, nominal: float | None) -> None:
+    """Each candidate config (nf4_matmul.CONFIG_OVERRIDE) on the shapes the rules matter most for;
+    one row per (shape, config) with its CUDA-graph time, then the best per shape: the data to
+    re-choose `_config`'s rules from."""
+    import minift.ops as mo
+
+    cands = []
+    for bn, nw in ((64, 4), (128, 8), (128, 4)):
+        for ks in (128, 256, 512):
+            for ns in (2, 3, 4):
+                cands.append(dict(BLOCK_N=bn, S=1, KS=ks, num_warps=nw, num_stages=ns))
+    for bn, s, nw in ((16, 4, 4), (16, 8, 8), (32, 4, 4), (32, 2, 4)):
+        cands.append(dict(BLOCK_N=bn, S=s, KS=256, num_warps=nw, num_stages=3))
+    shapes = [(4096, 14336), (14336, 4096), (2048, 2048), (8192, 2048), (1024, 4096), (10240, 2560)]
+    for n, k in shapes:
+        ws, nbytes = _nf4_weights(n, k)
+        for m in (1, 16):
+            x = torch.randn(m, k, device="cuda", dtype=DT)
+            best = None
+            for cand in cands:
+                iters = -(-k // (cand["S"] * cand["KS"]))
+                for split in sorted({1, 2, 4, 8, 16, nm._config(m, n, k, x.device, x.dtype)["SPLIT"]}):
+                    if split > iters:
+                        continue
+                    cfg = dict(cand, SPLIT=split)
+                    nm.CONFIG_OVERRIDE = cfg
+                    try:
+                        with torch.no_grad():
+                            t = _time_each(lambda w: mo.nf4_matmul(x, w), ws)
+                    except Exception as e:  # a config that does not compile or fit
+                        print(json.dumps(dict(kind="nf4_sweep", N=n, K=k, M=m, config=cfg,
+                                              error=f"{type(e).__name__}: {str(e)[:160]}")), flush=True)
+                        continue
+                    finally:
+                        nm.CONFIG_OVERRIDE = None
+                    gbs = nbytes / (t["graph_us"] * 1e-6) / 1e9
+                    row = dict(kind="nf4_sweep", N=n, K=k, M=m, config=cfg, graph_us=t["graph_us"],
+                               gb_s=round(gbs, 1), copy_frac=round(gbs * 1e9 / bw, 3))
+                    if nominal:
+                        row["hbm_frac"] = round(gbs / (nominal * 1e3), 3)
+                    print(json.dumps(row), flush=True)
+                    if best is None or t["graph_us"] < best["graph_us"]:
+                        best = row
+            rules = nm._config(m, n, k, x.device, x.dtype)
+            print(json.dumps(dict(kind="nf4_sweep_best", N=n, K=k, M=m, best=best, rules=rules)), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=None, help="comma list of op names (default: all)")
     ap.add_argument("--quick", action="store_true", help="one shape per op")
     ap.add_argument("--backward", action="store_true", help="only the norm and activation backward ops")
+    ap.add_argument("--nf4-matmul", action="store_true", help="only nf4_matmul vs dequantize_nf4 + F.linear")
+    ap.add_argument("--nf4-sweep", action="store_true", help="nf4_matmul's candidate tile configs")
     a = ap.parse_args()
     from common import environment
 
@@ -265,6 +422,8 @@ def main() -> None:
     if a.backward:
         norm_backward(bw)
         return glu_backward(bw)
+    if a.nf4_matmul or a.nf4_sweep:
+        return nf4_matmul_bench(bw, sweep=a.nf4_sweep)
     wanted = set(a.ops.split(",")) if a.ops else None
     for op, shape, impls, byt in cases(a.quick):
         if wanted and op not in wanted:

@@ -44,7 +44,9 @@ def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
     """x W^T (no bias) with the base frozen; gradient for x only (a 4-bit W is dequantised again
     in the backward rather than kept)."""
     if is_4bit(base):
-        return FrozenNF4Linear.apply(x, base, None)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return FrozenNF4Linear.apply(x, base, None)
+        return base.frozen_matmul(x)  # decoding: the NF4 matmul kernel for a few rows
     return F.linear(x, base.weight.to(x.dtype))
 
 

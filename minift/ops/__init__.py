@@ -1,7 +1,8 @@
 """minift's fused ops: each a Triton kernel with custom autograd, registered with torch.library,
 and a plain-PyTorch reference (`minift.ops.reference`) that defines what it computes.
 
-One module per op family (rms_norm, layer_norm, rope, activations, cross_entropy, nf4, lora);
+One module per op family (rms_norm, layer_norm, rope, activations, cross_entropy, nf4, nf4_matmul,
+lora);
 `_backend` holds the dispatch options and `Op`, the pattern every op is registered through.
 """
 
@@ -12,6 +13,7 @@ from .cross_entropy import cross_entropy, linear_cross_entropy
 from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
 from .nf4 import NF4Weight, dequantize_nf4
+from .nf4_matmul import nf4_matmul
 from .rms_norm import rms_norm
 from .rope import rope
 
@@ -31,6 +33,7 @@ __all__ = [
     "linear_cross_entropy",
     "NF4Weight",
     "dequantize_nf4",
+    "nf4_matmul",
     "lora_linear",
     "lora_mlp",
 ]

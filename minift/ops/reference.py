@@ -133,6 +133,12 @@ def dequantize_nf4(w) -> torch.Tensor:
     return (w.code[q] * scale).reshape(w.shape).to(w.dtype)
 
 
+def nf4_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) for an NF4Weight W: dequantised (bit-exact, in w.dtype), cast to x's dtype,
+    then F.linear (bias cast to x's dtype)."""
+    return F.linear(x, dequantize_nf4(w).to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 def _lora_proj(x: torch.Tensor, base, lora_a: torch.Tensor | None, lora_b: torch.Tensor | None, scale: float) -> torch.Tensor:
     if lora_a is None:
         w = base if isinstance(base, torch.Tensor) else dequantize_nf4(base).to(x.dtype)

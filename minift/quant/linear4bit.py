@@ -19,6 +19,11 @@ from ..ops.nf4 import NF4Weight
 
 BLOCKSIZE = 64  # bitsandbytes' NF4 block, what minift writes and what its checkpoints use
 NESTED_BLOCKSIZE = 256  # what bitsandbytes' double quantisation uses
+# Inputs of at most this many rows (all dims but the last, flattened) without an input gradient run
+# `ops.nf4_matmul`, which reads the packed weight once (~0.52 bytes a weight) where dequantise + GEMM
+# moves ~4.5: decoding's one token a sequence. Its kernel pads x to 16 rows (the MMA's smallest
+# side), so 1 to 16 rows cost the same; more rows keep dequantise + F.linear, a GEMM's territory.
+NF4_MATMUL_MAX_ROWS = 16
 
 
 class Linear4bit(nn.Module):
@@ -102,7 +107,14 @@ class Linear4bit(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             # Dequantise again in backward instead of keeping a dense 16-bit weight per layer alive.
             return FrozenNF4Linear.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantize(), bias).to(x.dtype)
+        return self.frozen_matmul(x.to(self.compute_dtype), bias).to(x.dtype)
+
+    def frozen_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T (+ bias) without a gradient for x: `ops.nf4_matmul` for a few rows (decoding),
+        dequantise + GEMM for more."""
+        if 0 < x.numel() <= NF4_MATMUL_MAX_ROWS * x.shape[-1]:
+            return ops.nf4_matmul(x, self.nf4, bias)
+        return F.linear(x, self.dequantize(x.dtype), bias)
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Linear4bit":
         before = dict(self._buffers)
