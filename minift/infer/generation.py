@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .. import ops
 from ..arch.cache import KVCache
 from ..errors import InputError
 from .sampling import Sampling, next_token, process
@@ -219,6 +220,7 @@ def _compiled_step(model: nn.Module, cache: KVCache) -> Callable[..., torch.Tens
     from being overwritten by the next replay."""
     for t in [*cache.keys, *cache.values, *cache.slot_pos.values(), *cache.slot_real.values()]:
         torch._dynamo.mark_static_address(t)
+    ops.prepare_nf4_matmul(cache.keys[0].device)  # its counters outside the graph's memory pool
     compiled = torch.compile(_step, mode="reduce-overhead", dynamic=False, fullgraph=False)
 
     def run(model, cache, tok, pos, position):

@@ -14,6 +14,7 @@ from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
 from .nf4 import NF4Weight, dequantize_nf4
 from .nf4_matmul import nf4_matmul
+from .nf4_matmul import prepare as prepare_nf4_matmul
 from .rms_norm import rms_norm
 from .rope import rope
 
@@ -34,6 +35,7 @@ __all__ = [
     "NF4Weight",
     "dequantize_nf4",
     "nf4_matmul",
+    "prepare_nf4_matmul",
     "lora_linear",
     "lora_mlp",
 ]

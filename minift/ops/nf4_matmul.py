@@ -314,6 +314,16 @@ def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
     return t
 
 
+def prepare(device: torch.device | str, n: int = 4096) -> None:
+    """Makes the device's split-K counters now, outside any compiled or CUDA-graphed region: a
+    CUDA-graph tree's warm-up run allocates from the graph's private pool, where a tensor kept
+    across calls must not live (generation calls this before compiling its decode step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    _tickets(device, n)
+
+
 def _kernel_ok(x: torch.Tensor, meta: list[int]) -> bool:
     """Whether the Triton kernel takes this call (else the dequantise + F.linear path)."""
     if not use_triton(x) or x.dtype not in _FLOATS or len(meta) != 5:
