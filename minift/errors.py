@@ -32,7 +32,9 @@ class QuantizationError(MiniftError, ValueError):
 
 
 class InputError(MiniftError, ValueError):
-    """Bad arguments to a model or op: shapes, dtypes, label ranges, images vs image tokens."""
+    """Bad arguments to a public function, a model or an op: an argument of the wrong type or out
+    of range (the message names it and what was expected), shapes, dtypes, label ranges, images vs
+    image tokens."""
 
 
 class AdapterError(MiniftError, ValueError):
@@ -50,6 +52,11 @@ class TrainConfigError(MiniftError, ValueError):
 class ExportError(MiniftError, ValueError):
     """A model or tokenizer cannot be written in the requested export format (GGUF, Ollama
     Modelfile), or the output already exists."""
+
+
+class WriteError(MiniftError, OSError):
+    """An output directory could not be written (disk full, no permission, ...): the write was
+    abandoned, its temporary files removed, and what was at the destination before is unchanged."""
 
 
 class NonFiniteLossError(MiniftError, FloatingPointError):

@@ -142,3 +142,40 @@ def test_pickle_only_refused(ckpt, tmp_path):
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pickle"):
         minift.load(d)
+
+
+def test_hub_id_and_path_spellings(ckpt, tmp_path, monkeypatch):
+    """'org/name' is a hub id (its adapters record the id); the same words written as a path
+    ('./org/name') are a local path, never looked up on the hub; 'org/name' naming an existing
+    relative directory is that directory."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    make_cache(cache, "org/tiny-llama", ckpt)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    model, _ = minift.load("org/tiny-llama")
+    assert model.load_info.name_or_path == "org/tiny-llama"
+    minift.add_lora(model, r=2)
+    cfg = json.loads((model.save_adapter("ad") / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "org/tiny-llama"
+    with pytest.raises(ConfigError, match=r"\./org/tiny-llama: no such directory"):
+        minift.load("./org/tiny-llama")
+    (work / "org").mkdir()
+    shutil.copytree(ckpt, work / "org" / "tiny-llama")
+    local, _ = minift.load("org/tiny-llama")
+    assert local.load_info.name_or_path == str(work / "org" / "tiny-llama")
+    assert local.load_info.source_path == Path("org/tiny-llama")
+
+
+def test_missing_tokenizer_reported_before_the_weights(ckpt, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(ckpt, d)
+    for f in d.glob("tokenizer*"):
+        f.unlink()
+    (d / "model.safetensors").write_bytes(b"not read")
+    with pytest.raises(ConfigError, match=r"has no tokenizer files \(tokenizer\.json, or tokenizer\.model"):
+        minift.load(d)

@@ -550,8 +550,14 @@ def test_bad_inputs(ckpts, tmp_path):
     with pytest.raises(AdapterError, match="not empty"):
         model.save_adapter(tmp_path / "full")
     assert (tmp_path / "full" / "x").read_text() == "keep me"
+    # overwrite=True replaces what minift wrote, never the user's other files: it names them instead
+    with pytest.raises(AdapterError, match=r"also holds x;"):
+        model.save_adapter(tmp_path / "full", overwrite=True)
+    assert (tmp_path / "full" / "x").read_text() == "keep me"
+    (tmp_path / "full" / "x").unlink()
     model.save_adapter(tmp_path / "full", overwrite=True)
-    assert not (tmp_path / "full" / "x").exists() and (tmp_path / "full" / "adapter_config.json").exists()
+    model.save_adapter(tmp_path / "full", overwrite=True)  # its own output it replaces
+    assert (tmp_path / "full" / "adapter_config.json").exists()
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -616,3 +622,55 @@ def test_fused_lora_path_matches_plain(tmp_path, family):
     assert torch.allclose(l0, l1, rtol=1e-6, atol=1e-6)
     for n in g0:
         assert ((g0[n] - g1[n]).norm() / (g0[n].norm() + 1e-12)).item() < 1e-5, n
+
+
+def test_adapter_config_rank_against_tensors_refused_like_peft(ckpts, tmp_path):
+    """An adapter_config.json whose r disagrees with its tensors: PEFT refuses it, and so does
+    minift (it would otherwise scale by lora_alpha over the wrong rank)."""
+    pm = peft_model(ckpts["llama"], r=4, init=False)
+    pm.save_pretrained(tmp_path / "ad")
+    cf = tmp_path / "ad" / "adapter_config.json"
+    cf.write_text(json.dumps(dict(json.loads(cf.read_text()), r=8)))
+    with pytest.raises(Exception):
+        peft.PeftModel.from_pretrained(hf_model(ckpts["llama"]), tmp_path / "ad")
+    model, _ = minift.load(ckpts["llama"])
+    with pytest.raises(AdapterError, match=r"rank 8 \(r=8\), but its lora_A tensor has rank 4"):
+        minift.load_adapter(model, tmp_path / "ad", strict=False)  # never a partial adapter: always refused
+    assert not any(isinstance(m, LoraLinear) for m in model.modules())
+
+
+def test_partial_adapter_strict_refuses_and_strict_false_matches_peft(ckpts, tmp_path):
+    """A PEFT adapter of a 2-layer model on a 3-layer one: PEFT warns of the missing keys and leaves
+    layer 2 unadapted; minift refuses it by default and, with strict=False, warns and computes what
+    PEFT computes."""
+    deep = write_tiny_checkpoint(tmp_path / "deep", "llama", num_hidden_layers=3, tie_word_embeddings=False)
+    pm = peft_model(ckpts["llama"], r=4, targets=["q_proj", "v_proj"], init=False)  # random B: trained-like
+    pm.save_pretrained(tmp_path / "ad")
+    cf = tmp_path / "ad" / "adapter_config.json"  # PEFT's layer 2 then starts as it would: B = 0, no change
+    cf.write_text(json.dumps(dict(json.loads(cf.read_text()), init_lora_weights=True)))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        ref = peft.PeftModel.from_pretrained(hf_model(deep), tmp_path / "ad").eval()
+    assert any("layers.2" in str(w.message) for w in seen)
+    model, _ = minift.load(deep)
+    with pytest.raises(AdapterError, match=r"model\.layers\.2\.self_attn\.q_proj.*strict=False"):
+        minift.load_adapter(model, tmp_path / "ad")
+    with pytest.warns(UserWarning, match=r"model\.layers\.2\.self_attn\.(q|v)_proj"):
+        minift.load_adapter(model, tmp_path / "ad", strict=False)
+    ids, _ = inputs(model)
+    with torch.no_grad():
+        assert rel(model(ids).logits, ref(input_ids=ids).logits) <= TOL
+
+
+def test_saved_adapter_names_its_local_base_absolutely(ckpts, tmp_path, monkeypatch):
+    """base_model_name_or_path is the absolute directory of a local base even when it was loaded by a
+    relative path, so PEFT run from another directory reads the same base (not the hub)."""
+    monkeypatch.chdir(ckpts["llama"].parent)
+    model, _ = minift.load(ckpts["llama"].name)
+    minift.add_lora(model, r=2)
+    out = model.save_adapter(tmp_path / "ad")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(ckpts["llama"])
+    monkeypatch.chdir(tmp_path)
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(str(out))
+    assert loaded.base_model.model.config.num_hidden_layers == 2

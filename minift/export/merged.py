@@ -22,6 +22,7 @@ from torch import nn
 from ..errors import AdapterError
 from ..io.files import atomic_dir, parse_size, write_tokenizer_files
 from ..lora.layers import LoraLinear, ModulesToSave, dense_weight, is_linear
+from ..lora.peft import check_save_args
 from ..lora.targets import hf_path
 from ..quant import BLOCKSIZE, quantize_4bit
 from ..templates import stop_token_ids
@@ -215,6 +216,7 @@ def save_merged(
     (computing in the model's dtype). Written to a temporary directory, then renamed."""
     from safetensors.torch import save_file
 
+    check_save_args(model, save_dir, overwrite, tokenizer, "save_merged", dtype=dtype, max_shard_size=max_shard_size)
     quantize = isinstance(dtype, str) and dtype.lower() in ("4bit", "nf4")
     out_dtype = model_dtype(model) if quantize else _dtype(dtype)
     limit = parse_size(max_shard_size)

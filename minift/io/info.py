@@ -8,8 +8,8 @@ from pathlib import Path
 
 @dataclass
 class LoadInfo:
-    """name_or_path: the hub id or directory loaded (after the pre-quantised twin map), written as
-    an adapter's `base_model_name_or_path`. source_path: the local directory the files came from
+    """name_or_path: the hub id (after the pre-quantised twin map) or the absolute path of the local
+    directory loaded, written as an adapter's `base_model_name_or_path`. source_path: the local directory the files came from
     (a hub snapshot or the user's directory; tokenizer files and generation_config.json are copied
     from it). revision: the hub revision asked for. text_of_vision: the language half of a Gemma 3
     vision checkpoint loaded alone (`text_only=True`), so adapters are named as on the full model.

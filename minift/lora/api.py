@@ -64,6 +64,9 @@ def add_lora(
     `merge_lora()` / `unmerge_lora()` (16-bit bases), `save_adapter(dir)` and
     `save_merged(dir, dtype)` apply. With PiSSA, disabled adapters leave the residual model.
     """
+    _check_add_lora_args(model, dropout=dropout, targets=targets, modules_to_save=modules_to_save, seed=seed,
+                         vision=vision, language=language, attention=attention, mlp=mlp, rslora=rslora, dora=dora,
+                         fuse=fuse)
     init = check_settings(r, alpha, dropout, init)
     if has_adapters(model):
         raise AdapterError("model already has adapters; add_lora / load_adapter work on a model without them")
@@ -94,6 +97,24 @@ def add_lora(
     if fuse:
         set_fused(model, True)
     return model
+
+
+def _check_add_lora_args(model: Any, *, dropout: Any, targets: Any, modules_to_save: Any, seed: Any,
+                         **flags: Any) -> None:
+    """add_lora's arguments that check_settings (r, alpha, dropout range, init) does not cover."""
+    peft.check_model(model, "add_lora")
+    for name, v in flags.items():
+        peft.check_flag(v, name, "add_lora")
+    if isinstance(dropout, bool):
+        raise AdapterError(f"dropout: must be a number in [0, 1), got {dropout!r}")
+    if not isinstance(targets, str) and not (isinstance(targets, (list, tuple, set)) and targets
+                                             and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"targets: expected 'all-linear', a list of module names or a regex string, got {targets!r}")
+    if modules_to_save is not None and (isinstance(modules_to_save, str) or not isinstance(modules_to_save, (list, tuple))
+                                        or not all(isinstance(n, str) for n in modules_to_save)):
+        raise AdapterError(f"modules_to_save: expected None or a list of module names, got {modules_to_save!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise AdapterError(f"seed: expected a non-negative integer, got {seed!r}")
 
 
 # ---- switches ---------------------------------------------------------------------------------------
@@ -146,11 +167,23 @@ def unmerge_lora(model: nn.Module) -> None:
         m.unmerge()
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, fuse: bool = False) -> nn.Module:
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, fuse: bool = False,
+                 strict: bool = True) -> nn.Module:
     """Adds the LoRA layers a minift or PEFT adapter describes and loads its weights; returns the
     model (changed in place, all base weights frozen). Module paths may use transformers 5's
-    names or the original Hub layout's. `fuse` as in add_lora."""
-    adapter_dir = Path(adapter_dir).expanduser()
+    names or the original Hub layout's. `fuse` as in add_lora.
+
+    adapter_config.json is checked against the tensors before the model changes (AdapterError
+    naming the file and module): shapes against the base layers, floating dtypes, each module's
+    rank against r / rank_pattern, DoRA magnitudes against use_dora, and the modules that
+    target_modules (with layers_to_transform, exclude_modules) selects in this model against the
+    modules the tensors adapt. With `strict=False` a selection mismatch (an adapter covering only
+    some of the selected layers, e.g. trained on a shallower model) loads what it has, with a
+    warning."""
+    peft.check_model(model, "load_adapter")
+    adapter_dir = peft.check_dir_arg(adapter_dir, "adapter_dir", "load_adapter")
+    peft.check_flag(fuse, "fuse", "load_adapter")
+    peft.check_flag(strict, "strict", "load_adapter")
     cfg, tensors = peft.read_adapter(adapter_dir)
     if has_adapters(model):
         raise AdapterError("load_adapter: the model already has adapters; load into a freshly loaded model")
@@ -179,6 +212,7 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, fuse: bool
     rslora = bool(cfg.get("use_rslora"))
     for path, parts in lora.items():
         peft.check_shapes(path, parts, lin[path], dora, adapter_dir)
+    matched = peft.check_against_tensors(model, cfg, lora, lin, adapter_dir, strict=strict)
     mts = peft.plan_modules_to_save(model, cfg, other, list(lora), adapter_dir)
     # everything checked: now change the model
     for p in model.parameters():
@@ -197,7 +231,8 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, fuse: bool
         set_module(model, path, layer)
     add_modules_to_save(model, list(mts))
     peft.fill_modules_to_save(model, mts)
-    targets = cfg.get("target_modules") or sorted({peft_path(model, p) for p in lora})
+    # the config's own target_modules when they describe exactly these modules, else what was loaded
+    targets = cfg.get("target_modules") if matched else (peft_target_modules(model, list(lora), all_paths) if lora else [])
     settings = LoraSettings(
         r=cfg["r"], alpha=float(alpha), dropout=float(cfg.get("lora_dropout") or 0.0), rslora=rslora, dora=dora,
         init="default", target_modules=sorted(targets) if isinstance(targets, (list, set)) else targets,

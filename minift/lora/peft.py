@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +19,77 @@ import torch
 from torch import nn
 
 from ..errors import AdapterError
-from ..io.files import atomic_dir, read_json_object, write_tokenizer_files
+from ..io.files import atomic_dir, parse_size, read_json_object, write_tokenizer_files
+from ..io.hub import base_name, is_hub_id
 from .layers import ModulesToSave
 from .settings import LoraSettings, settings_of
-from .targets import _tied_pair, has_adapters, hf_path, lora_layers, match_modules_to_save, minift_path, peft_path, saved_modules
+from .targets import (
+    _tied_pair, has_adapters, hf_path, lora_layers, match_modules_to_save, minift_path, peft_path, saved_modules,
+    suffix_match,
+)
 
 PREFIX = "base_model.model."
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+
+
+# ---- argument checks --------------------------------------------------------------------------------
+
+
+def check_model(model: Any, who: str) -> None:
+    """AdapterError naming `model` unless it is a model `minift.load` returned."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "load_info") or not hasattr(model, "config"):
+        raise AdapterError(f"{who}: model: expected a model returned by minift.load, got {type(model).__name__}")
+
+
+def check_dir_arg(value: Any, name: str, who: str) -> Path:
+    """A directory argument as a Path; AdapterError naming it for anything but a non-empty str / os.PathLike."""
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():
+        raise AdapterError(f"{who}: {name}: expected a directory path (str or os.PathLike), got {value!r}")
+    return Path(value).expanduser()
+
+
+def check_flag(value: Any, name: str, who: str) -> None:
+    if not isinstance(value, bool):
+        raise AdapterError(f"{who}: {name}: expected True or False, got {value!r}")
+
+
+_NO_DTYPE = object()
+
+
+def check_save_args(model: Any, save_dir: Any, overwrite: Any, tokenizer: Any, who: str, *, dtype: Any = _NO_DTYPE,
+                    max_shard_size: Any = "5GB") -> None:
+    """What save_adapter / save_merged check before writing anything (save_merged: also `dtype`, a
+    floating torch dtype or its name, or "4bit"; and `max_shard_size`)."""
+    check_model(model, who)
+    check_dir_arg(save_dir, "save_dir", who)
+    check_flag(overwrite, "overwrite", who)
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise AdapterError(f"{who}: tokenizer: expected None or a tokenizer / processor with save_pretrained, "
+                           f"got {type(tokenizer).__name__}")
+    if dtype is not _NO_DTYPE:
+        d = dtype
+        if isinstance(d, str) and d.lower() not in ("4bit", "nf4"):
+            d = getattr(torch, d.replace("torch.", ""), None)
+        if not (isinstance(dtype, str) and dtype.lower() in ("4bit", "nf4")) and not (
+                isinstance(d, torch.dtype) and d.is_floating_point):
+            raise AdapterError(f"{who}: dtype must be a floating torch dtype (torch.bfloat16, torch.float16, "
+                               f"torch.float32) or its name, or '4bit', got {dtype!r}")
+        parse_size(max_shard_size)
+
+
+def base_model_name(model: nn.Module) -> str | None:
+    """The base as an adapter records it: the hub id, or the absolute directory of a local base
+    (a relative one would send PEFT to the hub when run from another directory)."""
+    info = model.load_info
+    name = info.name_or_path
+    if name is None:
+        return None
+    src = info.source_path
+    local = src is not None and os.path.abspath(os.path.expanduser(str(name))) == os.path.abspath(src)
+    return str(name) if is_hub_id(str(name)) and not local else base_name(name)
 
 
 # ---- save -----------------------------------------------------------------------------------------
@@ -62,7 +126,7 @@ def adapter_config(model: nn.Module, s: LoraSettings, converted: bool) -> dict[s
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": model.load_info.name_or_path,
+        "base_model_name_or_path": base_model_name(model),
         "r": r,
         "lora_alpha": alpha_out,
         "lora_dropout": s.dropout,
@@ -90,6 +154,7 @@ def save_adapter(model: nn.Module, save_dir: str | os.PathLike, *, overwrite: bo
     processor files (`tokenizer`'s, else copied from the source checkpoint), atomically."""
     from safetensors.torch import save_file
 
+    check_save_args(model, save_dir, overwrite, tokenizer, "save_adapter")
     s = settings_of(model)
     if s is None or not has_adapters(model):
         raise AdapterError("save_adapter: the model has no adapters; call minift.add_lora or minift.load_adapter first")
@@ -135,6 +200,41 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise AdapterError(f"{where}: r must be a positive integer, got {r!r}")
 
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    alpha = cfg.get("lora_alpha", r)
+    if not number(alpha) or alpha <= 0:
+        raise AdapterError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
+    drop = cfg.get("lora_dropout") or 0.0
+    if not number(drop) or not 0.0 <= drop < 1.0:
+        raise AdapterError(f"{where}: lora_dropout must be a number in [0, 1), got {cfg.get('lora_dropout')!r}")
+    for key in ("use_rslora", "use_dora"):
+        if cfg.get(key) is not None and not isinstance(cfg.get(key), bool):
+            raise AdapterError(f"{where}: {key} must be true or false, got {cfg.get(key)!r}")
+    for key, ok, want in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                           "positive integers"),
+                          ("alpha_pattern", lambda v: number(v) and v > 0, "positive numbers")):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict) or not all(isinstance(k, str) and ok(v) for k, v in pat.items()):
+            raise AdapterError(f"{where}: {key} must map module names to {want}, got {pat!r}")
+    for key in ("target_modules", "exclude_modules"):
+        t = cfg.get(key)
+        if t is not None and not isinstance(t, str) and not (isinstance(t, list) and all(isinstance(x, str) for x in t)):
+            raise AdapterError(f"{where}: {key} must be a list of module names or a regex string, got {t!r}")
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(cfg.get(key), str) and cfg[key] != "all-linear":
+            try:
+                re.compile(cfg[key])
+            except re.error as e:
+                raise AdapterError(f"{where}: {key} {cfg[key]!r} is not a valid regular expression: {e}") from e
+    layers = cfg.get("layers_to_transform")
+    if layers is not None and not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+            isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+        raise AdapterError(f"{where}: layers_to_transform must be null, a layer index or a list of them, got {layers!r}")
+
 
 def normalise_key(key: str) -> str:
     """A saved or in-memory PEFT key → '<module path>.<lora_A.weight | lora_B.weight |
@@ -170,6 +270,115 @@ def check_shapes(path: str, parts: dict[str, torch.Tensor], base: nn.Module, dor
     if m is not None and tuple(m.shape) != (out_f,):
         raise AdapterError(f"{where}: {path}.lora_magnitude_vector has shape {tuple(m.shape)}, but the base weight "
                            f"({out_f}, {in_f}) needs ({out_f},)")
+
+
+def _names(model: nn.Module, path: str) -> list[str]:
+    """Every name a config may use for a module: minift's path, transformers 5's, PEFT's view of
+    it, and the original Hub layout of a Gemma 3 vision checkpoint."""
+    out = [path, hf_path(model, path), peft_path(model, path)]
+    for n in list(out):
+        for new, old in (("model.language_model.", "language_model.model."),
+                         ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+                         ("model.vision_tower.", "vision_tower.vision_model."),
+                         ("model.multi_modal_projector.", "multi_modal_projector.")):
+            if n.startswith(new):
+                out.append(old + n[len(new):])
+                break
+    return list(dict.fromkeys(out))
+
+
+def _matches(spec: Any, names: list[str]) -> bool:
+    """PEFT's rule: a string is a regex fullmatched on the module name, a list holds names equal
+    to it or ending it after a '.'; "all-linear" selects every linear layer."""
+    if spec == "all-linear":
+        return True
+    if isinstance(spec, str):
+        return any(re.fullmatch(spec, n) for n in names)
+    return any(suffix_match(n, t) for n in names for t in spec)
+
+
+def _layer_index(names: list[str], pattern: Any) -> int | None:
+    pats = [pattern] if isinstance(pattern, str) else list(pattern or ["layers", "h", "blocks", "layer"])
+    for n in names:
+        for p in pats:
+            m = re.search(rf"(?:^|\.){p}\.(\d+)(?:\.|$)", n)
+            if m:
+                return int(m.group(1))
+    return None
+
+
+def config_selects(model: nn.Module, cfg: dict[str, Any], path: str) -> bool | None:
+    """Whether adapter_config.json's target_modules (with layers_to_transform / layers_pattern and
+    exclude_modules) selects the linear at `path`, as PEFT decides; None when there is no
+    target_modules to go by."""
+    spec = cfg.get("target_modules")
+    if spec is None:
+        return None
+    names = _names(model, path)
+    if not _matches(spec, names):
+        return False
+    excl = cfg.get("exclude_modules")
+    if excl and excl != "all-linear" and _matches(excl, names):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is not None:
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        idx = _layer_index(names, cfg.get("layers_pattern"))
+        if idx is None or idx not in layers:
+            return False
+    return True
+
+
+def _listed(paths: list[str], model: nn.Module) -> str:
+    names = sorted(peft_path(model, p) for p in paths)
+    return ", ".join(names[:8]) + (f" ... ({len(names)} in all)" if len(names) > 8 else "")
+
+
+def check_against_tensors(model: nn.Module, cfg: dict[str, Any], lora: dict[str, dict[str, torch.Tensor]],
+                          linears: dict[str, nn.Module], where: Path, *, strict: bool) -> bool:
+    """adapter_config.json against the adapter's tensors, before anything changes: tensor dtypes,
+    ranks (r / rank_pattern), DoRA magnitudes, and the modules target_modules selects against the
+    modules the tensors adapt (every selected linear of this model covered, no tensors outside the
+    selection). The first three always raise AdapterError; a selection mismatch raises with
+    `strict`, else warns (a partial adapter loads what it has). Returns whether the selection matched."""
+    dora = bool(cfg.get("use_dora"))
+    for path, parts in lora.items():
+        for part, t in parts.items():
+            if not t.is_floating_point():
+                raise AdapterError(f"{where}: {peft_path(model, path)}.{part} has dtype {t.dtype}; adapter weights "
+                                   "must be floating point (float32, bfloat16 or float16)")
+        if "lora_magnitude_vector" in parts and not dora:
+            raise AdapterError(f"{where}: holds DoRA magnitudes ({peft_path(model, path)}.lora_magnitude_vector) but "
+                               f"{CONFIG} says use_dora=false; PEFT would not load them either")
+        a = parts.get("lora_A")
+        if a is not None and a.dim() == 2:
+            want = pattern_value(cfg.get("rank_pattern"), peft_path(model, path), cfg["r"])
+            if a.shape[0] != want:
+                src = "rank_pattern" if want != cfg["r"] else f"r={cfg['r']}"
+                raise AdapterError(
+                    f"{where}: {CONFIG} gives {peft_path(model, path)} rank {want} ({src}), but its lora_A tensor has "
+                    f"rank {a.shape[0]}; the scaling lora_alpha / r would be wrong (PEFT refuses this adapter too)"
+                )
+    selected = {p: config_selects(model, cfg, p) for p in linears}
+    if cfg.get("target_modules") is None:
+        return False
+    problems = []
+    outside = [p for p in lora if not selected.get(p)]
+    if outside:
+        problems.append(f"it holds weights for {len(outside)} module(s) that target_modules "
+                        f"{cfg['target_modules']!r} does not select ({_listed(outside, model)}), which PEFT leaves out")
+    uncovered = [p for p, sel in selected.items() if sel and p not in lora]
+    if uncovered:
+        problems.append(f"target_modules {cfg['target_modules']!r} selects {len(uncovered)} module(s) of this model "
+                        f"that it holds no weights for ({_listed(uncovered, model)}): an adapter trained on a model "
+                        "with fewer layers, or with other targets?")
+    if not problems:
+        return True
+    msg = f"{where}: the adapter does not match this model as its {CONFIG} describes: " + "; and ".join(problems)
+    if strict:
+        raise AdapterError(msg + "; pass strict=False to load it anyway (modules without weights stay unadapted)")
+    warnings.warn(msg + "; loading it anyway (strict=False): modules without weights stay unadapted", stacklevel=3)
+    return False
 
 
 def plan_modules_to_save(model: nn.Module, cfg: dict[str, Any], other: dict[str, torch.Tensor],

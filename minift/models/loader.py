@@ -18,9 +18,11 @@ import torch
 from torch import nn
 
 from ..arch.config import SUPPORTED_MODEL_TYPES, VISION_MODEL_TYPES
-from ..errors import CheckpointError, ConfigError, QuantizationError, ShapeMismatchError, UnsupportedModelError
-from ..io.files import read_json_object
-from ..io.hub import resolve_path
+from ..errors import (
+    CheckpointError, ConfigError, InputError, QuantizationError, ShapeMismatchError, UnsupportedModelError,
+)
+from ..io.files import missing_tokenizer_files, read_json_object
+from ..io.hub import base_name, check_name, is_local_path, resolve_path
 from ..io.info import LoadInfo
 from ..io.keys import checkpoint_key_mapper
 from ..io.names import map_name
@@ -39,13 +41,93 @@ def read_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def default_device_dtype(device, dtype) -> tuple[torch.device, torch.dtype]:
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+_DTYPE_HELP = "torch.float32, torch.float16 or torch.bfloat16 (or 'float32', 'float16', 'bfloat16')"
+
+
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """None, or a floating dtype minift computes in; InputError naming `dtype` otherwise."""
     if dtype is None:
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        return None
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.float32, torch.float16, torch.bfloat16):
+            return dtype
+        raise InputError(f"dtype: {dtype} is not a dtype minift loads weights in; expected {_DTYPE_HELP}")
     if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.replace("torch.", ""))
-    return dev, dtype
+        key = dtype.strip().lower()
+        key = key[len("torch."):] if key.startswith("torch.") else key
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise InputError(f"dtype: expected {_DTYPE_HELP}, got {dtype!r}")
+
+
+def check_device(device: Any) -> torch.device:
+    """The device to load on (None: CUDA when available, this rank's GPU under torchrun, else the
+    CPU); InputError naming `device` when it is not a device or not usable here."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if torch.distributed.is_available() and torch.distributed.is_torchelastic_launched():
+            # under torchrun each rank takes its own GPU (LOCAL_RANK, as torch.distributed reads it)
+            local = torch.distributed.get_node_local_rank(fallback_rank=0) % torch.cuda.device_count()
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+        return torch.device("cuda")
+    if isinstance(device, bool) or not isinstance(device, (str, int, torch.device)):
+        raise InputError(f"device: expected 'cpu', 'cuda', 'cuda:N', an index or a torch.device, got {device!r}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise InputError(f"device: {device!r} is not a device; expected 'cpu', 'cuda' or 'cuda:N'") from e
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(
+                f"device={device!r}: CUDA is not available here (torch.cuda.is_available() is False: no GPU, or a "
+                "CPU-only torch build); use device='cpu' or leave device=None"
+            )
+        n = torch.cuda.device_count()
+        if dev.index is not None and not 0 <= dev.index < n:
+            raise InputError(f"device={device!r}: there {'is' if n == 1 else 'are'} only {n} CUDA device(s) "
+                             f"(cuda:0 .. cuda:{n - 1})")
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if dev.type != "meta" and backend is not None and getattr(backend, "is_available", lambda: False)():
+        return dev
+    raise InputError(f"device={device!r}: not usable for loading weights here; expected 'cpu' or 'cuda'")
+
+
+def default_device_dtype(device: Any, dtype: Any) -> tuple[torch.device, torch.dtype]:
+    dev = check_device(device)
+    dt = check_dtype(dtype)
+    if dt is None:
+        dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, dt
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_load_args(name_or_path: Any, *, max_seq_length: Any, revision: Any, token: Any, **flags: Any) -> str:
+    """Every argument of `load` but dtype/device, up front; the name as a string."""
+    name = check_name(name_or_path)
+    if max_seq_length is not None and (isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int)
+                                       or max_seq_length < 2):
+        raise InputError(f"max_seq_length: expected None or an integer >= 2, got {max_seq_length!r}")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise InputError(f"revision: expected None or a branch, tag or commit name (str), got {revision!r}")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise InputError(f"token: expected None, True / False or a hub token (str), got {type(token).__name__}")
+    for k, v in flags.items():
+        _check_flag(k, v)
+    return name
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -140,16 +222,31 @@ def _non_persistent_buffers(model: nn.Module) -> Iterator[tuple[str, torch.Tenso
             yield (f"{mname}.{bname}" if mname else bname), mod._buffers[bname]
 
 
+def check_tokenizer_files(path: Path, vision: bool) -> None:
+    """ConfigError, before any weight is read, when `path` lacks the tokenizer (or processor) files
+    `load_processor` needs: saying what is missing and what the directory holds."""
+    missing = missing_tokenizer_files(path, processor=vision)
+    if missing is None:
+        return
+    held = sorted(f.name for f in path.iterdir() if not f.name.startswith("."))
+    raise ConfigError(
+        f"{path}: has no {missing}, which minift.load returns with the model; the directory holds "
+        f"{', '.join(held[:12])}{' ...' if len(held) > 12 else ''}. Copy the tokenizer files of the base model "
+        "there (tokenizer.save_pretrained(dir)), or save with minift, which writes them"
+    )
+
+
 def load_processor(path: Path, vision: bool, trust_remote_code: bool = False):
     """The tokenizer (or, for vision checkpoints, the processor) through transformers."""
     from transformers import AutoProcessor, AutoTokenizer
 
+    what = "processor" if vision else "tokenizer"
     try:
         if vision:
             return AutoProcessor.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: could not load the {'processor' if vision else 'tokenizer'}: {e}") from e
+    except Exception as e:  # transformers raises OSError, ValueError, ImportError, ... for unusable files
+        raise ConfigError(f"{path}: transformers could not build the {what} from its files: {e}") from e
 
 
 def load(
@@ -179,13 +276,32 @@ def load(
     `max_seq_length` is kept in `model.load_info` as the trainer's default. `model.load_info`
     records where the model came from (see `minift.io.LoadInfo`). `trust_remote_code` is only
     passed to the tokenizer/processor; minift never runs a checkpoint's modeling code.
+
+    `name_or_path`: a path object, a string naming an existing path, or one written as a path
+    ('./', '../', '/', '~', more than one '/') is a local directory; only 'org/name' with no such
+    directory is a hub id. Every argument is checked before anything is read (InputError naming
+    it), and the tokenizer / processor files before any weight.
     """
+    check_load_args(
+        name_or_path, max_seq_length=max_seq_length, revision=revision, token=token, load_in_4bit=load_in_4bit,
+        text_only=text_only, full_finetuning=full_finetuning, quantize_vision=quantize_vision,
+        use_name_map=use_name_map, trust_remote_code=trust_remote_code,
+    )
     dev, dt = default_device_dtype(device, dtype)
-    if use_name_map and not Path(name_or_path).expanduser().exists():
+    if full_finetuning and load_in_4bit:
+        raise QuantizationError("full_finetuning=True needs a 16-bit model; drop load_in_4bit or train LoRA adapters")
+    local = is_local_path(name_or_path)
+    if use_name_map and not local:
         name_or_path = map_name(str(name_or_path), load_in_4bit=load_in_4bit, revision=revision, token=token)
     path = resolve_path(name_or_path, revision=revision, token=token)
     cfg = read_config(path)
     vision_checkpoint = cfg["model_type"] in VISION_MODEL_TYPES
+    if text_only and not vision_checkpoint:
+        raise InputError(
+            f"text_only=True: {path} is a {cfg['model_type']} checkpoint, a text model already; text_only loads the "
+            "language model of a Gemma 3 vision checkpoint (model_type 'gemma3') alone"
+        )
+    check_tokenizer_files(path, vision_checkpoint and not text_only)
     quantizer = None
     prequant = cfg.get("quantization_config")
     if load_in_4bit or prequant:
@@ -207,7 +323,7 @@ def load(
         p.requires_grad_(full_finetuning and p.is_floating_point())
     model.eval()
     model.load_info = LoadInfo(
-        name_or_path=str(name_or_path), source_path=path, revision=revision,
+        name_or_path=base_name(name_or_path) if local else str(name_or_path), source_path=path, revision=revision,
         text_of_vision=text_only and vision_checkpoint,
         quantization="nf4" if quantizer is not None else None, prequantized=bool(prequant),
         max_seq_length=max_seq_length,

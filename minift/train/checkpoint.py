@@ -1,14 +1,20 @@
-"""Checkpoints: trainable weights, optimizer, scheduler, RNG states and the data position.
+"""Checkpoints: trainable weights, optimizer, scheduler, RNG states and the data position; and
+the final save of a full fine-tune (`save_full`).
 
-A checkpoint is written into a temporary directory and renamed into place (os.replace), so a
-crash mid-save never leaves a half-written checkpoint-N: it is either absent or complete.
+Both are written through minift's atomic directory writer (`minift.io.files.atomic_dir`): into a
+temporary directory beside the destination that records the writer's pid, fsynced, then renamed
+into place, so a crash mid-save never leaves a half-written checkpoint-N: it is either absent or
+complete, and the next save (or `clean_partial`) removes what a killed writer left. Old
+checkpoints past save_total_limit are renamed away before they are deleted.
 Tensors go to safetensors and everything else to JSON; only the optimizer state uses torch.save,
 and it is read back with `weights_only=True` (no arbitrary pickle).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import random
 import re
@@ -22,8 +28,12 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, TrainConfigError
+from ..io.files import atomic_dir, pid_alive, remove_dir, remove_stale, write_tokenizer_files
 from ..lora import has_adapters
+from ..lora.targets import hf_path
 from .optim import trainable_parameters
+
+logger = logging.getLogger("minift.train")
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -37,27 +47,6 @@ def before_commit(output_dir: Path, step: int) -> None:
 def has_lora(model: nn.Module) -> bool:
     """Adapters (LoRA layers or modules_to_save) added by minift.add_lora / load_adapter."""
     return has_adapters(model)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems refuse
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as h:
-                os.fsync(h.fileno())
-    _fsync_dir(path)
 
 
 def save_trainable(model: nn.Module, path: Path) -> None:
@@ -127,35 +116,100 @@ def save_checkpoint(
     """Writes output_dir/checkpoint-{step} atomically and applies save_total_limit."""
     from safetensors.torch import save_file
 
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f".tmp-checkpoint-{step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_trainable(model, tmp / "trainable.safetensors")
-    if has_lora(model):
-        model.save_adapter(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-    rng_t, rng_js = rng_state()
-    save_file(rng_t, str(tmp / "rng.safetensors"))
-    before_commit(output_dir, step)
-    full_state = dict(state, step=step, rng=rng_js, saved_at=time.time())
-    (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
-    _fsync_tree(tmp)
-    if final.exists():  # re-saving a step (after a resume): swap the old one out first
-        old = output_dir / f".old-checkpoint-{step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(output_dir)
+    final = Path(output_dir) / f"checkpoint-{step}"
+    # re-saving a step (after a resume) replaces it; a checkpoint-N holding foreign files is refused
+    with atomic_dir(final, overwrite=True, what=f"checkpoint-{step}", error=CheckpointError) as tmp:
+        save_trainable(model, tmp / "trainable.safetensors")
+        if has_lora(model):
+            model.save_adapter(tmp / "adapter")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+        rng_t, rng_js = rng_state()
+        save_file(rng_t, str(tmp / "rng.safetensors"))
+        before_commit(output_dir, step)
+        full_state = dict(state, step=step, rng=rng_js, saved_at=time.time())
+        (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
     if total_limit is not None:
         for old_step, path in list_checkpoints(output_dir)[:-total_limit]:
             if old_step != step:
-                shutil.rmtree(path, ignore_errors=True)
+                remove_dir(path)
     return final
+
+
+def _saved_config(model: nn.Module, dtype: torch.dtype) -> dict[str, Any] | None:
+    """config.json for a full fine-tune: the source checkpoint's (model.load_info.source_path), or
+    the model's own config for a text-only load of a vision checkpoint (its weights are the
+    language model's alone), with the dtype the weights are saved in."""
+    info = model.load_info
+    src = Path(info.source_path) / "config.json" if info.source_path is not None else None
+    if src is not None and src.is_file() and not info.text_of_vision:
+        cfg = json.loads(src.read_text())
+    else:
+        raw = getattr(model.config, "raw", None)
+        if not raw:
+            return None
+        cfg = copy.deepcopy(raw)
+    cfg.pop("quantization_config", None)
+    name = str(dtype).replace("torch.", "")
+    for c in (cfg, cfg.get("text_config")):
+        if isinstance(c, dict):
+            for k in ("dtype", "torch_dtype"):
+                if k in c or c is cfg:
+                    c[k] = name
+    return cfg
+
+
+def full_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every persistent tensor of the model (tied ones once), on the CPU, under transformers' names."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        mod, _, attr = name.rpartition(".")
+        key = f"{hf_path(model, mod)}.{attr}" if mod else attr
+        out[key] = t.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def save_full(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, trainable_only: bool = False,
+              overwrite: bool = True) -> Path:
+    """The result of full fine-tuning as a checkpoint `minift.load` and transformers read:
+    model.safetensors (every weight), config.json (the source's, see `_saved_config`),
+    generation_config.json (the source's) and the tokenizer / processor, written atomically (the
+    same writer as every save). `trainable_only` writes only trainable.safetensors (the trained
+    parameters of a partly frozen model, not loadable alone). A tokenizer that cannot save is
+    replaced by the source checkpoint's tokenizer files, with a warning."""
+    from safetensors.torch import save_file
+
+    if has_lora(model):
+        raise CheckpointError("save_full: the model has adapters; save them with model.save_adapter(dir) or a merged "
+                              "checkpoint with model.save_merged(dir)")
+    out = Path(out).expanduser()
+    src = model.load_info.source_path
+    with atomic_dir(out, overwrite=overwrite, what="fine-tuned model", error=CheckpointError) as tmp:
+        if trainable_only:
+            save_trainable(model, tmp / "trainable.safetensors")
+        else:
+            tensors = full_state_tensors(model)
+            save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
+            del tensors
+            cfg = _saved_config(model, dtype)
+            if cfg is not None:
+                (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+            gen = Path(src) / "generation_config.json" if src is not None else None
+            if gen is not None and gen.is_file():
+                shutil.copyfile(gen, tmp / "generation_config.json")
+        try:
+            write_tokenizer_files(tmp, tokenizer, src)
+        except Exception as e:  # a tokenizer that cannot save should not lose the weights
+            if isinstance(e, OSError) and getattr(e, "errno", None) is not None:
+                raise  # a full disk is the writer's to report
+            logger.warning("could not save the tokenizer/processor (%s); copying the source checkpoint's files", e)
+            write_tokenizer_files(tmp, None, src)
+    return out
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -169,13 +223,21 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+_LEGACY_TEMP = re.compile(r"^\.(?:tmp|old)-checkpoint-\d+-(\d+)$")  # written before the shared writer
+
+
 def clean_partial(output_dir: Path) -> None:
-    """Removes temporary directories a killed save left behind."""
-    if output_dir.is_dir():
-        for p in output_dir.iterdir():
-            if p.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-        (output_dir / ".saving").unlink(missing_ok=True)
+    """Removes the temporary directories that killed saves left in output_dir (checkpoints, the
+    final save; only those whose writing process is gone)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    remove_stale(output_dir)
+    for p in output_dir.iterdir():
+        m = _LEGACY_TEMP.match(p.name)
+        if m and p.is_dir() and not (int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1)))):
+            shutil.rmtree(p, ignore_errors=True)
+    (output_dir / ".saving").unlink(missing_ok=True)
 
 
 def resolve_resume(resume_from: str | os.PathLike, output_dir: Path) -> Path | None:
