@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -10,6 +12,7 @@ from ..errors import TrainConfigError
 
 SCHEDULERS = ("linear", "cosine", "constant")
 OPTIMIZERS = ("adamw", "adamw_8bit", "sgd")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
 
 
 @dataclass
@@ -69,10 +72,33 @@ class TrainConfig:
     on an H100 this took LoRA training of Llama-3.2-1B from 25-30k to 54k tokens/s, see
     bench/RESULTS.md). None: on when the model is on CUDA, off on CPU (compiling costs more than
     it saves on small CPU runs)."""
+    distributed: str | None = "auto"
+    """Data parallel under torchrun: "auto" (DDP when launched by torchrun, else one process),
+    "ddp", "fsdp" (FSDP2, each decoder layer sharded) or None (one process). batch_size is per
+    rank: a step takes batch_size x grad_accum x world size examples (see train/distributed.py)."""
     seed: int = 3407
     """Seeds torch / python / numpy at the start and the data order of every epoch."""
     logging_steps: int = 1
-    """Log (and read the loss back from the device) every this many optimizer steps."""
+    """Log (and read the loss back from the device) every this many optimizer steps. A logged
+    loss is the mean of the step losses since the previous record (its logging window)."""
+    logging_first_step: bool = False
+    """Also log step 1 when logging_steps > 1 (transformers' name; the CLI and the demo turn it on)."""
+    report_to: str | list[str] = "none"
+    """Where the logged metrics also go, beside metrics.jsonl: "none"; "tensorboard" (event files
+    through torch.utils.tensorboard in logging_dir; needs `pip install minift[tensorboard]`);
+    "wandb" (Weights & Biases; `pip install minift[wandb]`; WANDB_MODE=offline works without a
+    network); "all" (each of those that is installed); or a list of them."""
+    logging_dir: str | None = None
+    """TensorBoard's event directory; None: output_dir/runs."""
+    run_name: str | None = None
+    """The W&B run name (None: W&B picks one)."""
+    wandb_project: str | None = None
+    """The W&B project (None: WANDB_PROJECT, else W&B's default)."""
+    peak_tflops: float | None = None
+    """The accelerator's peak dense TFLOP/s in the compute dtype (e.g. 989 for an H100 SXM in
+    bf16): with it each record gets `mfu` = 6 * parameters * tokens/s / (peak_tflops * 1e12)
+    (parameters: every weight but an untied input embedding, 4-bit ones counted unpacked);
+    None: no MFU."""
     eval_steps: int | None = None
     """Evaluate on eval_dataset every this many steps (and at the end); None: only at the end."""
     save_steps: int | None = None
@@ -125,8 +151,17 @@ class TrainConfig:
             bad("optimizer", f"must be one of {OPTIMIZERS}")
         if self.max_grad_norm is not None and not (self.max_grad_norm >= 0):
             bad("max_grad_norm", "must be None or >= 0")
+        if self.distributed not in ("auto", "ddp", "fsdp", None):
+            bad("distributed", 'must be "auto", "ddp", "fsdp" or None')
         if self.gradient_checkpointing not in (False, True, "offload"):
             bad("gradient_checkpointing", 'must be False, True or "offload"')
+        kinds = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) and k in REPORT_TO for k in kinds):
+            bad("report_to", f"must be one of {REPORT_TO} or a list of them")
+        if self.peak_tflops is not None and (
+                isinstance(self.peak_tflops, bool) or not isinstance(self.peak_tflops, (int, float))
+                or not self.peak_tflops > 0):
+            bad("peak_tflops", "must be None or a number > 0")
         if not isinstance(self.output_dir, (str, bytes)) and not hasattr(self.output_dir, "__fspath__"):
             bad("output_dir", "must be a path")
 
@@ -134,3 +169,34 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["output_dir"] = str(self.output_dir)
         return d
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+# transformers' TrainingArguments / TRL names people carry over, and the field each one means
+_ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "lr_scheduler_type": "scheduler", "optim": "optimizer",
+    "max_seq_len": "max_seq_length", "max_length": "max_seq_length", "warmup": "warmup_steps",
+    "resume_from_checkpoint": "resume_from", "report": "report_to",
+}
+_dataclass_init = TrainConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _checked_init(self, *args, **kwargs):
+    """TrainConfig(...) with a misspelt or unknown field raises TrainConfigError naming it and the
+    closest valid field, instead of the dataclass's bare TypeError."""
+    for k in kwargs:
+        if k not in _FIELDS:
+            close = _ALIASES.get(k) or next(iter(difflib.get_close_matches(k, _FIELDS, n=1, cutoff=0.6)), None)
+            hint = f"; did you mean {close!r}?" if close else f"; the fields are {', '.join(_FIELDS)}"
+            raise TrainConfigError(f"TrainConfig: unknown field {k!r}{hint}")
+    if len(args) > len(_FIELDS):
+        raise TrainConfigError(f"TrainConfig: takes at most {len(_FIELDS)} positional arguments, got {len(args)}")
+    for name in _FIELDS[: len(args)]:
+        if name in kwargs:
+            raise TrainConfigError(f"TrainConfig: field {name!r} given both by position and by name")
+    _dataclass_init(self, *args, **kwargs)
+
+
+TrainConfig.__init__ = _checked_init

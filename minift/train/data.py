@@ -110,17 +110,22 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
 
 @dataclass
 class Schedule:
-    """Which units (examples or packed rows) each optimizer step takes."""
+    """Which units (examples or packed rows) each optimizer step takes. With `world` > 1 ranks
+    (data parallel) a global step takes batch_size x grad_accum x world units: each global
+    micro-batch of batch_size x world units is split into `world` slices, this rank's being the
+    `rank`-th, so the step sees the same units as one process with batch_size x world."""
 
     n_units: int
     batch_size: int
     grad_accum: int
     seed: int
     shuffle: bool = True
+    world: int = 1
+    rank: int = 0
 
     @property
     def per_step(self) -> int:
-        return self.batch_size * self.grad_accum
+        return self.batch_size * self.grad_accum * self.world
 
     @property
     def steps_per_epoch(self) -> int:
@@ -135,14 +140,21 @@ class Schedule:
         g = torch.Generator().manual_seed(self.seed + epoch)
         return torch.randperm(self.n_units, generator=g).tolist()
 
-    def step_units(self, step: int, _cache: dict | None = None) -> list[list[int]]:
-        """Micro-batches (lists of unit indices) of global step `step` (0-based)."""
+    def step_all(self, step: int, _cache: dict | None = None) -> list[int]:
+        """Every unit of global step `step` (0-based), over all ranks."""
         epoch, k = divmod(step, self.steps_per_epoch)
         cache = _cache if _cache is not None else {}
         if cache.get("epoch") != epoch:
             cache["epoch"], cache["order"] = epoch, self.order(epoch)
-        units = cache["order"][k * self.per_step: (k + 1) * self.per_step]
-        return [units[i: i + self.batch_size] for i in range(0, len(units), self.batch_size)]
+        return cache["order"][k * self.per_step: (k + 1) * self.per_step]
+
+    def step_units(self, step: int, _cache: dict | None = None) -> list[list[int]]:
+        """This rank's micro-batches (lists of unit indices) of global step `step`; one per global
+        micro-batch, so every rank has as many (a slice may be empty on a ragged last step)."""
+        units = self.step_all(step, _cache)
+        micro = self.batch_size * self.world
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        return [units[i: i + micro][lo:hi] for i in range(0, len(units), micro)]
 
     def epoch_of(self, step: int) -> float:
         return step / self.steps_per_epoch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import math
 import random
 import tempfile
@@ -24,15 +25,26 @@ from torch import nn
 
 from ..errors import DataError, NonFiniteLossError, TrainConfigError
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig
 from .data import Batch, Schedule, collate, pack
 from .formats import check_columns, columns_of, normalize_row
 from .offload import ActivationOffloader
 from .optim import make_optimizer, make_scheduler, trainable_parameters
-from .report import Metrics, ensure_logging, log, peak_memory_gb, plot_losses
+from .report import Metrics, ensure_logging, flop_parameters, log, make_reporters, mfu, peak_memory_gb, plot_losses
+from .report import resolve_report_to
 from .tokenize import Example, make_encoder
 
 DEFAULT_MAX_LENGTH = 2048
+
+
+class _Quiet:
+    """The metrics sink of a rank other than 0: rank 0 alone writes metrics.jsonl."""
+
+    records: list[dict[str, Any]] = []
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
 
 
 @dataclass
@@ -91,12 +103,19 @@ class Trainer:
         ensure_logging()
         self.cfg = cfg = config if config is not None else TrainConfig()
         cfg.validate()
+        self.report_to = resolve_report_to(cfg.report_to)  # a missing tensorboard / wandb fails here
         self.model = model
         self.tokenizer = tokenizer_or_processor
         self.formatting_func = formatting_func
         self.output_dir = self._check_output_dir(Path(cfg.output_dir))
         self.max_length = cfg.max_seq_length or model.load_info.max_seq_length or DEFAULT_MAX_LENGTH
         self.device = next(model.parameters()).device
+        self.world = distributed.setup(cfg.distributed, self.device)
+        if not self.world.main:
+            log.setLevel(logging.WARNING)  # one rank speaks
+        if self.world.mode == "fsdp" and cfg.save_steps:
+            raise TrainConfigError("TrainConfig.save_steps with distributed='fsdp' is not supported yet (sharded "
+                                   "optimizer checkpoints); use distributed='ddp' or save_steps=None")
         self.encoder = make_encoder(tokenizer_or_processor, max_length=self.max_length,
                                     responses_only=cfg.train_on_responses_only)
         tok = self.encoder.tokenizer
@@ -118,8 +137,13 @@ class Trainer:
                 f"train_dataset: all labels are -100 after formatting, so there is nothing to learn: {cause}"
             )
         self.eval_units = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
-        self.schedule = Schedule(len(self.train_units), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle)
+        self.schedule = Schedule(len(self.train_units), cfg.batch_size, cfg.grad_accum, cfg.seed, cfg.shuffle,
+                                 world=self.world.size, rank=self.world.rank)
+        self.unit_targets = [u.n_targets for u in self.train_units]
         self.total_steps = self.schedule.total_steps(cfg.max_steps, cfg.epochs)
+        # what the loop calls: the model (FSDP2 shards it in place), or DDP around it; before the
+        # optimizer, which must hold the sharded parameters
+        self.engine = distributed.wrap(model, self.world, self.device)
         self.optimizer = make_optimizer(model, cfg)
         self.lr_scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.params = [p for _, p in trainable_parameters(model)]
@@ -218,13 +242,21 @@ class Trainer:
         if resumed is None:
             self._seed()
         self._maybe_compile()
-        self.metrics = Metrics(self.output_dir / "metrics.jsonl", self.step if resumed is not None else 0)
+        engine = self.engine
+        self._flop_params = flop_parameters(model)  # for MFU
+        self.metrics = (Metrics(self.output_dir / "metrics.jsonl", self.step if resumed is not None else 0,
+                                reporters=make_reporters(
+                                    self.report_to, output_dir=self.output_dir, logging_dir=cfg.logging_dir,
+                                    config=cfg.to_dict(), resume_step=self.step if resumed is not None else None,
+                                    project=cfg.wandb_project, run_name=cfg.run_name))
+                        if self.world.main else _Quiet())
         from tqdm.auto import tqdm
 
         was_training = model.training
         model.train()
         old_ckpt, offloader = self._set_checkpointing()
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not cfg.progress_bar, desc="training",
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress_bar and self.world.main),
+                   desc="training",
                    dynamic_ncols=True)
         cache: dict[str, Any] = {}
         pending: list[tuple[int, torch.Tensor, float, Any]] = []
@@ -234,14 +266,21 @@ class Trainer:
         gc_frozen = False
         try:
             for step in range(self.step, self.total_steps):
-                micro = [self._batch(self.train_units, mb) for mb in self.schedule.step_units(step, cache)]
-                norm = float(max(1, sum(b.n_targets for b in micro)))
+                units = self.schedule.step_all(step, cache)
+                mine = self.schedule.step_units(step, cache)
+                # every rank divides by the global target count / world: the gradient average is
+                # then the one-process gradient of the whole global batch
+                norm = float(max(1, sum(self.unit_targets[i] for i in units))) / self.world.size
                 lr = self.lr_scheduler.get_last_lr()[self._lr_group]
                 loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
-                for b in micro:
-                    out = model(**b.to(self.device), loss_normalizer=norm)
-                    out.loss.backward()
-                    loss_sum += out.loss.detach().float()
+                for j, mb in enumerate(mine):
+                    b = self._batch(self.train_units, mb or units[:1])  # an empty slice still joins the reduction
+                    with distributed.no_sync(engine, self.world, last=j == len(mine) - 1):
+                        loss = engine(**b.to(self.device), loss_normalizer=norm).loss
+                        if not mb:
+                            loss = loss * 0.0
+                        loss.backward()
+                    loss_sum += loss.detach().float()
                 gnorm = None
                 if cfg.max_grad_norm:
                     gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
@@ -251,10 +290,10 @@ class Trainer:
                 self.step = step + 1
                 if not gc_frozen:
                     gc_frozen = _freeze_gc()
-                self.tokens += sum(b.n_tokens for b in micro)
+                self.tokens += sum(len(self.train_units[i]) for i in units)
                 pending.append((self.step, loss_sum, lr, gnorm))
                 last = self.step == self.total_steps
-                if self.step % cfg.logging_steps == 0 or last:
+                if self.step % cfg.logging_steps == 0 or last or (cfg.logging_first_step and self.step == 1):
                     self._flush(pending, bar)
                 if self.eval_units is not None and cfg.eval_steps and self.step % cfg.eval_steps == 0 and not last:
                     self.evaluate()
@@ -263,6 +302,10 @@ class Trainer:
                     self.save_checkpoint()
                 bar.update(1)
             self._flush(pending, bar)
+        except BaseException:
+            if isinstance(self.metrics, Metrics):
+                self.metrics.close()  # TensorBoard / W&B keep what was logged
+            raise
         finally:
             bar.close()
             if gc_frozen:
@@ -275,6 +318,8 @@ class Trainer:
         eval_loss = self.evaluate() if self.eval_units is not None else None
         final = self.save_final()
         plot_losses(self.metrics.records, self.output_dir / "loss.png") if cfg.plot else None
+        if isinstance(self.metrics, Metrics):
+            self.metrics.close()  # TensorBoard / W&B
         elapsed = time.perf_counter() - self._t0
         new_tokens = self.tokens - self._tokens0
         return TrainSummary(
@@ -289,14 +334,15 @@ class Trainer:
         s = self.cfg.seed
         random.seed(s)
         np.random.seed(s % 2**32)
-        torch.manual_seed(s)  # also seeds every CUDA device
+        torch.manual_seed(s + self.world.rank)  # also every CUDA device; ranks draw their own dropout
 
     def _flush(self, pending: list, bar: Any) -> None:
-        """Reads the pending step losses back (one sync), checks them, logs the last one."""
+        """Reads the pending step losses back (one sync), checks them, and logs one record at the
+        last pending step whose loss is the mean over the pending steps (the logging window)."""
         if not pending:
             return
-        vals = torch.stack([p[1] for p in pending]).tolist()
-        gn = [p[3] for p in pending]
+        vals = (self.world.all_sum(torch.stack([p[1] for p in pending])) / self.world.size).tolist()
+        gn = [p[3].full_tensor() if hasattr(p[3], "full_tensor") else p[3] for p in pending]
         gvals = torch.stack(gn).float().tolist() if all(g is not None for g in gn) else [None] * len(gn)
         for (step, _, lr, _), v in zip(pending, vals):
             self.losses.append(v)
@@ -313,10 +359,14 @@ class Trainer:
         elapsed = time.perf_counter() - self._t0
         tps = (self.tokens - self._tokens0) / max(elapsed, 1e-9)
         mem = peak_memory_gb(self.device)
-        rec = {"step": step, "loss": vals[-1], "lr": lr, "tokens": self.tokens, "epoch": self.schedule.epoch_of(step),
+        window = sum(vals) / len(vals)  # the mean over the logging window, as transformers logs it
+        rec = {"step": step, "loss": window, "lr": lr, "tokens": self.tokens, "epoch": self.schedule.epoch_of(step),
                "grad_norm": gvals[-1], "tokens_per_s": tps, "elapsed_s": elapsed, "peak_memory_gb": mem}
+        u = mfu(self._flop_params, tps, self.cfg.peak_tflops)
+        if u is not None:
+            rec["mfu"] = u
         self.metrics.write(rec)
-        bar.set_postfix(loss=f"{vals[-1]:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
+        bar.set_postfix(loss=f"{window:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
                         mem=f"{mem:.2f}GB" + ("" if self.device.type == "cuda" else " rss"), refresh=False)
         pending.clear()
 
@@ -331,14 +381,21 @@ class Trainer:
         total = torch.zeros((), device=self.device, dtype=torch.float32)
         n = 0
         bs = self.cfg.batch_size
+        # DDP: each rank scores its share, summed after; FSDP: every rank runs every forward (its
+        # collectives need them all), so the sums are taken on one rank's full pass
+        ddp = self.world.mode == "ddp"
+        idx = list(range(len(self.eval_units)))[self.world.rank::self.world.size] if ddp else list(range(len(self.eval_units)))
         try:
-            for i in range(0, len(self.eval_units), bs):
-                b = self._batch(self.eval_units, list(range(i, min(i + bs, len(self.eval_units)))))
+            for i in range(0, len(idx), bs):
+                b = self._batch(self.eval_units, idx[i: i + bs])
                 out = model(**b.to(self.device), return_logits=False, loss_normalizer=1.0)
                 total += out.loss.float()
                 n += b.n_targets
         finally:
             model.train(was_training)
+        if ddp:
+            sums = self.world.all_sum(torch.stack([total, torch.tensor(float(n), device=self.device)]))
+            total, n = sums[0], int(sums[1].item())
         loss = total.item() / max(n, 1)
         log.info("step %d: eval loss %.4f over %d tokens", self.step, loss, n)
         if self.metrics is not None:
@@ -352,20 +409,26 @@ class Trainer:
             "data": {"epoch": self.step // self.schedule.steps_per_epoch,
                      "step_in_epoch": self.step % self.schedule.steps_per_epoch,
                      "units": self.schedule.n_units, "per_step": self.schedule.per_step},
-            "config": self.cfg.to_dict(), "max_length": self.max_length,
+            "config": self.cfg.to_dict(), "max_length": self.max_length, "world_size": self.world.size,
         }
 
     def save_checkpoint(self) -> Path:
-        """output_dir/checkpoint-{step}: weights, optimizer, scheduler, RNG and data position."""
-        path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.lr_scheduler,
-                                    self._state(), total_limit=self.cfg.save_total_limit)
+        """output_dir/checkpoint-{step}: weights, optimizer, scheduler, RNG and data position
+        (written by rank 0; under DDP every rank holds the same weights and optimizer state)."""
+        path = self.output_dir / f"checkpoint-{self.step}"
+        if self.world.main:
+            path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.lr_scheduler,
+                                        self._state(), total_limit=self.cfg.save_total_limit)
+        self.world.barrier()
         self.last_checkpoint = path
         self.checkpoints = [str(p) for _, p in ckpt.list_checkpoints(self.output_dir)]
         log.info("saved %s", path)
         return path
 
     def _maybe_resume(self) -> Path | None:
-        ckpt.clean_partial(self.output_dir)
+        if self.world.main:
+            ckpt.clean_partial(self.output_dir)
+        self.world.barrier()
         if not self.cfg.resume_from:
             return None
         path = ckpt.resolve_resume(self.cfg.resume_from, self.output_dir)
@@ -374,8 +437,11 @@ class Trainer:
             return None
         state = json.loads((path / ckpt.STATE_FILE).read_text())
         c = state.get("config", {})
-        mismatched = [k for k in ("batch_size", "grad_accum", "seed", "packing", "shuffle")
-                      if k in c and c[k] != getattr(self.cfg, k)]
+        # the same global batch per step on another world size continues the same data order
+        keys = ("batch_size", "grad_accum") if state.get("world_size", 1) == self.world.size else ()
+        mismatched = [k for k in (*keys, "seed", "packing", "shuffle") if k in c and c[k] != getattr(self.cfg, k)]
+        if state["data"].get("per_step", self.schedule.per_step) != self.schedule.per_step:
+            mismatched.append("global batch (batch_size x grad_accum x world size)")
         if state.get("max_length") != self.max_length:
             mismatched.append("max_seq_length")
         if state["data"]["units"] != self.schedule.n_units:
@@ -396,22 +462,19 @@ class Trainer:
 
     def save_final(self) -> Path | None:
         """The trained result in output_dir/final: the adapter (LoRA, PEFT format) or, for full
-        fine-tuning, the trainable weights as safetensors with config and tokenizer."""
+        fine-tuning, the trainable weights as safetensors with config and tokenizer. Rank 0
+        writes it (under FSDP from the gathered weights)."""
         out = self.output_dir / "final"
+        with distributed.unsharded(self.model, self.world):
+            if self.world.main:
+                self._write_final(out)
+        self.world.barrier()
+        return out
+
+    def _write_final(self, out: Path) -> None:
         if ckpt.has_lora(self.model):
             self.model.save_adapter(out, overwrite=True, tokenizer=self.tokenizer)
-        elif not all(p.requires_grad for p in self.model.parameters() if p.is_floating_point()):
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt.save_trainable(self.model, out / "trainable.safetensors")  # a partial set: not loadable alone
-        else:
-            out.mkdir(parents=True, exist_ok=True)
-            ckpt.save_trainable(self.model, out / "model.safetensors")
-            src = self.model.load_info.source_path
-            if src is not None and (Path(src) / "config.json").is_file():
-                (out / "config.json").write_text((Path(src) / "config.json").read_text())
-            try:
-                self.tokenizer.save_pretrained(str(out))
-            except Exception as e:  # a tokenizer that cannot save should not lose the weights
-                log.warning("could not save the tokenizer/processor: %s", e)
+        else:  # full fine-tuning (a partly frozen model: its trained parameters only), atomically
+            full = all(p.requires_grad for p in self.model.parameters() if p.is_floating_point())
+            ckpt.save_full(self.model, self.tokenizer, out, trainable_only=not full)
         log.info("saved the result to %s", out)
-        return out

@@ -1,0 +1,147 @@
+"""Data-parallel training on PyTorch's own engine: `torch.distributed` under `torchrun`.
+
+`TrainConfig.distributed`: "auto" (DDP when the process was launched by torchrun, else one
+process), "ddp", "fsdp" (FSDP2's `fully_shard` per decoder layer, then the whole model) or None.
+
+Every rank reads the whole dataset and computes the same step schedule (a pure function of seed
+and step); rank r takes its own slice of every global micro-batch (`Schedule(world=, rank=)`).
+Each rank divides its summed loss by the global target count over the world size, so after
+DDP's (or FSDP's) gradient average the gradient is exactly the one-process gradient of the
+global batch: N ranks x batch b equal 1 rank x N*b. The logged loss is the all-reduced one.
+A rank whose slice of a micro-batch is empty still runs one (weighted zero) so every rank joins
+every gradient reduction: nothing hangs on a ragged last batch or on a batch without images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..errors import TrainConfigError
+
+MODES = ("auto", "ddp", "fsdp", None)
+TIMEOUT = datetime.timedelta(minutes=10)  # a rank that dies ends the job instead of hanging it
+
+
+@dataclass
+class World:
+    """This process's place in the job (mode None: a single process)."""
+
+    mode: str | None = None
+    rank: int = 0
+    size: int = 1
+    owns_group: bool = False  # this Trainer initialised the process group (and destroys it)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that logs, shows the progress bar and writes files."""
+        return self.rank == 0
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.mode is not None:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def barrier(self) -> None:
+        if self.mode is not None:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launched() -> bool:
+    """Whether torchrun (torchelastic) started this process, or a process group already exists."""
+    return dist.is_available() and (dist.is_torchelastic_launched() or dist.is_initialized())
+
+
+def setup(mode: str | None, device: torch.device) -> World:
+    """The World for `mode`, initialising the default process group (NCCL on CUDA, gloo on CPU)."""
+    if mode not in MODES:
+        raise TrainConfigError(f"TrainConfig.distributed={mode!r}: must be one of {MODES}")
+    if mode is None or (mode == "auto" and not launched()):
+        return World()
+    if not launched():
+        raise TrainConfigError(
+            f"TrainConfig.distributed={mode!r} needs a torchrun launch (torchrun --nproc_per_node N script.py); "
+            "use distributed='auto' or None for one process"
+        )
+    owns = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+        owns = True
+    return World("ddp" if mode == "auto" else mode, dist.get_rank(), dist.get_world_size(), owns)
+
+
+def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The units FSDP2 shards one at a time: decoder layers and the vision encoder's layers."""
+    units = list(model.language_model.layers)
+    tower = getattr(getattr(model, "model", None), "vision_tower", None)
+    if tower is not None:
+        units += list(tower.vision_model.encoder.layers)
+    return units
+
+
+def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """The module the loop calls: DDP around the model, or the model itself sharded in place by
+    FSDP2 (fp32 gradient reduction; parameters keep their dtypes: a 16-bit base, fp32 adapters)."""
+    if world.mode is None:
+        return model
+    if world.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        vision = hasattr(model, "image_features")
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+                   # a micro-batch without images leaves the vision tower's adapters without gradients
+                   find_unused_parameters=vision)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if any(t.dtype == torch.uint8 for t in model.buffers()):
+        raise TrainConfigError(
+            "TrainConfig.distributed='fsdp' with a 4-bit base is not supported yet (its packed weights are "
+            "buffers FSDP2 does not shard); use distributed='ddp', or a 16-bit base"
+        )
+    mesh = init_device_mesh(device.type, (world.size,))
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for unit in _decoder_layers(model):
+        fully_shard(unit, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def no_sync(module: nn.Module, world: World, last: bool) -> Any:
+    """A context in which a non-last micro-batch's backward skips the gradient reduction."""
+    if world.mode == "ddp" and not last:
+        return module.no_sync()
+    if world.mode == "fsdp":
+        module.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module, world: World) -> Iterator[None]:
+    """FSDP2: every parameter gathered whole on every rank for the block (a collective: all ranks
+    enter it), so rank 0 can save from the modules as in one process; then sharded again. The
+    whole model is then held once per rank; under DDP or one process this does nothing."""
+    if world.mode != "fsdp":
+        yield
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for u in units:
+        u.unshard()
+    try:
+        yield
+    finally:
+        for u in units:
+            u.reshard()

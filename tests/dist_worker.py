@@ -1,0 +1,59 @@
+"""One training run, as a test's torchrun worker (or a plain process for the reference):
+
+    torchrun --standalone --nproc_per_node 2 dist_worker.py SPEC.json
+
+SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`fail_rank`.
+Rank 0 writes RESULT.json beside the output: losses, tokens, and the final adapter's tensors' norms."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # train_utils; this checkout's minift
+torch.set_num_threads(1)
+
+import minift  # noqa: E402
+from minift.train import TrainConfig, Trainer  # noqa: E402
+from train_utils import text_rows  # noqa: E402
+
+
+class _Stop(Exception):
+    """Raised after the checkpoint of step `stop_after`, as if the job had been stopped there."""
+
+
+def main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    model, tok = minift.load(spec["model"], load_in_4bit=spec.get("quant") == "4bit")
+    minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5)
+    cfg = TrainConfig(output_dir=spec["out"], progress_bar=False, plot=False, gradient_checkpointing=False,
+                      lr=2e-3, warmup_steps=1, seed=11, **spec["config"])
+    trainer = Trainer(model, tok, text_rows(spec.get("rows", 13), seed=3), config=cfg)
+    if spec.get("fail_rank") is not None and trainer.world.rank == spec["fail_rank"]:
+        raise RuntimeError(f"rank {trainer.world.rank} fails on purpose")
+    stop_after = spec.get("stop_after")
+    if stop_after is not None:
+        save = trainer.save_checkpoint
+
+        def save_then_stop():
+            path = save()
+            if trainer.step == stop_after:
+                raise _Stop
+            return path
+
+        trainer.save_checkpoint = save_then_stop
+    try:
+        summary = trainer.train()
+        losses, tokens = summary.losses, summary.tokens
+    except _Stop:
+        losses, tokens = trainer.losses, trainer.tokens
+    if trainer.world.main:
+        Path(spec["out"], "RESULT.json").write_text(json.dumps(
+            {"losses": losses, "tokens": tokens, "world": trainer.world.size}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

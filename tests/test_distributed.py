@@ -1,0 +1,111 @@
+"""Data-parallel training under torchrun on CPU (gloo): N ranks x batch b give the loss sequence
+and final adapter of 1 process x N*b, with DDP and FSDP2; a 4-bit base under DDP; resuming a
+2-rank checkpoint on 1 rank and back; a failing rank ends the job with its error."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_utils import tiny_llama
+
+HERE = Path(__file__).parent
+TIMEOUT = 300
+
+
+def run(tmp: Path, name: str, nproc: int, model: Path, config: dict, **extra) -> subprocess.CompletedProcess:
+    out = tmp / name
+    spec = tmp / f"{name}.json"
+    spec.write_text(json.dumps({"model": str(model), "out": str(out), "config": config, **extra}))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    if nproc == 1 and config.get("distributed") is None:
+        cmd = [sys.executable, str(HERE / "dist_worker.py"), str(spec)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(HERE / "dist_worker.py"), str(spec)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def result(tmp: Path, name: str, proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return json.loads((tmp / name / "RESULT.json").read_text())
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+
+
+def assert_same_run(dir_a: Path, dir_b: Path, ra: dict, rb: dict) -> None:
+    """Same tokens, losses and final adapter (fp32, <= 1e-6 relative)."""
+    assert ra["tokens"] == rb["tokens"]
+    assert len(ra["losses"]) == len(rb["losses"])
+    for x, y in zip(ra["losses"], rb["losses"]):
+        assert abs(x - y) <= 1e-6 * max(1.0, abs(y)), (ra["losses"], rb["losses"])
+    wa, wb = adapter(dir_a), adapter(dir_b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert ((wa[k] - wb[k]).norm() / wb[k].norm().clamp_min(1e-12)).item() <= 1e-6, k
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("dist") / "m")
+
+
+# 13 rows, 2 x 2 x 2 per step: the 4th step is ragged (one rank's slice of a micro-batch is empty)
+BASE = dict(max_steps=4, grad_accum=2)
+
+
+@pytest.fixture(scope="module")
+def reference(model, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    return tmp, result(tmp, "one", run(tmp, "one", 1, model, dict(BASE, batch_size=4, distributed=None)))
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process(model, reference, tmp_path, mode):
+    tmp, ref = reference
+    got = result(tmp_path, mode, run(tmp_path, mode, 2, model, dict(BASE, batch_size=2, distributed=mode)))
+    assert got["world"] == 2
+    assert_same_run(tmp_path / mode, tmp / "one", got, ref)
+
+
+def test_ddp_on_a_4bit_base_trains_and_saves_an_adapter_peft_loads(model, tmp_path):
+    import peft
+    import transformers
+
+    got = result(tmp_path, "q", run(tmp_path, "q", 2, model, dict(BASE, batch_size=2, distributed="ddp"),
+                                    quant="4bit"))
+    assert all(x == x for x in got["losses"])
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft.PeftModel.from_pretrained(base, tmp_path / "q" / "final")
+
+
+def test_resume_across_world_sizes(model, reference, tmp_path):
+    tmp, ref = reference
+    # 2 ranks stop after step 2 (a checkpoint), 1 process continues to step 4: the same losses
+    first = result(tmp_path, "r", run(tmp_path, "r", 2, model, dict(BASE, batch_size=2, distributed="ddp",
+                                                                      save_steps=2), stop_after=2))
+    assert first["losses"] == pytest.approx(ref["losses"][:2], rel=1e-6)
+    again = result(tmp_path, "r", run(tmp_path, "r", 1, model, dict(BASE, batch_size=4, distributed=None,
+                                                                      save_steps=2, resume_from="latest")))
+    assert again["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+    # and back: a 1-process checkpoint (step 2) resumed on 2 ranks
+    one = result(tmp_path, "s", run(tmp_path, "s", 1, model, dict(BASE, batch_size=4, distributed=None,
+                                                                   save_steps=2), stop_after=2))
+    assert one["losses"] == pytest.approx(ref["losses"][:2], rel=1e-6)
+    two = result(tmp_path, "s", run(tmp_path, "s", 2, model, dict(BASE, batch_size=2, distributed="ddp",
+                                                                   save_steps=2, resume_from="latest")))
+    assert two["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(model, tmp_path):
+    proc = run(tmp_path, "f", 2, model, dict(BASE, batch_size=2, distributed="ddp"), fail_rank=1)
+    assert proc.returncode != 0
+    assert "rank 1 fails on purpose" in proc.stdout + proc.stderr
