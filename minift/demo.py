@@ -3,18 +3,83 @@
 It builds a tiny Llama-style model locally (random weights; a BPE tokenizer trained on the bundled
 data, with a ChatML template), asks it a few questions, fine-tunes LoRA adapters on
 `minift/data/sample.jsonl` (questions and answers about the made-up creatures of Zorbia) with
-minift's Trainer, and asks again. Nothing is downloaded; a few CPU minutes at most.
+minift's Trainer, and asks again. Beside the trained questions it asks held-out paraphrases (the
+same facts, worded as no training row words them) and reports the loss on all 150 paraphrases
+(held-out eval loss) before and during training. The loss curve is drawn in the terminal, and as
+loss.png when matplotlib is installed. Nothing is downloaded; a few CPU minutes at most.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import re
 import time
 from pathlib import Path
 
 import torch
 
 QUESTIONS = ["What color is the glimmerfox?", "Where does the frostnewt live?", "What does the honeybear eat?"]
+# The training questions' five forms, and the held-out wording of each (no training row uses it).
+PARAPHRASES = [
+    (r"What color is the (.+)\?", "Which colour is the {}?"),
+    (r"Where does the (.+) live\?", "Where can the {} be found?"),
+    (r"What does the (.+) eat\?", "What food does the {} eat?"),
+    (r"What sound does the (.+) make\?", "What noise does the {} make?"),
+    (r"Tell me about the (.+)\.", "Describe the {}."),
+]
+
+
+def paraphrase(question: str) -> str:
+    for pattern, form in PARAPHRASES:
+        m = re.fullmatch(pattern, question)
+        if m:
+            return form.format(m.group(1))
+    raise ValueError(f"no paraphrase rule for {question!r}")
+
+
+def held_out(rows: list[dict]) -> list[dict]:
+    """Every sample conversation with its question paraphrased and its answer kept."""
+    seen = {r["messages"][0]["content"] for r in rows}
+    out = []
+    for r in rows:
+        q = paraphrase(r["messages"][0]["content"])
+        assert q not in seen, q
+        out.append({"messages": [{"role": "user", "content": q}, r["messages"][1]]})
+    return out
+
+
+HELD_OUT_QUESTIONS = [paraphrase(q) for q in QUESTIONS]
+
+
+def text_plot(train: list[tuple[int, float]], evals: list[tuple[int, float]], width: int = 60, height: int = 12) -> str:
+    """The loss curve as text: '*' train (mean per column), 'o' held-out eval."""
+    pts = train + evals
+    if not pts:
+        return ""
+    lo, hi = min(v for _, v in pts), max(v for _, v in pts)
+    hi = hi if hi > lo else lo + 1.0
+    last = max(s for s, _ in pts)
+    grid = [[" "] * width for _ in range(height)]
+
+    def cell(step: int, v: float) -> tuple[int, int]:
+        col = min(width - 1, int((step - 1) / max(last, 1) * width))
+        row = min(height - 1, int((hi - v) / (hi - lo) * (height - 1) + 0.5))
+        return row, col
+
+    cols: dict[int, list[float]] = {}
+    for s, v in train:
+        cols.setdefault(cell(s, v)[1], []).append(v)
+    for c, vs in cols.items():
+        grid[cell(1 + int(c / width * last), sum(vs) / len(vs))[0]][c] = "*"
+    for s, v in evals:
+        r, c = cell(s, v)
+        grid[r][c] = "o"
+    lines = [f"{hi - (hi - lo) * i / (height - 1):7.3f} |" + "".join(row) for i, row in enumerate(grid)]
+    lines.append(" " * 8 + "+" + "-" * width)
+    lines.append(" " * 9 + f"step 1{' ' * (width - 12 - len(str(last)))}step {last}")
+    return "\n".join(lines)
 
 
 def build_base(path: Path, rows: list[dict], seed: int = 0) -> Path:
@@ -39,8 +104,9 @@ def ask(model, tok, title: str) -> None:
     from .infer import chat
 
     print(f"\n{title}")
-    for q in QUESTIONS:
-        print(f"  Q: {q}\n  A: {chat(model, tok, [{'role': 'user', 'content': q}], max_new_tokens=24)!r}")
+    for label, questions in (("trained", QUESTIONS), ("held-out paraphrase", HELD_OUT_QUESTIONS)):
+        for q in questions:
+            print(f"  Q ({label}): {q}\n  A: {chat(model, tok, [{'role': 'user', 'content': q}], max_new_tokens=24)!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,16 +134,31 @@ def main(argv: list[str] | None = None) -> int:
     minift.add_lora(model, r=16, alpha=32, seed=0)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"\nLoRA adapters: {n_train / 1e6:.2f}M trainable parameters; training on {len(rows)} conversations")
+    heldout = held_out(rows)
+    steps = math.ceil(len(rows) / 8) * args.epochs
     cfg = TrainConfig(
         output_dir=str(out), epochs=args.epochs, batch_size=8, grad_accum=1, lr=3e-3, warmup_steps=10,
         scheduler="cosine", weight_decay=0.0, train_on_responses_only=True, gradient_checkpointing=False,
-        logging_steps=10, max_seq_length=64, seed=3407,
+        logging_steps=10, logging_first_step=True, eval_steps=max(1, math.ceil(steps / 5)), max_seq_length=64,
+        seed=3407,
     )
-    summary = Trainer(model, tok, rows, config=cfg).train()
+    trainer = Trainer(model, tok, rows, eval_dataset=heldout, config=cfg)
+    before = trainer.evaluate()
+    print(f"held-out eval loss before fine-tuning: {before:.3f} ({len(heldout)} paraphrased questions)")
+    summary = trainer.train()
     ask(model, tok, "After fine-tuning:")
-    print(f"\nloss {summary.losses[0]:.3f} -> {summary.losses[-1]:.3f} over {summary.steps} steps, "
-          f"{summary.tokens_per_s:.0f} tokens/s; adapter saved to {summary.final_path}; "
-          f"metrics in {out / 'metrics.jsonl'}; total {time.perf_counter() - t0:.0f}s")
+    recs = trainer.metrics.records
+    train_pts = [(r["step"], r["loss"]) for r in recs if not r.get("eval") and r.get("loss") is not None]
+    eval_pts = [(r["step"], r["eval_loss"]) for r in recs if r.get("eval")]
+    print("\nloss ('*' train, 'o' held-out eval):\n" + text_plot(train_pts, eval_pts))
+    png = out / "loss.png"
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed, so there is no loss.png: pip install matplotlib (or minift[plot])")
+    elif png.is_file():
+        print(f"loss plot: {png}")
+    print(f"\nloss {summary.losses[0]:.3f} -> {summary.losses[-1]:.3f} over {summary.steps} steps; held-out eval "
+          f"loss {before:.3f} -> {summary.eval_loss:.3f}; {summary.tokens_per_s:.0f} tokens/s; adapter saved to "
+          f"{summary.final_path}; metrics in {out / 'metrics.jsonl'}; total {time.perf_counter() - t0:.0f}s")
     return 0
 
 

@@ -28,7 +28,7 @@ ALLOWED: dict[str, set[str]] = {
     "models": BASE | {"io", "ops", "templates", "arch", "quant", "lora", "export", "infer"},
     "train": BASE | {"io", "ops", "templates", "arch", "quant", "lora", "export", "infer", "data"},
 }
-TOP = {"__init__", "demo", "cli"}  # the public surface: may import any stage
+TOP = {"__init__", "__main__", "demo", "cli"}  # the public surface (and `python -m minift`): may import any stage
 
 
 def module_name(path: Path) -> str:
