@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-IMPLS = ("minift", "hf", "hf-static")
+IMPLS = ("minift", "hf", "hf-static", "unsloth")
 
 
 def _timed(fn) -> float:
@@ -60,6 +60,19 @@ def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int,
 
         def gen(n):
             return model.generate(ids, max_new_tokens=n, eos_token_id=[])
+    elif impl == "unsloth":  # FastLanguageModel.for_inference: unsloth's fast generation path
+        from unsloth import FastLanguageModel
+
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=prompt + new, dtype=torch.bfloat16,
+                                                     load_in_4bit=quant == "4bit")
+        FastLanguageModel.for_inference(model)
+        vocab = model.config.vocab_size
+        ids = torch.randint(10, vocab - 10, (batch, prompt), generator=g).cuda()
+
+        def gen(n):
+            with torch.no_grad():
+                return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
     else:
         import transformers
 
@@ -144,11 +157,11 @@ def main() -> None:
                         res["roofline_tok_s"] = round(res["batch"] * a.bandwidth / (res["weight_bytes"] + res["kv_bytes_avg"]), 1)
                     rows.append(res)
                     print(json.dumps(res), flush=True)
-    print("\n| shape | quant | batch | impl | decode tok/s | vs hf | vs hf-static | % of HBM roofline | first call s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | quant | batch | impl | decode tok/s | vs hf | vs hf-static | vs unsloth | % of HBM roofline | first call s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "decode_tok_s" not in r:
-            print(f"| {r['shape']} | {r['quant']} | {r['batch']} | {r['impl']} | error | | | | |")
+            print(f"| {r['shape']} | {r['quant']} | {r['batch']} | {r['impl']} | error | | | | | |")
             continue
         peers = {p["impl"]: p.get("decode_tok_s") for p in rows
                  if p.get("shape") == r["shape"] and p["quant"] == r["quant"] and p["batch"] == r["batch"]}
@@ -157,7 +170,7 @@ def main() -> None:
             return f"{r['decode_tok_s'] / peers[k]:.2f}x" if peers.get(k) else ""
 
         print(f"| {r['shape']} | {r['quant']} | {r['batch']} | {r['impl']} | {r['decode_tok_s']:,.0f} | {ratio('hf')} | "
-              f"{ratio('hf-static')} | {100 * r['decode_tok_s'] / r['roofline_tok_s']:.0f}% | {r['first_call_s']} |")
+              f"{ratio('hf-static')} | {ratio('unsloth')} | {100 * r['decode_tok_s'] / r['roofline_tok_s']:.0f}% | {r['first_call_s']} |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session: install carried wheels (.whl), then run the stages named as arguments,
-# each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, peers.
+# each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, gen, peers.
 #   bash bench/gpu_session.sh env gputests ops
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -20,6 +20,7 @@ for stage in "$@"; do
     ops) timeout ${OPS_TIMEOUT:-300} python3 bench/ops.py ${OPS_ARGS:-} 2>"$OUT/ops.err" | tee "$OUT/ops.jsonl" | cut -c1-400 ;;
     load) for sh in ${LOAD_SHAPES:-gemma-3-4b-vision}; do timeout 300 python3 bench/load.py --shape $sh --quant none,4bit 2>>"$OUT/load.err" | tee -a "$OUT/load.jsonl" | cut -c1-300; done ;;
     train) timeout ${TRAIN_TIMEOUT:-400} python3 bench/train.py ${TRAIN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/train.err" | tee "$OUT/train.jsonl" | cut -c1-600 ;;
+    gen) timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py ${GEN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/gen.err" | tee -a "$OUT/gen.jsonl" | cut -c1-700 ;;
     peers) timeout ${PEERS_TIMEOUT:-500} python3 .peer/peer_bench.py --out "$OUT" ${PEER_ARGS:---shapes llama-3.2-1b --impls hf,unsloth} 2>&1 | tail -12 ;;
   esac
 done

@@ -406,6 +406,108 @@ def _nf4_sweep(nm, bw: float, nominal: float | None) -> None:
         torch.cuda.empty_cache()
 
 
+# ---- gemv: decoding's 16-bit matmul -------------------------------------------------------------
+
+
+def _dense_weights(n: int, k: int, min_bytes: float = 256e6) -> list[torch.Tensor]:
+    """Distinct bf16 (n, k) weights totalling >= 256 MB, so cycling through them is timed from HBM."""
+    copies = max(1, min(1024, int(-(-min_bytes // (n * k * 2)))))
+    g = torch.Generator("cuda").manual_seed(n * 7 + k)
+    base = torch.randn(n, k, device="cuda", dtype=DT, generator=g) * 0.02
+    return [base] + [base.clone() for _ in range(copies - 1)]
+
+
+def _graph_us(fn, ws) -> float:
+    import triton.testing
+
+    def all_():
+        for w in ws:
+            fn(w)
+
+    return triton.testing.do_bench_cudagraph(all_, rep=40, return_mode="median") * 1e3 / len(ws)
+
+
+def _gemv_shapes() -> list[tuple[str, int, int]]:
+    from common import SHAPES
+
+    out = []
+    for model in ("llama-3.2-1b", "gemma-3-4b", "llama-3.1-8b"):
+        p = _nf4_projections(model)
+        c = SHAPES[model]
+        q, kv, h, i = p["q_proj"][0], p["k_proj"][0], c["hidden_size"], c["intermediate_size"]
+        out += [(f"{model}:{name}", n, k) for name, (n, k) in p.items() if name not in ("v_proj", "up_proj")]
+        out += [(f"{model}:qkv_concat", q + 2 * kv, h), (f"{model}:gate_up_concat", 2 * i, h),
+                (f"{model}:lm_head", c["vocab_size"], h)]
+    return out
+
+
+def gemv_bench(bw: float, sweep: bool = False) -> None:
+    """ops.gemv vs F.linear (cuBLAS) on every projection of Llama-3.2-1B, Gemma-3-4B and Llama-3.1-8B
+    (and q/k/v, gate/up concatenated, and the LM head) at M = 1, 2, 4, 8, 16 bf16 rows: CUDA-graph
+    time per call with the weights cycled out of L2, `hbm_frac` = weight bytes / time / nominal HBM.
+    `sweep`: every candidate tile config on the key shapes (the data for gemv._config's rules)."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    import minift.ops as mo
+
+    gm = importlib.import_module("minift.ops.gemv")
+    name = torch.cuda.get_device_name()
+    nominal = next((v for k, v in HBM_TB_S.items() if k in name), 4.8)
+    frac = lambda nbytes, us: round(nbytes / (us * 1e-6) / (nominal * 1e12), 3)  # noqa: E731
+    if sweep:
+        shapes = [("q", 2048, 2048), ("gate", 8192, 2048), ("down", 2048, 8192), ("kv", 512, 2048)]
+        cands = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw) for bn in (1, 2, 4, 8, 16)
+                 for bk in (512, 1024, 2048) for nw in (4, 8) if 1024 <= bn * bk <= 16384]
+        for label, n, k in shapes:
+            ws = _dense_weights(n, k)
+            for m in (1, 8):
+                x = torch.randn(m, k, device="cuda", dtype=DT)
+                best = None
+                for cand in cands:
+                    if m * cand["BLOCK_N"] * cand["BLOCK_K"] > 65536:
+                        continue
+                    gm.CONFIG_OVERRIDE = cand
+                    try:
+                        with torch.no_grad():
+                            us = _graph_us(lambda w: mo.gemv(x, w), ws)
+                    except Exception as e:
+                        print(json.dumps(dict(kind="gemv_sweep", N=n, K=k, M=m, config=cand,
+                                              error=f"{type(e).__name__}: {str(e)[:120]}")), flush=True)
+                        continue
+                    finally:
+                        gm.CONFIG_OVERRIDE = None
+                    row = dict(kind="gemv_sweep", shape=label, N=n, K=k, M=m, config=cand, graph_us=round(us, 2),
+                               hbm_frac=frac(n * k * 2, us))
+                    print(json.dumps(row), flush=True)
+                    if best is None or us < best["graph_us"]:
+                        best = row
+                with torch.no_grad():
+                    cub = _graph_us(lambda w: F.linear(x, w), ws)
+                print(json.dumps(dict(kind="gemv_sweep_best", shape=label, N=n, K=k, M=m, best=best,
+                                      rules=gm._config(m, n, k), cublas_us=round(cub, 2),
+                                      cublas_hbm_frac=frac(n * k * 2, cub))), flush=True)
+            del ws
+            torch.cuda.empty_cache()
+        return
+    for label, n, k in _gemv_shapes():
+        ws = _dense_weights(n, k)
+        for m in (1, 2, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda", dtype=DT)
+            with torch.no_grad():
+                err = ((mo.gemv(x, ws[0]).float() - F.linear(x, ws[0]).float()).norm()
+                       / F.linear(x, ws[0]).float().norm()).item()
+                ours = _graph_us(lambda w: mo.gemv(x, w), ws)
+                cub = _graph_us(lambda w: F.linear(x, w), ws)
+            print(json.dumps(dict(kind="gemv", shape=label, N=n, K=k, M=m, config=gm._config(m, n, k),
+                                  gemv_us=round(ours, 2), cublas_us=round(cub, 2), speedup=round(cub / ours, 2),
+                                  gemv_hbm_frac=frac(n * k * 2, ours), cublas_hbm_frac=frac(n * k * 2, cub),
+                                  rel_err_vs_cublas=float(f"{err:.2e}"))), flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ops", default=None, help="comma list of op names (default: all)")
@@ -413,6 +515,8 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true", help="only the norm and activation backward ops")
     ap.add_argument("--nf4-matmul", action="store_true", help="only nf4_matmul vs dequantize_nf4 + F.linear")
     ap.add_argument("--nf4-sweep", action="store_true", help="nf4_matmul's candidate tile configs")
+    ap.add_argument("--gemv", action="store_true", help="only gemv vs F.linear (cuBLAS) at decoding's row counts")
+    ap.add_argument("--gemv-sweep", action="store_true", help="gemv's candidate tile configs")
     a = ap.parse_args()
     from common import environment
 
@@ -424,6 +528,8 @@ def main() -> None:
         return glu_backward(bw)
     if a.nf4_matmul or a.nf4_sweep:
         return nf4_matmul_bench(bw, sweep=a.nf4_sweep)
+    if a.gemv or a.gemv_sweep:
+        return gemv_bench(bw, sweep=a.gemv_sweep)
     wanted = set(a.ops.split(",")) if a.ops else None
     for op, shape, impls, byt in cases(a.quick):
         if wanted and op not in wanted:

@@ -42,16 +42,24 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, self.offset)
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose forward is `ops.linear`: F.linear, except
+    for decoding's few rows, where a GEMV kernel reads the weight at the HBM rate."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         self.layer_type = cfg.layer_types[layer_idx]
         h, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_proj = Linear(cfg.hidden_size, h * d, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, hk * d, bias=cfg.attention_bias)
+        self.o_proj = Linear(h * d, cfg.hidden_size, bias=cfg.attention_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
@@ -77,9 +85,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.act = cfg.hidden_act
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
@@ -233,7 +241,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = TextModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.load_info = LoadInfo()  # filled by minift.load
 
     def tie_weights(self) -> None:

@@ -47,7 +47,7 @@ def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return FrozenNF4Linear.apply(x, base, None)
         return base.frozen_matmul(x)  # decoding: the NF4 matmul kernel for a few rows
-    return F.linear(x, base.weight.to(x.dtype))
+    return ops.linear(x, base.weight.to(x.dtype))
 
 
 class LoraLinear(nn.Module):

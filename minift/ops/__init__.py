@@ -1,8 +1,8 @@
 """minift's fused ops: each a Triton kernel with custom autograd, registered with torch.library,
 and a plain-PyTorch reference (`minift.ops.reference`) that defines what it computes.
 
-One module per op family (rms_norm, layer_norm, rope, activations, cross_entropy, nf4, nf4_matmul,
-lora);
+One module per op family (rms_norm, layer_norm, rope, activations, cross_entropy, gemv, nf4,
+nf4_matmul, lora);
 `_backend` holds the dispatch options and `Op`, the pattern every op is registered through.
 """
 
@@ -10,6 +10,7 @@ from ._backend import (backend, compiled_elementwise, get_backend, get_compiled_
                        set_compiled_elementwise)
 from .activations import geglu, swiglu
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .gemv import gemv, linear
 from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
 from .nf4 import NF4Weight, dequantize_nf4
@@ -34,6 +35,8 @@ __all__ = [
     "linear_cross_entropy",
     "NF4Weight",
     "dequantize_nf4",
+    "gemv",
+    "linear",
     "nf4_matmul",
     "prepare_nf4_matmul",
     "lora_linear",

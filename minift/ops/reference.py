@@ -133,6 +133,11 @@ def dequantize_nf4(w) -> torch.Tensor:
     return (w.code[q] * scale).reshape(w.shape).to(w.dtype)
 
 
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) in x's dtype (W and bias cast to it): what `gemv` computes."""
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
 def nf4_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for an NF4Weight W: dequantised (bit-exact, in w.dtype), cast to x's dtype,
     then F.linear (bias cast to x's dtype)."""
