@@ -84,7 +84,8 @@ def test_adapter_staged_complete_loads_in_peft_and_uploads(tuned, ckpt, tmp_path
     assert [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[0][2] == {"private": True, "exist_ok": True, "repo_type": "model"}
     up = api.calls[1][2]
-    assert up["folder_path"] == str(stage) and up["repo_type"] == "model" and ".minift-files.json" in up["ignore_patterns"]
+    assert up["folder_path"] == str(stage) and up["repo_type"] == "model"
+    assert ".minift-files.json" in up["ignore_patterns"]
     assert {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= set(up["files"])
     assert stage.is_dir()  # a staging_dir named by the caller is kept
 
@@ -292,3 +293,19 @@ def test_push_folder_checks_its_folder(tmp_path):
 def test_default_staging_dir_is_documented_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert hub.default_staging_dir("org/name", "merged") == tmp_path / "minift-hub" / "org--name-merged"
+
+
+def test_readme_documents_the_signatures():
+    import inspect
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    sig = inspect.signature(minift.models.classes.ModelAPI.push_to_hub)
+    params = ", ".join(("*, " if p.kind is p.KEYWORD_ONLY and i == 2 else "") + (
+        p.name if p.default is p.empty else f"{p.name}={p.default!r}".replace("'", '"'))
+        for i, p in enumerate(list(sig.parameters.values())[1:], 1))
+    assert f"`model.push_to_hub({params})`" in readme, params
+    fn = inspect.signature(minift.push_to_hub)
+    assert list(fn.parameters)[1:] == list(sig.parameters)[1:]  # the function and the method take the same
+    assert "minift.push_folder(folder, repo_id, *, token=None, private=True, commit_message=None, api=None)" in readme
+    assert list(inspect.signature(minift.push_folder).parameters) == ["folder", "repo_id", "token", "private",
+                                                                       "commit_message", "api"]

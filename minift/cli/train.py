@@ -615,8 +615,6 @@ def run(argv: list[str]) -> int:
     if d["optim_note"]:
         note(f"--optim {v['optim']}: {d['optim_note']}")
 
-    import torch
-
     import minift
 
     name = str(v["model_name"])
@@ -649,6 +647,21 @@ def run(argv: list[str]) -> int:
     if summary.eval_loss is not None:
         msg += f", eval loss {summary.eval_loss:.4f}"
     note(msg + f"; adapter: {summary.final_path}")
+
+    from ..train import distributed
+
+    with distributed.unsharded(model, trainer.world):  # FSDP: the whole weights, for rank 0 to write
+        if not trainer.world.main:
+            return 0  # under torchrun rank 0 alone saves and pushes
+        return _save_and_push(model, tok, summary, v, d)
+
+
+def _save_and_push(model: Any, tok: Any, summary: Any, v: dict[str, Any], d: dict[str, Any]) -> int:
+    """--save_model's save, and the --push_model / --push_gguf uploads (the pushed folders are
+    written by push_to_hub, which saves them with the same functions, plus a model card)."""
+    import torch
+
+    import minift
 
     push = dict(token=d["hub_token"], tokenizer=tok, summary=summary, overwrite=bool(v["overwrite"]))
     if d["gguf_dir"] is not None:  # --push_gguf of a run that saves no GGUF (pushed first: the main card wins)

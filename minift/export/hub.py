@@ -76,8 +76,8 @@ def _quant_names(quant: Any) -> list[str]:
     names = [quant] if isinstance(quant, str) else list(quant) if isinstance(quant, (list, tuple)) else None
     aliases = ", ".join(f"{k}={v}" for k, v in QUANT_ALIASES.items())
     if not names or not all(isinstance(n, str) for n in names):
-        raise InputError(f"push_to_hub: quant: expected a GGUF quant name or a list of them ({', '.join(SUPPORTED_QUANTS)}"
-                         f"; aliases {aliases}), got {quant!r}")
+        raise InputError(f"push_to_hub: quant: expected a GGUF quant name or a list of them "
+                         f"({', '.join(SUPPORTED_QUANTS)}; aliases {aliases}), got {quant!r}")
     bad = [n for n in names if n.strip().lower() not in SUPPORTED_QUANTS]
     if bad:
         raise InputError(f"push_to_hub: quant: {', '.join(map(repr, bad))} not supported; supported: "
@@ -169,7 +169,8 @@ def _usage(what: str, repo_id: str, files: list[str]) -> list[str]:
         return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")', "```"]
-    labels = [f[: -len(".gguf")].rsplit(".", 1)[-1] for f in files if f.endswith(".gguf") and not f.startswith("mmproj-")]
+    labels = [f[: -len(".gguf")].rsplit(".", 1)[-1] for f in files
+              if f.endswith(".gguf") and not f.startswith("mmproj-")]
     label = labels[0] if labels else "Q8_0"
     return ["```bash", f"llama-cli -hf {repo_id}:{label}", f"ollama run hf.co/{repo_id}:{label}", "```"]
 
@@ -182,7 +183,7 @@ def model_card(model: nn.Module, repo_id: str, what: str, folder: Path, summary:
     base = base_model_name(model)
     hub_base = base if base is not None and is_hub_id(base) else None
     s = settings_of(model)
-    tags = ["minift"] + ([("dora" if s.dora else "lora")] if s is not None else []) + (["gguf"] if what == "gguf" else [])
+    tags = ["minift"] + (["dora" if s.dora else "lora"] if s is not None else []) + (["gguf"] if what == "gguf" else [])
     meta = ModelCardData(base_model=hub_base, library_name={"adapter": "peft", "merged": "transformers"}.get(what),
                          tags=tags)
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, CARD))
@@ -329,7 +330,8 @@ def push_to_hub(
     if what not in WHATS:
         raise InputError(f"{who}: what: expected one of {', '.join(map(repr, WHATS))}, got {what!r}")
     if quant is not None and what != "gguf":
-        raise InputError(f"{who}: quant: only applies to what='gguf' (got what={what!r}); use dtype= for a merged model")
+        raise InputError(f"{who}: quant: only applies to what='gguf' (got what={what!r}); use dtype= for a merged "
+                         "model")
     if dtype is not None and what != "merged":
         raise InputError(f"{who}: dtype: only applies to what='merged' (got what={what!r})")
     if modelfile is not False and what != "gguf":
