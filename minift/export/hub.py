@@ -136,8 +136,8 @@ def _number(x: Any) -> str | None:
 def _training_lines(summary: dict[str, Any] | None) -> list[str]:
     if summary is None:
         return ["Not recorded here (pass `summary=`, what `Trainer.train()` returns, to `push_to_hub`)."]
-    losses = summary.get("losses") or []
-    final = summary.get("final_loss", losses[-1] if losses else None)
+    losses = summary.get("losses")
+    final = summary.get("final_loss", losses[-1] if isinstance(losses, (list, tuple)) and losses else None)
     rows = [("optimizer steps", summary.get("steps")), ("tokens trained on", summary.get("tokens")),
             ("final training loss", final), ("eval loss", summary.get("eval_loss")),
             ("training time (s)", summary.get("time_s"))]
