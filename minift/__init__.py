@@ -7,7 +7,7 @@ The pipeline, one package a stage (imports only go down this list):
   arch    the one config-driven decoder, attention, RoPE, the Gemma 3 vision tower
   quant   bitsandbytes NF4: Linear4bit and the quantising loader
   lora    LoRA / DoRA layers, target selection, PEFT's adapter format
-  export  merged checkpoints
+  export  merged checkpoints, GGUF, Ollama Modelfiles, hub uploads
   infer   generation (KV cache, sampling, chat)
   models  `load` and the model classes it returns (arch + the user-facing methods)
   train   the training loop
@@ -15,7 +15,7 @@ The pipeline, one package a stage (imports only go down this list):
 
 from . import errors, ops
 from .errors import MiniftError
-from .export import ollama_modelfile, save_gguf, save_merged
+from .export import ollama_modelfile, push_folder, push_to_hub, save_gguf, save_merged
 from .infer import chat, generate
 from .lora import add_lora, load_adapter, save_adapter
 from .models import load
@@ -25,7 +25,8 @@ from . import train
 __version__ = "0.1.0"
 
 __all__ = [
-    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "save_gguf", "ollama_modelfile", "generate", "chat", "get_chat_template",
+    "load", "add_lora", "load_adapter", "save_adapter", "save_merged", "save_gguf", "ollama_modelfile", "push_to_hub",
+    "push_folder", "generate", "chat", "get_chat_template",
     "chat_templates", "ops", "errors", "train", "MiniftError",
     "__version__",
 ]

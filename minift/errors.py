@@ -24,7 +24,9 @@ class ShapeMismatchError(CheckpointError):
 
 
 class HubError(MiniftError, OSError):
-    """A hub id could not be resolved (not cached while offline, no access, no such repo)."""
+    """A hub id could not be resolved (not cached while offline, no access, no such repo), or an
+    upload could not happen (no token, HF_HUB_OFFLINE=1, the hub refused it): the message names
+    the staged folder, which is kept for a retry."""
 
 
 class QuantizationError(MiniftError, ValueError):

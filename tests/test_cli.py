@@ -156,9 +156,8 @@ BASE_ARGS = ["--dataset", "chat.jsonl", "--output_dir", "OUT", "--max_steps", "1
 @pytest.mark.parametrize("extra, flag", [
     (["--bias", "all"], "--bias"),
     (["--loftq_config", "loftq.json"], "--loftq_config"),
-    (["--push_model"], "--push_model"),
-    (["--hub_token", "hf_x"], "--hub_token"),
-    (["--push_gguf", "--save_gguf"], "--push_gguf"),
+    (["--push_model"], "--hub_path"),
+    (["--push_gguf", "--save_gguf", "--hub_path", "a/b/c"], "--hub_path"),
     (["--optim", "adafactor"], "--optim"),
     (["--lr_scheduler_type", "polynomial"], "--lr_scheduler_type"),
     (["--report_to", "mlflow"], "--report_to"),
@@ -188,6 +187,105 @@ def test_bad_flags_exit_2_name_the_flag_and_write_nothing(work, tmp_path, monkey
     msg = [line for line in err.splitlines() if line.startswith("minift train: error:")]
     assert msg and flag in msg[0], err  # the error line itself names the flag (the usage line names them all)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+class FakeHfApi:
+    """Stands in for huggingface_hub.HfApi: records its token and calls (and the uploaded files)."""
+
+    made: list["FakeHfApi"] = []
+
+    def __init__(self, token=None):
+        self.token, self.calls = token, []
+        FakeHfApi.made.append(self)
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kw):
+        folder = Path(kw["folder_path"])
+        self.calls.append(("upload_folder", kw["repo_id"], folder, sorted(p.name for p in folder.iterdir())))
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub online with no saved token, HfApi replaced by FakeHfApi: nothing reaches the network."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHfApi)
+    FakeHfApi.made = []
+    return FakeHfApi
+
+
+@pytest.mark.parametrize("extra, flag, offline", [
+    (["--push_model", "--hub_path", "me/x"], "--hub_token", False),  # no --hub_token and no saved token
+    (["--push_gguf", "--hub_path", "me/x", "--hub_token", "hf_x"], "--push_gguf", True),  # HF_HUB_OFFLINE=1
+    (["--push_model", "--save_model", "false", "--hub_path", "me/x", "--hub_token", "hf_x"], "--push_model", False),
+    (["--push_model", "--hub_path", "me/x", "--hub_token", "hf_x", "--save_path", "taken"], "--save_path", False),
+    (["--push_model", "--hub_path", "me/x", "--hub_token", "hf_x", "--save_path", "taken", "--overwrite"],
+     "--save_path", False),  # --overwrite replaces only what minift wrote
+    (["--push_gguf", "--hub_path", "me/x", "--hub_token", "hf_x", "--output_dir", "run"], "--push_gguf", False),
+])
+def test_push_flags_checked_before_anything_loads(work, tmp_path, monkeypatch, capsys, fake_hub, extra, flag,
+                                                  offline):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+    (tmp_path / "chat.jsonl").write_text((work / "chat.jsonl").read_text())
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    (tmp_path / "run" / "gguf").mkdir(parents=True)
+    (tmp_path / "run" / "gguf" / "old.gguf").write_text("x")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model_name", str(work / "base"), "--dataset", "chat.jsonl", "--output_dir", "OUT",
+            "--max_steps", "1", "--save_path", "SAVE"]
+    rc = main(args + extra)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    msg = [line for line in err.splitlines() if line.startswith("minift train: error:")]
+    assert msg and flag in msg[0], err
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert not fake_hub.made
+
+
+def test_train_push_model_and_push_gguf(work, tmp_path, monkeypatch, capsys, fake_hub):
+    """--push_model with --save_method lora uploads --save_path (the adapter + README.md); --push_gguf
+    uploads the GGUF staged in OUTPUT_DIR/gguf, first; both with --hub_token."""
+    pytest.importorskip("gguf")
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "--model_name", str(work / "base"), "--dataset", str(work / "chat.jsonl"), "--max_seq_length",
+               "64", "--r", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
+               "--gradient_accumulation_steps", "1", "--optim", "adamw", "--use_gradient_checkpointing", "false",
+               "--output_dir", "OUT", "--save_method", "lora", "--save_path", "SAVE", "--push_model", "--push_gguf",
+               "--quantization", "q8_0", "--hub_path", "me/tiny", "--hub_token", "hf_cli"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert [a.token for a in fake_hub.made] == ["hf_cli", "hf_cli"]
+    ups = [c for a in fake_hub.made for c in a.calls if c[0] == "upload_folder"]
+    assert [(c[1], c[2]) for c in ups] == [("me/tiny", tmp_path / "OUT" / "gguf"), ("me/tiny", tmp_path / "SAVE")]
+    assert ups[0][3] == [".minift-files.json", "README.md", "tiny.Q8_0.gguf"]
+    assert {"README.md", "adapter_config.json", "adapter_model.safetensors"} <= set(ups[1][3])
+    card = (tmp_path / "SAVE" / "README.md").read_text()
+    assert "library_name: peft" in card and "optimizer steps: 2" in card and "final training loss:" in card
+    assert "pushed it to https://huggingface.co/me/tiny" in err
+
+
+def test_export_push_to(trained, tmp_path, capsys, fake_hub):
+    out = tmp_path / "m"
+    assert main(["export", str(trained / "OUT" / "final"), "--to", "merged_16bit", "-o", str(out),
+                 "--push_to", "me/merged", "--hub_token", "hf_e"]) == 0
+    assert capsys.readouterr().out.split() == [str(out), "https://huggingface.co/me/merged"]
+    (api,) = fake_hub.made
+    assert api.token == "hf_e" and [c[0] for c in api.calls] == ["create_repo", "upload_folder"]
+    assert {"README.md", "config.json", "model.safetensors"} <= set(api.calls[1][3])
+    assert "r = 4" in (out / "README.md").read_text()  # the adapter's settings, merged
+    assert main(["export", str(trained / "OUT" / "final"), "--to", "gguf", "--push_to", "not a repo"]) == 2
+    assert main(["export", str(trained / "OUT" / "final"), "--to", "gguf", "--hub_token", "x"]) == 2
+    assert len(fake_hub.made) == 1
 
 
 def test_raw_text_windows_cover_every_token_once(work, tmp_path):

@@ -1,6 +1,7 @@
 """`minift export DIR --to merged_16bit | merged_4bit | gguf`: an adapter directory (its base from
 adapter_config.json) or a model directory, written as a merged transformers checkpoint or as
-llama.cpp GGUF file(s), optionally with an Ollama Modelfile."""
+llama.cpp GGUF file(s), optionally with an Ollama Modelfile; `--push_to REPO` also uploads the
+output folder (with a model card) to the Hugging Face Hub."""
 
 from __future__ import annotations
 
@@ -30,11 +31,18 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--load_in_4bit", action="store_true",
                    help="load the base in NF4 (merging then dequantises it exactly; default: 16-bit)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output")
+    p.add_argument("--push_to", metavar="REPO",
+                   help="also upload the output folder, with a model card, to this hub repository 'org/name' "
+                        "(a new one is created private)")
+    p.add_argument("--hub_token", metavar="TOKEN",
+                   help="the Hugging Face token for --push_to (default: huggingface_hub's, from `hf auth login` "
+                        "or HF_TOKEN)")
     return p
 
 
 def _check(a: argparse.Namespace) -> None:
-    from .train import _quants
+    from ..io.hub import is_hub_id
+    from .train import _quants, check_staging, hub_token
 
     if is_adapter_dir(a.dir):
         if a.base is not None:
@@ -55,6 +63,14 @@ def _check(a: argparse.Namespace) -> None:
     if out.exists() and not a.overwrite:
         if out.is_file() or (a.to != "gguf" and any(out.iterdir())):
             raise UsageError("--output", f"{out} exists; pass --overwrite to replace it")
+    a.token = None
+    if a.push_to is not None:
+        if not is_hub_id(a.push_to):
+            raise UsageError("--push_to", f"expected a hub repository id 'org/name', got {a.push_to!r}")
+        check_staging(out, "--output", a.overwrite)  # the folder uploaded is replaced whole, GGUF too
+        a.token = hub_token(a.hub_token, "--push_to", "--hub_token")
+    elif a.hub_token is not None:
+        raise UsageError("--hub_token", "only applies with --push_to")
     a.out = out
 
 
@@ -70,6 +86,16 @@ def run(argv: list[str]) -> int:
     import torch
 
     model, tok = load_model(a.dir, base=a.base, load_in_4bit=a.load_in_4bit, chat_template=a.chat_template)
+    if a.push_to is not None:  # the output folder is the staged one: the same files, plus README.md
+        import minift
+
+        kw = ({"quant": a.quants, "modelfile": a.modelfile} if a.to == "gguf"
+              else {"dtype": "4bit" if a.to == "merged_4bit" else torch.bfloat16})
+        url = minift.push_to_hub(model, a.push_to, what="gguf" if a.to == "gguf" else "merged", staging_dir=a.out,
+                                 token=a.token, tokenizer=tok, overwrite=a.overwrite, **kw)
+        print(a.out)
+        print(url)
+        return 0
     if a.to == "gguf":
         a.out.mkdir(parents=True, exist_ok=True)
         paths = model.save_gguf(str(a.out) + "/", a.quants, tokenizer=tok, overwrite=a.overwrite,

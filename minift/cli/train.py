@@ -35,7 +35,6 @@ HF_REPORT_TO = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvc
                 "swanlab", "trackio")
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
 TARGET_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "out_proj", "fc1", "fc2")
-PUSH_FLAGS = ("push_model", "push_gguf", "hub_path", "hub_token")
 
 DEFAULTS: dict[str, Any] = {}
 
@@ -150,11 +149,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     _add(g, "overwrite", False, "replace an existing --save_path", flag=True)
     _add(g, "adapter_file", None, "unsloth's MLX adapter file name: ignored (the adapter goes to OUTPUT_DIR/final)")
 
-    g = p.add_argument_group("push (not implemented in minift: refused)")
-    _add(g, "push_model", False, "refused: push_to_hub is not implemented", flag=True)
-    _add(g, "push_gguf", False, "refused: push_to_hub is not implemented", flag=True)
-    _add(g, "hub_path", None, "refused: push_to_hub is not implemented")
-    _add(g, "hub_token", None, "refused: push_to_hub is not implemented")
+    g = p.add_argument_group("push (Hugging Face Hub)")
+    _add(g, "push_model", False, "after saving, upload --save_path (what --save_model writes: the adapter for "
+                                 "--save_method lora, the merged model otherwise, the GGUF(s) with --save_gguf) with a "
+                                 "model card to --hub_path; implies --save_model", flag=True)
+    _add(g, "push_gguf", False, "upload GGUF file(s) of --quantization to --hub_path (those --save_gguf saved, else "
+                                "written first to OUTPUT_DIR/gguf)", flag=True)
+    _add(g, "hub_path", None, "the hub repository to push to, 'org/name' (a new one is created private)",
+         metavar="REPO")
+    _add(g, "hub_token", None, "the Hugging Face token (default: huggingface_hub's, from `hf auth login` or "
+                               "HF_TOKEN)", metavar="TOKEN")
     return p
 
 
@@ -316,11 +320,6 @@ def _report_to(values: list[str]) -> list[str]:
 
 def check(v: dict[str, Any], given: set[str]) -> dict[str, Any]:
     """Validates every option (UsageError naming the flag) and returns the derived settings."""
-    for name in PUSH_FLAGS:
-        if name in given and v[name] not in (None, False):
-            raise UsageError(f"--{name}", "pushing to the Hugging Face Hub is not implemented in minift yet; save "
-                                          "locally (--save_model --save_path DIR, or --save_gguf) and upload the "
-                                          "folder with `hf upload REPO DIR`")
     if str(v["bias"]).lower() != "none":
         raise UsageError("--bias", f"only 'none' is supported (minift's LoRA trains no biases), got {v['bias']!r}")
     if v["loftq_config"] not in (None, "", "None", "none", "null", "{}"):
@@ -424,6 +423,8 @@ def check(v: dict[str, Any], given: set[str]) -> dict[str, Any]:
     elif v["eval_steps"] is not None:
         raise UsageError("--eval_steps", "needs --eval_dataset")
 
+    d.update(check_push(v, given))
+
     # outputs
     out = Path(v["output_dir"]).expanduser()
     if out.exists() and not out.is_dir():
@@ -441,7 +442,77 @@ def check(v: dict[str, Any], given: set[str]) -> dict[str, Any]:
              f"{out / 'final'} only")
     if v["modelfile"] and not v["save_gguf"]:
         raise UsageError("--modelfile", "only applies with --save_gguf")
+    if (v["save_model"] and v["save_gguf"]) or v["push_gguf"]:
+        import importlib.util
+
+        if importlib.util.find_spec("gguf") is None:
+            raise UsageError("--push_gguf" if v["push_gguf"] else "--save_gguf",
+                             "GGUF export needs the gguf package: pip install minift[gguf]")
+    d["gguf_dir"] = None
+    d["push_saved"] = bool(v["push_model"]) or (bool(v["push_gguf"]) and bool(v["save_model"] and v["save_gguf"]))
+    if d["push_saved"]:
+        check_staging(Path(v["save_path"]).expanduser(), "--save_path", bool(v["overwrite"]))
+    if v["push_gguf"] and not (v["save_model"] and v["save_gguf"]):
+        d["gguf_dir"] = out / "gguf"
+        check_staging(d["gguf_dir"], "--push_gguf", bool(v["overwrite"]))
     return d
+
+
+def check_staging(path: Path, flag: str, overwrite: bool) -> None:
+    """A folder a push stages in (then uploads) must be absent, empty, or (with --overwrite) one
+    minift wrote: checked here so that the push does not fail after training."""
+    from ..io.files import foreign_files
+
+    if not path.exists():
+        return
+    if path.is_file():
+        raise UsageError(flag, f"{path} (the folder pushed) is a file")
+    if not any(path.iterdir()):
+        return
+    if not overwrite:
+        raise UsageError(flag, f"{path} (the folder pushed) exists and is not empty; pass --overwrite to replace it")
+    foreign = foreign_files(path)
+    if foreign:
+        raise UsageError(flag, f"{path} also holds files minift did not write ({', '.join(foreign[:5])}); the "
+                               "folder pushed is replaced whole: move them away or choose another path")
+
+
+def hub_token(token: str | None, flag: str, token_flag: str) -> str:
+    """The token a push will use (`token_flag`'s, else huggingface_hub's), checked before anything
+    loads: UsageError when there is none or HF_HUB_OFFLINE=1 forbids uploading."""
+    import huggingface_hub
+    from huggingface_hub import constants as hf_constants
+
+    if hf_constants.HF_HUB_OFFLINE:
+        raise UsageError(flag, "HF_HUB_OFFLINE=1 forbids uploading to the hub; unset it, or save locally only")
+    token = token or huggingface_hub.get_token()
+    if not token:
+        raise UsageError(token_flag, f"{flag} needs a Hugging Face token: pass {token_flag} TOKEN, or log in with "
+                                     "`hf auth login` (or set HF_TOKEN)")
+    return token
+
+
+def check_push(v: dict[str, Any], given: set[str]) -> dict[str, Any]:
+    """--push_model / --push_gguf / --hub_path / --hub_token: the repository and token, checked
+    before anything loads. --push_model implies --save_model (the folder uploaded is --save_path)."""
+    from ..io.hub import is_hub_id
+
+    if not (v["push_model"] or v["push_gguf"]):
+        for name in ("hub_path", "hub_token"):
+            if name in given and v[name] is not None:
+                note(f"--{name} applies with --push_model / --push_gguf; nothing is pushed")
+        return {"hub_token": None}
+    flag = "--push_model" if v["push_model"] else "--push_gguf"
+    repo = v["hub_path"]
+    if not repo:
+        raise UsageError("--hub_path", f"{flag} needs --hub_path ORG/NAME, the hub repository to push to")
+    if not is_hub_id(str(repo)):
+        raise UsageError("--hub_path", f"expected a hub repository id 'org/name', got {repo!r}")
+    if v["push_model"] and not v["save_model"]:
+        if "save_model" in given:
+            raise UsageError("--push_model", "uploads what --save_model writes; drop --save_model false")
+        v["save_model"] = True
+    return {"hub_token": hub_token(v["hub_token"], flag, "--hub_token")}
 
 
 def note(msg: str) -> None:
@@ -544,8 +615,6 @@ def run(argv: list[str]) -> int:
     if d["optim_note"]:
         note(f"--optim {v['optim']}: {d['optim_note']}")
 
-    import torch
-
     import minift
 
     name = str(v["model_name"])
@@ -579,22 +648,50 @@ def run(argv: list[str]) -> int:
         msg += f", eval loss {summary.eval_loss:.4f}"
     note(msg + f"; adapter: {summary.final_path}")
 
+    from ..train import distributed
+
+    with distributed.unsharded(model, trainer.world):  # FSDP: the whole weights, for rank 0 to write
+        if not trainer.world.main:
+            return 0  # under torchrun rank 0 alone saves and pushes
+        return _save_and_push(model, tok, summary, v, d)
+
+
+def _save_and_push(model: Any, tok: Any, summary: Any, v: dict[str, Any], d: dict[str, Any]) -> int:
+    """--save_model's save, and the --push_model / --push_gguf uploads (the pushed folders are
+    written by push_to_hub, which saves them with the same functions, plus a model card)."""
+    import torch
+
+    import minift
+
+    push = dict(token=d["hub_token"], tokenizer=tok, summary=summary, overwrite=bool(v["overwrite"]))
+    if d["gguf_dir"] is not None:  # --push_gguf of a run that saves no GGUF (pushed first: the main card wins)
+        url = minift.push_to_hub(model, v["hub_path"], what="gguf", quant=d["quants"], staging_dir=d["gguf_dir"],
+                                 **push)
+        note(f"pushed the GGUF(s) in {d['gguf_dir']} to {url}")
     if not v["save_model"]:
         note("--save_model not given: saved only the adapter in " + str(summary.final_path))
         return 0
     sp = Path(v["save_path"]).expanduser()
     if v["save_gguf"]:
+        what, kw = "gguf", {"quant": d["quants"], "modelfile": bool(v["modelfile"])}
+    elif v["save_method"] == "lora":
+        what, kw = "adapter", {}
+    else:
+        what, kw = "merged", {"dtype": "4bit" if v["save_method"] == "merged_4bit" else (
+            torch.float16 if d["dtype"] == torch.float16 else torch.bfloat16)}
+    if d["push_saved"]:  # --save_path is the staged folder: the same files as a plain save, plus README.md
+        url = minift.push_to_hub(model, v["hub_path"], what=what, staging_dir=sp, **kw, **push)
+        note(f"saved the {what} to {sp} and pushed it to {url}")
+    elif what == "gguf":
         sp.mkdir(parents=True, exist_ok=True)
         paths = model.save_gguf(str(sp) + "/", d["quants"], tokenizer=tok, overwrite=bool(v["overwrite"]),
                                 modelfile=bool(v["modelfile"]))
         for p in paths if isinstance(paths, list) else [paths]:
             note(f"saved {p}")
-    elif v["save_method"] == "lora":
+    elif what == "adapter":
         model.save_adapter(sp, tokenizer=tok, overwrite=bool(v["overwrite"]))
         note(f"saved the adapter to {sp}")
     else:
-        dt: Any = "4bit" if v["save_method"] == "merged_4bit" else (
-            torch.float16 if d["dtype"] == torch.float16 else torch.bfloat16)
-        model.save_merged(sp, dt, tokenizer=tok, overwrite=bool(v["overwrite"]))
+        model.save_merged(sp, kw["dtype"], tokenizer=tok, overwrite=bool(v["overwrite"]))
         note(f"saved the merged model ({v['save_method']}) to {sp}")
     return 0

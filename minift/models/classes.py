@@ -40,6 +40,17 @@ class ModelAPI:
         Modelfile with modelfile=); see `minift.export.save_gguf`."""
         return export.save_gguf(self, path, quant, tokenizer=tokenizer, overwrite=overwrite, modelfile=modelfile)
 
+    def push_to_hub(self, repo_id: str, *, what: str = "adapter", quant: str | list[str] | None = None,
+                    dtype: torch.dtype | str | None = None, token: str | None = None, private: bool = True,
+                    tokenizer: Any = None, summary: Any = None, staging_dir: str | os.PathLike | None = None,
+                    overwrite: bool = False, modelfile: bool | str = False, commit_message: str | None = None,
+                    api: Any = None) -> str:
+        """The adapter, merged checkpoint or GGUF(s), staged locally with a model card, uploaded to
+        a hub repository; a failed upload keeps the staged folder. See `minift.export.push_to_hub`."""
+        return export.push_to_hub(self, repo_id, what=what, quant=quant, dtype=dtype, token=token, private=private,
+                                  tokenizer=tokenizer, summary=summary, staging_dir=staging_dir, overwrite=overwrite,
+                                  modelfile=modelfile, commit_message=commit_message, api=api)
+
     def merge_lora(self) -> None:
         """Folds every adapter into its 16-bit base; the forward then skips them."""
         lora.merge_lora(self)
