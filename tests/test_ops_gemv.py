@@ -1,7 +1,8 @@
-"""ops.gemv / ops.linear: decoding's 16-bit x @ W^T (+ bias). Against a float64 reference (no worse
-than F.linear in the same dtype) over odd shapes, strided / expanded / batched x, strided W, every
-tile path (masked N and K tails, several rows of x), the fallbacks, gradients, opcheck, compile,
-and the model's Linear taking it only when no gradient is wanted."""
+"""ops.gemv / gemv_cat / gemv_glu and ops.linear / linear_cat: decoding's 16-bit x @ W^T for one row
+of x. Against a float64 reference (no worse than F.linear / the activation op in the same dtype)
+over odd shapes, strided / expanded x, strided W, every tile path (masked N and K tails, concatenated
+segments, gated pairs), the fallbacks, gradients, opcheck, compile, the model's routing (only when
+decoding, only plain Linears) and greedy decoding unchanged with the fused projections."""
 
 from __future__ import annotations
 
@@ -56,59 +57,83 @@ def spy():
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=min(settings.default.max_examples, 60))
 @given(
-    m=st.integers(1, 4),
     n=st.integers(1, 70),
     k=st.integers(1, 300),
     dtype=st.sampled_from(DTYPES),
     has_bias=st.booleans(),
     layout=st.sampled_from(["contiguous", "strided", "sliced", "expanded", "batched"]),
+    mode=st.sampled_from(["single", "cat", "glu"]),
     w_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
     cfg=st.sampled_from(CONFIGS),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64_reference(device, m, n, k, dtype, has_bias, layout, w_layout, cfg, seed):
+def test_matches_float64_reference(device, n, k, dtype, has_bias, layout, mode, w_layout, cfg, seed):
     gen = torch.Generator().manual_seed(seed)
-    x = make_x(m, k, dtype, layout, device, gen)
-    if w_layout == "transposed":
-        w = torch.randn(k, n, generator=gen).to(dtype).to(device).t()
-    elif w_layout == "sliced":
-        w = torch.randn(n, k + 5, generator=gen).to(dtype).to(device)[:, 2:k + 2]
+    x = make_x(1, k, dtype, layout, device, gen)
+
+    def weight(rows):
+        if w_layout == "transposed":
+            return torch.randn(k, rows, generator=gen).to(dtype).to(device).t()
+        if w_layout == "sliced":
+            return torch.randn(rows, k + 5, generator=gen).to(dtype).to(device)[:, 2:k + 2]
+        return torch.randn(rows, k, generator=gen).to(dtype).to(device)
+
+    rows = {"single": [n], "cat": [n, n + 3, 1 + n // 2], "glu": [n, n]}[mode]
+    ws = [weight(r) for r in rows]
+    bs = [torch.randn(r, generator=gen).to(dtype).to(device) for r in rows] if has_bias else None
+    old = gm.CONFIG_OVERRIDE
+    gm.CONFIG_OVERRIDE = cfg
+    try:
+        with spy() as launched, ops.backend("triton"):
+            if mode == "single":
+                y = ops.gemv(x, ws[0], bs[0] if bs else None)
+            elif mode == "cat":
+                y = ops.gemv_cat(x, ws, bs)
+            else:
+                y = ops.gemv_glu(x, ws[0], ws[1], "gelu_tanh" if n % 2 else "silu", bs)
+    finally:
+        gm.CONFIG_OVERRIDE = old
+    assert launched.call_count == (0 if layout == "batched" else 1)  # 2 rows: F.linear
+    lin = lambda xx, w, b: F.linear(xx, w.to(xx.dtype), None if b is None else b.to(xx.dtype))  # noqa: E731
+    parts64 = [lin(x.double(), w, bs[i] if bs else None) for i, w in enumerate(ws)]
+    parts = [ref.linear(x, w, bs[i] if bs else None) for i, w in enumerate(ws)]
+    if mode == "glu":
+        act = (lambda t: F.gelu(t, approximate="tanh")) if n % 2 else F.silu
+        # the op's contract: each projection rounded to x's dtype, then act(gate) * up
+        want64 = act(parts[0].double()) * parts[1].double()
+        plain = (act(parts[0].float()) * parts[1].float()).to(dtype)
     else:
-        w = torch.randn(n, k, generator=gen).to(dtype).to(device)
-    bias = torch.randn(n, generator=gen).to(dtype).to(device) if has_bias else None
-    with spy() as launched:
-        y = run(x, w, bias, cfg)
-    assert launched.call_count == 1
-    assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
-    y64 = F.linear(x.double(), w.double(), None if bias is None else bias.double())
-    assert_no_worse(y, ref.linear(x, w, bias), y64, dtype, f"gemv {layout} {w_layout} {cfg}",
+        want64, plain = torch.cat(parts64, -1), torch.cat(parts, -1)
+    assert y.dtype == dtype and y.shape == want64.shape
+    assert_no_worse(y, plain, want64, dtype, f"gemv {mode} {layout} {w_layout} {cfg}",
                     factor=max(1.0, (32 / y.numel()) ** 0.5))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rows_up_to_max_rows_and_decode_shapes(device):
-    """Every row count the kernel takes (padded to a power of two), on a Llama-3.2-1B k_proj-sized K."""
+def test_decode_shapes(device):
+    """Llama-3.2-1B-like K with the default tile rules (both BLOCK_N regimes)."""
     gen = torch.Generator().manual_seed(5)
-    w = torch.randn(96, 2048, generator=gen).bfloat16().to(device)
-    for m in range(1, gm.MAX_ROWS + 1):
-        x = torch.randn(m, 2048, generator=gen).bfloat16().to(device)
-        y = run(x, w)
-        y64 = x.double() @ w.double().T
-        assert_no_worse(y, ref.linear(x, w), y64, torch.bfloat16, f"gemv m={m}")
+    x = torch.randn(1, 1, 2048, generator=gen).bfloat16().to(device)
+    for n in (96, 4104):
+        w = torch.randn(n, 2048, generator=gen).bfloat16().to(device)
+        with spy() as launched:
+            y = run(x, w)
+        assert launched.call_count == 1
+        assert_no_worse(y, ref.linear(x, w), x.double() @ w.double().T, torch.bfloat16, f"gemv n={n}")
 
 
 def test_fallbacks_take_the_reference():
     """More rows than MAX_ROWS, float64, mixed dtypes and the torch backend run F.linear."""
     gen = torch.Generator().manual_seed(3)
     w = torch.randn(10, 64, generator=gen)
-    cases = [(torch.randn(gm.MAX_ROWS + 1, 64, generator=gen), w), (torch.randn(2, 64, dtype=torch.float64), w.double()),
-             (torch.randn(2, 64, generator=gen).bfloat16(), w)]
+    cases = [(torch.randn(gm.MAX_ROWS + 1, 64, generator=gen), w), (torch.randn(1, 64, dtype=torch.float64), w.double()),
+             (torch.randn(1, 64, generator=gen).bfloat16(), w)]
     for x, wt in cases:
         with spy() as launched:
             y = run(x, wt)
         assert launched.call_count == 0
         assert torch.equal(y, ref.linear(x, wt))
-    x = torch.randn(2, 64, generator=gen)
+    x = torch.randn(1, 64, generator=gen)
     with spy() as launched:
         assert torch.equal(run(x, w, backend="torch"), F.linear(x, w))
         assert torch.equal(ops.gemv(x, w), F.linear(x, w))  # auto on CPU: the reference
@@ -120,7 +145,7 @@ def test_fallbacks_take_the_reference():
 @pytest.mark.parametrize("mode", ["random", "sum", "expand"])
 def test_backward_matches_float64(device, dtype, mode):
     gen = torch.Generator().manual_seed(11)
-    x = torch.randn(2, 3, 100, generator=gen).to(dtype).to(device).requires_grad_()
+    x = torch.randn(1, 1, 100, generator=gen).to(dtype).to(device).requires_grad_()
     w = torch.randn(40, 100, generator=gen).to(dtype).to(device).requires_grad_()
     b = torch.randn(40, generator=gen).to(dtype).to(device).requires_grad_()
     with ops.backend("triton"):
@@ -136,41 +161,104 @@ def test_backward_matches_float64(device, dtype, mode):
         assert_no_worse(a, p, e, dtype, name)
 
 
-def test_opcheck():
-    x, w, b = torch.randn(3, 128, requires_grad=True), torch.randn(40, 128, requires_grad=True), torch.randn(40, requires_grad=True)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
+def test_cat_and_glu_backward_match_float64(device, act):
+    gen = torch.Generator().manual_seed(13)
+    dt = torch.float32
+    x = torch.randn(1, 96, generator=gen).to(device).requires_grad_()
+    ws = [torch.randn(n, 96, generator=gen).to(device).requires_grad_() for n in (24, 8, 8)]
+    bs = [torch.randn(n, generator=gen).to(device).requires_grad_() for n in (24, 8, 8)]
     with ops.backend("triton"):
-        torch.library.opcheck(torch.ops.minift.gemv.default, (x, w, b))
-        torch.library.opcheck(torch.ops.minift.gemv.default, (x.detach(), w.detach(), None))
+        y = ops.gemv_cat(x, ws, bs)
+        z = ops.gemv_glu(x, ws[1], ws[2], act, bs[1:])
+    g, h = torch.randn_like(y), torch.randn_like(z)
+    got = torch.autograd.grad((y * g).sum() + (z * h).sum(), [x, *ws, *bs])
+    l64 = [t.detach().double().requires_grad_() for t in (x, *ws, *bs)]
+    x64, w64, b64 = l64[0], l64[1:4], l64[4:]
+    y64 = torch.cat([F.linear(x64, w, b) for w, b in zip(w64, b64)], -1)
+    f = {"silu": F.silu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "gelu": F.gelu}[act]
+    z64 = f(F.linear(x64, w64[1], b64[1])) * F.linear(x64, w64[2], b64[2])
+    want = torch.autograd.grad((y64 * g.double()).sum() + (z64 * h.double()).sum(), l64)
+    for a, e in zip(got, want):
+        assert a.dtype == dt
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck():
+    x, w, b = torch.randn(1, 128, requires_grad=True), torch.randn(40, 128, requires_grad=True), torch.randn(40, requires_grad=True)
+    w2 = torch.randn(40, 128, requires_grad=True)
+    with ops.backend("triton"):
+        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, w2, None, b, b, None))
+        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x.detach(), w.detach(), None, None, None, None, None))
+        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, None, None, 0))
+        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, b, b, 1))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiles_fullgraph(device):
     gen = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 64, generator=gen).to(device)
+    x = torch.randn(1, 64, generator=gen).to(device)
     w = torch.randn(24, 64, generator=gen).to(device)
-    assert_compiled_matches_eager(lambda x, w: ops.gemv(x, w).square().sum(), (x, w), device)
+    w2 = torch.randn(24, 64, generator=gen).to(device)
+    f = lambda x, w, w2: (ops.gemv_cat(x, [w, w2]).square().sum() + ops.gemv_glu(x, w, w2).sum())  # noqa: E731
+    assert_compiled_matches_eager(f, (x, w, w2), device)
 
 
-def test_linear_takes_gemv_only_without_grad(monkeypatch):
-    """ops.linear (the model's Linear and LoRA's frozen base): the kernel for a few CUDA rows with no
-    gradient wanted, F.linear otherwise - here the CUDA check is bypassed to see the routing."""
+def test_linear_takes_gemv_only_when_decoding(monkeypatch):
+    """ops.linear / linear_cat (the model's Linear, q/k/v, LoRA's frozen base): the kernel for one CUDA
+    row with no gradient wanted, F.linear otherwise (on CPU: under backend "triton", the interpreter)."""
     calls = []
-    monkeypatch.setattr(gm, "_gemv_op", lambda x, w, b: calls.append(x.shape) or F.linear(x, w, b))
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(gm, "_cat_call", lambda x, ws, bs: calls.append((tuple(x.shape), len(ws)))
+                        or torch.cat([F.linear(x, w) for w in ws], -1))
     x, w = torch.randn(1, 1, 32), torch.randn(8, 32, requires_grad=True)
-    ops.linear(x, w)  # grad enabled: F.linear
     with torch.no_grad():
-        ops.linear(x, w)
-        ops.linear(torch.randn(gm.MAX_ROWS + 1, 32), w)  # too many rows
-    assert calls == [(1, 1, 32)]
+        ops.linear(x, w)  # backend auto on CPU: F.linear
+    with ops.backend("triton"):
+        ops.linear(x, w)  # grad enabled: F.linear
+        with torch.no_grad():
+            ops.linear(x, w)
+            ops.linear(torch.randn(2, 32), w)  # two rows: cuBLAS
+            q, k = ops.linear_cat(x, [w, w[:3]], [None, None])
+    assert calls == [((1, 1, 32), 1), ((1, 1, 32), 2)]
+    assert q.shape == (1, 1, 8) and k.shape == (1, 1, 3)
 
 
 def test_bad_input():
     with pytest.raises(InputError, match="w: expected a 2-d"):
         ops.gemv(torch.randn(2, 4), torch.randn(4))
-    with pytest.raises(InputError, match="last dim 4 != w's in_features 5"):
+    with pytest.raises(InputError, match="last dim 4 != weight 0's in_features 5"):
         ops.gemv(torch.randn(2, 4), torch.randn(3, 5))
-    with pytest.raises(InputError, match="bias: expected shape"):
+    with pytest.raises(InputError, match="biases: expected one"):
         ops.gemv(torch.randn(2, 4), torch.randn(3, 4), torch.randn(4))
     with pytest.raises(InputError, match="x: expected a floating-point"):
         ops.gemv(torch.ones(2, 4, dtype=torch.long), torch.randn(3, 4))
+    with pytest.raises(InputError, match="weights: expected a list of 1 to 3"):
+        ops.gemv_cat(torch.randn(1, 4), [torch.randn(3, 4)] * 4)
+    with pytest.raises(InputError, match="activation='relu'"):
+        ops.gemv_glu(torch.randn(1, 4), torch.randn(3, 4), torch.randn(3, 4), "relu")
+    with pytest.raises(InputError, match="differ"):
+        ops.gemv_glu(torch.randn(1, 4), torch.randn(3, 4), torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_fused_decode_matches_unfused(device, family, tmp_path, monkeypatch):
+    """Greedy generation with q/k/v and gate/up fused in decode steps (forced on CPU with backend
+    "triton") gives the unfused tokens."""
+    import minift
+    from minift.testing import write_tiny_checkpoint
+
+    path = write_tiny_checkpoint(tmp_path, family)
+    model, _ = minift.load(path, dtype=torch.float32, device=device)
+    ids = torch.randint(3, 90, (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
+    with ops.backend("torch"):
+        plain = model.generate(ids, max_new_tokens=6, eos_token_id=[], compile=False)
+    launched = []
+    real = gm._launch
+    monkeypatch.setattr(gm, "_launch", lambda *a: launched.append(len(a[1])) or real(*a))
+    with ops.backend("triton"):
+        fused = model.generate(ids, max_new_tokens=6, eos_token_id=[], compile=False)
+    assert torch.equal(fused, plain)
+    layers = model.config.num_hidden_layers
+    assert launched.count(3) == 5 * layers and launched.count(2) == 5 * layers  # 5 decode steps

@@ -50,6 +50,13 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
 
+def _fusable(x: torch.Tensor, mods: list[nn.Module]) -> bool:
+    """Whether projections of one input can run as one decoding kernel: all exactly this module's
+    Linear (not wrapped or replaced by a later stage, not 4-bit) and a single row that `ops.gemv`
+    takes; otherwise each module runs (hooks included)."""
+    return all(type(m) is Linear for m in mods) and ops.takes_gemv(x, [m.weight for m in mods])
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -69,9 +76,14 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, s, _ = x.shape
         d = cfg.head_dim
-        q = self.q_proj(x).view(b, s, -1, d).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, -1, d).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, -1, d).transpose(1, 2)
+        proj = [self.q_proj, self.k_proj, self.v_proj]
+        if _fusable(x, proj):  # decoding: q, k and v from one launch
+            q, k, v = ops.linear_cat(x, [m.weight for m in proj], [m.bias for m in proj])
+        else:
+            q, k, v = (m(x) for m in proj)
+        q = q.view(b, s, -1, d).transpose(1, 2)
+        k = k.view(b, s, -1, d).transpose(1, 2)
+        v = v.view(b, s, -1, d).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.rope(q, k, cos, sin)
@@ -90,7 +102,11 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_proj, self.up_proj
+        if _fusable(x, [gate, up]):  # decoding: gate, up and the activation in one launch
+            act = "silu" if self.act == "silu" else "gelu_tanh" if self.act == "gelu_pytorch_tanh" else "gelu"
+            return self.down_proj(ops.gemv_glu(x, gate.weight, up.weight, act, [gate.bias, up.bias]))
+        return self.down_proj(self.activation(gate(x), up(x)))
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if self.act == "silu":

@@ -10,7 +10,7 @@ from ._backend import (backend, compiled_elementwise, get_backend, get_compiled_
                        set_compiled_elementwise)
 from .activations import geglu, swiglu
 from .cross_entropy import cross_entropy, linear_cross_entropy
-from .gemv import gemv, linear
+from .gemv import gemv, gemv_cat, gemv_glu, linear, linear_cat, takes_gemv
 from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
 from .nf4 import NF4Weight, dequantize_nf4
@@ -36,7 +36,11 @@ __all__ = [
     "NF4Weight",
     "dequantize_nf4",
     "gemv",
+    "gemv_cat",
+    "gemv_glu",
     "linear",
+    "linear_cat",
+    "takes_gemv",
     "nf4_matmul",
     "prepare_nf4_matmul",
     "lora_linear",

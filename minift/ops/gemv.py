@@ -1,19 +1,28 @@
-"""`gemv(x, w, bias)`: x @ W^T (+ bias) for a few rows of x and a 16-bit W, for decoding.
+"""Decoding's matrix-vector products for 16-bit weights: one row of x against W^T.
 
-At batch 1-8 a decode step is a chain of matrix-vector products: each weight byte is read once and
-used for a handful of multiply-adds, so the step's time is the weights' bytes over the HBM rate.
-cuBLAS's GEMV kernels measured ~52% of the H200's HBM rate inside minift's decode step (bench/
-RESULTS.md, "Generation"); this kernel streams W with wide loads and many rows in flight.
+At batch 1 a decode step is a chain of GEMVs: every weight byte is read once for one multiply-add,
+so the step takes the weights' bytes over the HBM rate, plus a gap and a ramp for every kernel.
+cuBLAS's GEMVs ran at ~52% of the H200's HBM rate in minift's decode step, and at 8-30% on the small
+projections (bench/RESULTS.md, "Generation"). Three ops here, one kernel:
 
-Arithmetic: products and sums in float32 (as cuBLAS accumulates), bias added in float32, one
-rounding to x's dtype: `F.linear` up to float32 summation order.
+* `gemv(x, w, bias)`: x @ W^T (+ bias);
+* `gemv_cat(x, [w0, w1, w2], biases)`: [x @ W0^T | x @ W1^T | x @ W2^T] from one launch (q/k/v:
+  one read of x, one ramp, one tail instead of three);
+* `gemv_glu(x, w_gate, w_up, act)`: act(x @ Wg^T) * (x @ Wu^T) from one launch (gate/up and the
+  activation: the gate and up vectors never go to memory).
 
-Kernel (one program: BLOCK_N rows of W, all of K, BLOCK_M rows of x): W's rows are read in
-(BLOCK_N, BLOCK_K) tiles (16-byte vector loads along K, `evict_first`: each byte is read once),
-x's in (BLOCK_M, BLOCK_K); the float32 product (BLOCK_M, BLOCK_N, BLOCK_K) is summed over K in
-registers. Small BLOCK_N gives many programs (several an SM), which is what keeps enough loads in
-flight: a GEMV has no reuse to hide latency behind. No split-K: every program owns its outputs
-(deterministic, one launch). `CONFIG_OVERRIDE` replaces the tile rules (the bench sweep's hook).
+Arithmetic as the unfused modules: products and sums in float32 (as cuBLAS accumulates), bias added
+in float32, each projection rounded once to x's dtype; the gated product then takes those rounded
+values in float32 (as `ops.swiglu` / `ops.geglu`) and rounds once more. So each equals the separate
+F.linear calls (and the activation op) up to float32 summation order.
+
+Kernel (one program: BLOCK_N rows of one W, all of K): W is read in (BLOCK_N, BLOCK_K) tiles, 16-byte
+vector loads along K, `evict_first` (each byte is read once); the float32 product is summed over K in
+registers. Small BLOCK_N means many programs, several an SM, which is what keeps enough loads in
+flight: a GEMV has no reuse to hide latency behind. No split-K (each program owns its outputs:
+deterministic, one launch). The tile rules come from `bench/ops.py --gemv-sweep` on an H200;
+`CONFIG_OVERRIDE` replaces them. Only a single row of x takes the kernel: at 2-8 rows its float32
+broadcast product ran at a third of cuBLAS's speed, which reuses each W tile across the rows.
 """
 
 from __future__ import annotations
@@ -24,150 +33,284 @@ import torch.nn.functional as F
 from ..errors import InputError
 from . import reference as ref
 from ._backend import HAS_TRITON, Op, use_triton
+from .activations import ACTIVATIONS
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .activations import _act_fwd
+
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-# Rows of x the kernel takes; beyond, a GEMM (cuBLAS) reuses each W tile across rows and wins.
-MAX_ROWS = 8
+MAX_ROWS = 1  # rows of x the kernel takes; more: cuBLAS
 CONFIG_OVERRIDE: dict | None = None  # e.g. dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
+_GLU_REF = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"), "gelu": F.gelu}
 
 if HAS_TRITON:
 
     @triton.jit
-    def _gemv_kernel(
-        x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, swn, som,
-        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
+    def _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        """float32 (BLOCK_N,) = W[rn, :] @ x."""
         rk = tl.arange(0, BLOCK_K)
-        nmask = rn < N
-        mmask = rm < M
-        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * swn + rk[None, :]
-        x_ptrs = x_ptr + rm[:, None] * sxm + rk[None, :]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * sw + rk[None, :]
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             if EVEN_K:
                 if EVEN_N:
                     w = tl.load(w_ptrs, eviction_policy="evict_first")
                 else:
                     w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, mask=mmask[:, None], other=0.0)
+                x = tl.load(x_ptr + k0 + rk)
             else:
                 kmask = (k0 + rk) < K
                 w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptrs, mask=mmask[:, None] & kmask[None, :], other=0.0)
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+                x = tl.load(x_ptr + k0 + rk, mask=kmask, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
             w_ptrs += BLOCK_K
-            x_ptrs += BLOCK_K
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rm[:, None] * som + rn[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+        return acc
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w0, w1, w2, b0, b1, b2, out_ptr, N0, N1, N2, K, sw0, sw1, sw2, NB0, NB1,
+        HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        odt = out_ptr.dtype.element_ty
+        if GLU:  # gate (w0) and up (w1) rows together, act(gate) * up out
+            rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            nmask = rn < N0
+            g = _dot_rows(x_ptr, w0, sw0, rn, nmask, K, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
+            u = _dot_rows(x_ptr, w1, sw1, rn, nmask, K, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
+            if HAS_BIAS:
+                g += tl.load(b0 + rn, mask=nmask, other=0.0).to(tl.float32)
+                u += tl.load(b1 + rn, mask=nmask, other=0.0).to(tl.float32)
+            g = g.to(odt).to(tl.float32)  # each projection rounded, as the separate modules
+            u = u.to(odt).to(tl.float32)
+            tl.store(out_ptr + rn, (_act_fwd(g, ACT) * u).to(odt), mask=nmask)
+        else:  # segment s of [W0 | W1 | W2]: NB0, NB1 programs for the first two
+            if pid < NB0:
+                w_ptr, b_ptr, sw, n, r0, col = w0, b0, sw0, N0, pid * BLOCK_N, N0 * 0
+            elif pid < NB0 + NB1:
+                w_ptr, b_ptr, sw, n, r0, col = w1, b1, sw1, N1, (pid - NB0) * BLOCK_N, N0
+            else:
+                w_ptr, b_ptr, sw, n, r0, col = w2, b2, sw2, N2, (pid - NB0 - NB1) * BLOCK_N, N0 + N1
+            rn = r0 + tl.arange(0, BLOCK_N)
+            nmask = rn < n
+            acc = _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + col + rn, acc.to(odt), mask=nmask)
 
 
-def _block_m(m: int) -> int:
-    return 1 if m <= 1 else 1 << (m - 1).bit_length()
-
-
-def _config(m: int, n: int, k: int) -> dict:
-    """Tile rules: the float32 product tile (BLOCK_M x BLOCK_N x BLOCK_K) held to 8K values (64 a
-    thread at 4 warps), K covered in as few iterations as that allows, BLOCK_N then as small as
-    that leaves (more programs in flight)."""
-    bm = _block_m(m)
-    bk = min(1 << max(k - 1, 1).bit_length(), 2048 // bm if bm <= 8 else 256)
-    bk = max(bk, 64)
-    bn = max(1, 8192 // (bm * bk))
-    cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
+def _config(n: int, k: int) -> dict:
+    """Tile rules from the H200 sweep at M = 1: all of K up to 2048 an iteration, 2 rows a program
+    up to N = 4096, 8 beyond (a wide weight has programs enough), 4 warps."""
+    bk = max(64, min(2048, 1 << max(k - 1, 1).bit_length()))
+    cfg = dict(BLOCK_N=2 if n <= 4096 else 8, BLOCK_K=bk, num_warps=4, num_stages=1)
     if CONFIG_OVERRIDE:
         cfg.update(CONFIG_OVERRIDE)
     return cfg
 
 
-def _kernel_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    m = x.numel() // max(1, x.shape[-1])
-    return use_triton(x) and x.dtype in _FLOATS and w.dtype == x.dtype and 0 < m <= MAX_ROWS
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // max(1, x.shape[-1])
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    n, k = w.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    if w.stride(-1) != 1:
-        w = w.contiguous()
-    m = x2.shape[0]
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    cfg = _config(m, n, k)
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+def _kernel_ok(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
+    return (use_triton(x) and x.dtype in _FLOATS and all(w.dtype == x.dtype for w in ws)
+            and 0 < _rows(x) <= MAX_ROWS)
+
+
+def _launch(x: torch.Tensor, ws: list[torch.Tensor], biases: list[torch.Tensor], glu: int) -> torch.Tensor:
+    """One launch over weights `ws` (concatenated along N, or gate/up when glu = ACTIVATIONS code + 1)."""
+    k = ws[0].shape[1]
+    x1 = x.reshape(k)
+    if x1.stride(0) != 1:
+        x1 = x1.contiguous()
+    ws = [w if w.stride(-1) == 1 else w.contiguous() for w in ws]
+    bs = [b.to(x.dtype) for b in biases]
+    ns = [w.shape[0] for w in ws]
+    total = ns[0] if glu else sum(ns)
+    out = torch.empty(total, dtype=x.dtype, device=x.device)
+    cfg = _config(max(ns), k)
+    bn = cfg["BLOCK_N"]
+    nbs = [triton.cdiv(n, bn) for n in ns]
+    pad = lambda seq, fill: list(seq) + [fill] * (3 - len(seq))  # noqa: E731
+    wp, bp, np_, sp = pad(ws, ws[0]), pad(bs or [ws[0]], ws[0]), pad(ns, 0), pad([w.stride(0) for w in ws], 0)
+    grid = (nbs[0] if glu else sum(nbs),)
     _gemv_kernel[grid](
-        x2, w, bias if bias is not None else w, out, m, n, k, x2.stride(0), w.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        EVEN_N=n % cfg["BLOCK_N"] == 0, EVEN_K=k % cfg["BLOCK_K"] == 0,
+        x1, *wp, *bp, out, *np_, k, *sp, nbs[0], nbs[1] if len(nbs) > 1 else 0,
+        HAS_BIAS=bool(bs), GLU=bool(glu), ACT=max(glu - 1, 0), BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
+        EVEN_K=k % cfg["BLOCK_K"] == 0, EVEN_N=all(n % bn == 0 for n in ns),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    return out.view(*x.shape[:-1], n)
+    return out.view(*x.shape[:-1], total)
 
 
-# ---- the op: forward, backward, registration -------------------------------------------------
+# ---- the ops: forward, backward, registration -------------------------------------------------
+# Weights and biases are separate (optional) arguments, not lists: eager autograd (`_backend.Op`)
+# differentiates only direct tensor arguments.
 
 
-def _gemv_impl(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if _kernel_ok(x, w):
-        return _launch(x, w, None if bias is None else bias.to(x.dtype))
-    return ref.linear(x, w, bias)
+def _present(*ts: torch.Tensor | None) -> list[torch.Tensor]:
+    return [t for t in ts if t is not None]
 
 
-def _gemv_fake(x, w, bias):
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+def _cat_impl(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor | None, w2: torch.Tensor | None,
+              b0: torch.Tensor | None, b1: torch.Tensor | None, b2: torch.Tensor | None) -> torch.Tensor:
+    ws, bs = _present(w0, w1, w2), _present(b0, b1, b2)
+    if _kernel_ok(x, ws):
+        return _launch(x, ws, bs, 0)
+    return torch.cat([ref.linear(x, w, bs[i] if bs else None) for i, w in enumerate(ws)], dim=-1)
 
 
-def _gemv_setup(ctx, inputs, output):
-    x, w, bias = inputs
-    ctx.save_for_backward(x, w)
-    ctx.has_bias = bias is not None
+def _cat_fake(x, w0, w1, w2, b0, b1, b2):
+    return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in _present(w0, w1, w2))))
 
 
-def _gemv_backward(ctx, grad):
-    x, w = ctx.saved_tensors
-    g2 = grad.reshape(-1, grad.shape[-1])
-    dx = (g2 @ w.to(grad.dtype)).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
-    dw = (g2.T @ x.reshape(-1, x.shape[-1]).to(grad.dtype)).to(w.dtype) if ctx.needs_input_grad[1] else None
-    db = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-    return dx, dw, db
+def _cat_setup(ctx, inputs, output):
+    x, *rest = inputs
+    ws = _present(*rest[:3])
+    ctx.save_for_backward(x, *ws)
+    ctx.has_bias = rest[3] is not None
 
 
-_gemv_op = Op("gemv", _gemv_impl, _gemv_fake, _gemv_setup, _gemv_backward)
+def _cat_backward(ctx, grad):
+    x, *ws = ctx.saved_tensors
+    gs = grad.split([w.shape[0] for w in ws], dim=-1)
+    x2 = x.reshape(-1, x.shape[-1])
+    dx = sum(g @ w.to(g.dtype) for g, w in zip(gs, ws)).to(x.dtype) if ctx.needs_input_grad[0] else None
+    dws = [(g.reshape(-1, g.shape[-1]).T @ x2.to(g.dtype)).to(w.dtype) for g, w in zip(gs, ws)]
+    dbs = [g.reshape(-1, g.shape[-1]).sum(0) for g in gs] if ctx.has_bias else []
+    pad = lambda seq: list(seq) + [None] * (3 - len(seq))  # noqa: E731
+    return (dx, *pad(dws), *pad(dbs))
+
+
+_cat_op = Op("gemv_cat", _cat_impl, _cat_fake, _cat_setup, _cat_backward)
+
+
+def _cat_call(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
+    pad = lambda seq: list(seq) + [None] * (3 - len(seq))  # noqa: E731
+    return _cat_op(x, *pad(ws), *pad(bs))
+
+
+def _glu_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
+              b_up: torch.Tensor | None, act: int) -> torch.Tensor:
+    bs = _present(b_gate, b_up)
+    if _kernel_ok(x, [w_gate, w_up]):
+        return _launch(x, [w_gate, w_up], bs, act + 1)
+    g = ref.linear(x, w_gate, b_gate)
+    u = ref.linear(x, w_up, b_up)
+    f = _GLU_REF[next(k for k, v in ACTIVATIONS.items() if v == act)]
+    return (f(g.float()) * u.float()).to(x.dtype)
+
+
+def _glu_fake(x, w_gate, w_up, b_gate, b_up, act):
+    return x.new_empty((*x.shape[:-1], w_gate.shape[0]))
+
+
+def _glu_setup(ctx, inputs, output):
+    x, w_gate, w_up, b_gate, b_up, act = inputs
+    ctx.save_for_backward(x, w_gate, w_up, *_present(b_gate, b_up))
+    ctx.act = act
+
+
+def _glu_backward(ctx, grad):
+    """Recomputes gate and up (a decoding op: the backward exists for completeness and tests)."""
+    x, wg, wu, *bs = ctx.saved_tensors
+    act = next(k for k, v in ACTIVATIONS.items() if v == ctx.act)
+    g = ref.linear(x, wg, bs[0] if bs else None)
+    u = ref.linear(x, wu, bs[1] if bs else None)
+    f, df = ref.act_and_grad(g.float(), act)
+    dg = (grad.float() * u.float() * df).to(x.dtype)
+    du = (grad.float() * f).to(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    dg2, du2 = dg.reshape(-1, dg.shape[-1]), du.reshape(-1, du.shape[-1])
+    dx = (dg @ wg.to(x.dtype) + du @ wu.to(x.dtype)) if ctx.needs_input_grad[0] else None
+    dwg = (dg2.T @ x2).to(wg.dtype) if ctx.needs_input_grad[1] else None
+    dwu = (du2.T @ x2).to(wu.dtype) if ctx.needs_input_grad[2] else None
+    dbg, dbu = (dg2.sum(0), du2.sum(0)) if bs else (None, None)
+    return dx, dwg, dwu, dbg, dbu, None
+
+
+_glu_op = Op("gemv_glu", _glu_impl, _glu_fake, _glu_setup, _glu_backward)
+
+
+def _check(x: torch.Tensor, ws: list, biases: list | None, what: str) -> list[torch.Tensor]:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
+        raise InputError(f"{what}: x: expected a floating-point tensor with at least 1 dim, got "
+                         f"{getattr(x, 'dtype', type(x).__name__)}")
+    for i, w in enumerate(ws):
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
+            raise InputError(f"{what}: weight {i}: expected a 2-d floating-point (out_features, in_features) "
+                             f"tensor, got {getattr(w, 'shape', type(w).__name__)}")
+        if w.shape[1] != x.shape[-1]:
+            raise InputError(f"{what}: x: last dim {x.shape[-1]} != weight {i}'s in_features {w.shape[1]}")
+        if w.device != x.device:
+            raise InputError(f"{what}: weight {i} is on {w.device} but x is on {x.device}")
+    if biases is None or all(b is None for b in biases):
+        return []
+    if len(biases) != len(ws) or any(not isinstance(b, torch.Tensor) or tuple(b.shape) != (w.shape[0],)
+                                     for b, w in zip(biases, ws)):
+        raise InputError(f"{what}: biases: expected one ({', '.join(str(w.shape[0]) for w in ws)},)-shaped "
+                         f"tensor per weight, got {[getattr(b, 'shape', b) for b in biases]}")
+    return list(biases)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias): x (..., K), W (N, K) -> (..., N) in x's dtype, read at the HBM rate for up to
-    MAX_ROWS rows of x on CUDA (the kernel); more rows, another device or mixed dtypes: F.linear.
-    Differentiable in x, W and bias."""
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() < 1:
-        raise InputError(f"x: expected a floating-point tensor with at least 1 dim, got "
-                         f"{getattr(x, 'dtype', type(x).__name__)}")
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
-        raise InputError(f"w: expected a 2-d floating-point (out_features, in_features) tensor, got "
+    """x @ W^T (+ bias): x (..., K), W (N, K) -> (..., N) in x's dtype; the kernel for one row of x on
+    CUDA, F.linear otherwise. Differentiable in x, W and bias."""
+    if not (isinstance(w, torch.Tensor) and w.dim() == 2):
+        raise InputError(f"gemv: w: expected a 2-d (out_features, in_features) tensor, got "
                          f"{getattr(w, 'shape', type(w).__name__)}")
-    if x.shape[-1] != w.shape[1]:
-        raise InputError(f"x: last dim {x.shape[-1]} != w's in_features {w.shape[1]}")
-    if w.device != x.device:
-        raise InputError(f"w: is on {w.device} but x is on {x.device}")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (w.shape[0],)):
-        raise InputError(f"bias: expected shape ({w.shape[0]},), got {getattr(bias, 'shape', bias)!r}")
-    return _gemv_op(x, w, bias)
+    biases = _check(x, [w], [bias], "gemv")
+    return _cat_call(x, [w], biases)
+
+
+def gemv_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """[x @ W0^T | x @ W1^T | ...] (+ biases) for up to three weights of one in_features, as one
+    tensor (..., sum N); one launch for a row of x on CUDA."""
+    if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
+        raise InputError(f"gemv_cat: weights: expected a list of 1 to 3 tensors, got {type(weights).__name__} "
+                         f"of {len(weights) if isinstance(weights, (list, tuple)) else '?'}")
+    bs = _check(x, list(weights), biases, "gemv_cat")
+    return _cat_call(x, list(weights), bs)
+
+
+def gemv_glu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "silu",
+             biases: list[torch.Tensor | None] | None = None) -> torch.Tensor:
+    """act(x @ Wg^T) * (x @ Wu^T) (+ biases inside), activation 'silu' (SwiGLU), 'gelu_tanh' or 'gelu'
+    (GeGLU); one launch for a row of x on CUDA."""
+    if activation not in ACTIVATIONS:
+        raise InputError(f"gemv_glu: activation={activation!r}; expected one of {sorted(ACTIVATIONS)}")
+    bs = _check(x, [w_gate, w_up], biases, "gemv_glu")
+    if w_gate.shape != w_up.shape:
+        raise InputError(f"gemv_glu: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ")
+    return _glu_op(x, w_gate, w_up, *(bs or [None, None]), ACTIVATIONS[activation])
+
+
+def takes_gemv(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
+    """Whether a call should take the kernel: one row where Triton runs (CUDA; the CPU interpreter
+    only under backend "triton"), no gradient wanted, one dtype. Under
+    autograd (training) the callers run F.linear exactly, so a compiled training graph never
+    branches on the number of rows."""
+    return (not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1] and use_triton(x)
+            and all(w.dtype == x.dtype for w in ws))
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except where `gemv`'s kernel is faster: a few rows of x, no gradient wanted (decoding).
-    Under autograd (training) it is F.linear exactly, so a compiled training graph never branches on
-    the number of rows."""
-    if not torch.is_grad_enabled() and x.numel() <= MAX_ROWS * x.shape[-1] and x.is_cuda and w.dtype == x.dtype:
-        return _gemv_op(x, w, bias)
+    """F.linear, or `gemv`'s kernel when decoding (one row, no gradient wanted, CUDA)."""
+    if takes_gemv(x, [w]):
+        return _cat_call(x, [w], [] if bias is None else [bias])
     return F.linear(x, w, bias)
+
+
+def linear_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> tuple[torch.Tensor, ...]:
+    """(F.linear(x, w_i, b_i) for each i), from one `gemv_cat` launch when decoding (its outputs are
+    views of one buffer)."""
+    if takes_gemv(x, weights):
+        out = _cat_call(x, list(weights), [] if all(b is None for b in biases) else list(biases))
+        return tuple(out.split([w.shape[0] for w in weights], dim=-1))
+    return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
