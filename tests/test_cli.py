@@ -382,11 +382,26 @@ GEMMA3_4B_TEXT = {"model_type": "gemma3_text", "hidden_size": 2560, "intermediat
                   "sliding_window_pattern": 6, "tie_word_embeddings": True}
 
 
+# bench/common.py's gemma-3-4b-vision and llama-3.1-8b shapes
+GEMMA3_4B_VISION = {"model_type": "gemma3", "text_config": GEMMA3_4B_TEXT, "mm_tokens_per_image": 256,
+                    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152,
+                                      "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+                                      "image_size": 896, "patch_size": 14, "vision_use_head": False}}
+LLAMA_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0, "tie_word_embeddings": False}
+
+
 @pytest.mark.parametrize("cfg, ckpt, measured", [
     # bench/RESULTS.md's H100 peaks (GiB) for 4 x 2048 tokens, r=16 all-linear: (bf16, NF4)
     (LLAMA_1B, True, (4.20, 2.94)),
     (GEMMA3_4B_TEXT, True, (10.53, 6.24)),
     (GEMMA3_4B_TEXT, "offload", (None, 5.08)),
+    # one H200, 2026-12-01, the same workload with one 896x896 image a row and adapters on the
+    # vision tower too (README's `minift info` table)
+    (GEMMA3_4B_VISION, True, (12.48, 7.61)),
+    (GEMMA3_4B_VISION, "offload", (None, 6.45)),
+    (LLAMA_8B, True, (None, 10.31)),
 ])
 def test_info_memory_estimate_is_near_the_bench_peaks(cfg, ckpt, measured):
     from minift.cli.info import GIB, describe
@@ -469,3 +484,23 @@ def test_cli_reference_lists_every_command_and_unsloth_flag():
     missing = [f for f in unsloth if f"`--{f}`" not in ref]
     assert not missing, missing
     assert main(["--help"]) == 0 and main(["train", "--help"]) == 0 and main(["nope"]) == 2
+
+
+def test_readme_cli_reference_is_generated_from_the_parsers():
+    from minift.cli import reference_markdown
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    begin, end = "<!-- cli-reference:begin -->\n", "<!-- cli-reference:end -->"
+    assert readme.count(begin) == 1 and readme.count(end) == 1, "README.md lacks the cli-reference markers"
+    section = readme[readme.index(begin) + len(begin): readme.index(end)]
+    assert section == reference_markdown(), (
+        "README.md's CLI reference differs from the parsers; regenerate it: python tools/update_cli_reference.py")
+
+
+def test_cli_reference_does_not_depend_on_the_terminal_width(monkeypatch):
+    from minift.cli import reference_markdown
+
+    monkeypatch.setenv("COLUMNS", "40")
+    narrow = reference_markdown()
+    monkeypatch.setenv("COLUMNS", "300")
+    assert reference_markdown() == narrow

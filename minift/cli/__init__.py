@@ -13,6 +13,7 @@ line works with only the script's name changed.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 COMMANDS = {
@@ -40,13 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+REFERENCE_WIDTH = 100  # argparse wraps to the terminal's width (COLUMNS); the reference must not depend on it
+
+
 def reference_markdown() -> str:
-    """The CLI reference as Markdown, generated from the parsers (for the README):
-    `python -c "import minift.cli as c; print(c.reference_markdown())"`."""
+    """The CLI reference as Markdown, generated from the parsers: the README's "CLI reference"
+    section is exactly this (tests/test_cli.py checks; `python tools/update_cli_reference.py`
+    rewrites it). Formatted at a fixed width, so the output is the same on every terminal."""
     p = build_parser()
     sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
     out = []
     for name, sp in sub.choices.items():
+        sp.formatter_class = functools.partial(sp.formatter_class, width=REFERENCE_WIDTH)
         usage = " ".join(sp.format_usage().split())[len("usage: "):]
         out += [f"#### `minift {name}`", "", sp.description or "", ""]
         if len(usage) < 300:  # train's lists every option: its table below says it better

@@ -20,13 +20,32 @@ kv_heads * head_dim, V vocabulary, s = 2 (16-bit compute):
   logits       linear_cross_entropy's one token chunk of logits: min(N, 256 MiB / (V * s)) * V * s,
                plus the final norm's input / output and the hidden gradient, 3 * N * H * s
   4-bit        NF4 only: one linear dequantised in the forward and one in the backward, 2 * max(in*out) * s
-  vision       with adapters on the vision tower (not checkpointed): per image, L_v * n_patches *
-               (10 H_v + 2 I_v) * s
+  pixel values vision models: the batch's images, n_img * C * image_size^2 * 4 (float32, as the
+               processor makes them; the batch holds them for the whole step), n_img = B * images
+  vision       with adapters on the vision tower (without them it builds no autograd graph): P =
+               (image_size / patch_size)^2 patches an image, H_v / I_v / L_v the tower's widths and
+               layers. With gradient checkpointing (either kind) its encoder layers are recomputed
+               too, so it keeps each layer's input plus the final LayerNorm's input and the
+               projector's pooling input, (L_v + 2) * n_img * P * H_v * s, on the device ("offload"
+               moves only the decoder's); they are held from the vision forward, first, to the
+               vision backward, last, so through the whole decoder backward. Without checkpointing
+               each layer keeps its activations instead, n_img * P * (L_v * (8 H_v + 2 I_v) + 2 H_v) * s
+               (q, k, v and attention output, the two LayerNorms' inputs and outputs, fc1's output
+               and its GELU; counted from the saved tensors, not measured)
+  vision bwd   checkpointed: the vision backward recomputes one encoder layer, n_img * P *
+               (13 H_v + 5 I_v) * s (the decoder layer's count with Hq = KV = H_v); it runs after the
+               decoder backward has freed checkpoints, one layer and logits, so only what it needs
+               beyond those three terms adds to the peak (nothing, for the shapes below)
 
-Checked against bench/RESULTS.md's H100 peaks (N = 4 x 2048, r = 16 on all-linear, AdamW):
-Llama-3.2-1B 4.27 / 2.99 GiB estimated vs 4.20 / 2.94 measured (bf16 / NF4), Gemma-3-4B text
-10.57 / 6.23 vs 10.53 / 6.24 GiB, Gemma NF4 with offloaded checkpoints 4.98 vs 5.08 GiB
-(tests/test_cli.py keeps these within 10%). Not yet checked: vision runs, other shapes."""
+The estimate matches torch.cuda.max_memory_allocated within 3% (N = 4 x 2048, r = 16 on
+all-linear, fused AdamW; tests/test_cli.py keeps them within 10%):
+  bench/RESULTS.md, one H100: Llama-3.2-1B 4.27 / 2.99 GiB estimated vs 4.20 / 2.94 measured
+    (bf16 / NF4), Gemma-3-4B text 10.57 / 6.23 vs 10.53 / 6.24, Gemma NF4 with offloaded
+    checkpoints 4.98 vs 5.08.
+  One H200, 2026-12-01, one 896x896 image (256 tokens) a row, adapters on the vision tower too:
+    Gemma-3-4B vision 12.54 / 7.63 vs 12.48 / 7.61 (bf16 / NF4), NF4 with offloaded checkpoints
+    6.38 vs 6.45; Llama-3.1-8B NF4 (text) 10.36 vs 10.31.
+Not yet checked: without checkpointing, several images a row, DoRA, adamw_8bit."""
 
 from __future__ import annotations
 
@@ -128,16 +147,25 @@ def describe(cfg: dict[str, Any], *, r: int = 16, seq: int = 2048, batch: int = 
     logits = min(n, chunk_rows) * V * s + 3 * n * H * s
     per_adapter = 10 if optim == "adamw_8bit" else 16
     adapters = lora * per_adapter
-    vision_act = 0
-    if vis is not None and lora_vision:
-        patches = (vis.image_size // vis.patch_size) ** 2
-        vision_act = batch * images * vis.num_hidden_layers * patches * (10 * vis.hidden_size + 2 * vis.intermediate_size) * s
+    pixels = vision_act = vision_layer = 0
+    if vis is not None:
+        n_img = batch * images
+        pixels = n_img * vis.num_channels * vis.image_size**2 * 4
+        if lora_vision:
+            P, Hv, Iv, Lv = vis.num_patches, vis.hidden_size, vis.intermediate_size, vis.num_hidden_layers
+            if checkpointing:
+                vision_act = (Lv + 2) * n_img * P * Hv * s
+                vision_layer = n_img * P * (13 * Hv + 5 * Iv) * s
+            else:
+                vision_act = n_img * P * (Lv * (8 * Hv + 2 * Iv) + 2 * Hv) * s
 
     def run(four_bit: bool) -> dict[str, float]:
         weights = (s * (total - p_lin) + p_lin * NF4_BYTES) if four_bit else s * total
         parts = {"weights": weights, "adapters_and_optimizer": adapters, "checkpointed_inputs": saved,
                  "one_layer": layer, "logits_chunk": logits, "dequantised_weight": 2 * max_lin * s if four_bit else 0,
-                 "vision_activations": vision_act}
+                 "pixel_values": pixels, "vision_activations": vision_act}
+        # the vision backward runs once the decoder's checkpoints, layer and logits are freed
+        parts["vision_backward"] = max(0, vision_layer - (saved + layer + logits))
         parts["total"] = sum(parts.values())
         return parts
 
