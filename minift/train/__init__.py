@@ -2,6 +2,7 @@
 
 from .config import TrainConfig
 from ..errors import NonFiniteLossError
+from .monitor import LossWarning
 from .trainer import Trainer, TrainSummary
 
-__all__ = ["Trainer", "TrainConfig", "TrainSummary", "NonFiniteLossError"]
+__all__ = ["Trainer", "TrainConfig", "TrainSummary", "NonFiniteLossError", "LossWarning"]

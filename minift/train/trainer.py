@@ -15,6 +15,7 @@ import math
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +30,7 @@ from . import distributed
 from .config import TrainConfig
 from .data import Batch, Schedule, collate, pack
 from .formats import check_columns, columns_of, normalize_row
+from .monitor import LossMonitor, LossWarning
 from .offload import ActivationOffloader
 from .optim import make_optimizer, make_scheduler, trainable_parameters
 from .report import Metrics, ensure_logging, flop_parameters, log, make_reporters, mfu, peak_memory_gb, plot_losses
@@ -259,7 +261,11 @@ class Trainer:
                    desc="training",
                    dynamic_ncols=True)
         cache: dict[str, Any] = {}
-        pending: list[tuple[int, torch.Tensor, float, Any]] = []
+        pending: list[tuple[int, torch.Tensor, float, Any, float]] = []
+        self._monitor = LossMonitor(cfg.loss_explosion_factor, cfg.loss_stall_steps, cfg.loss_stall_tolerance)
+        for v in self.losses:  # a resumed run's history (warnings only from the steps run now)
+            self._monitor.observe(0, v, None, math.nan)
+        self._monitor.warned.clear()
         self._t0, self._tokens0 = time.perf_counter(), self.tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -271,7 +277,8 @@ class Trainer:
                 # every rank divides by the global target count / world: the gradient average is
                 # then the one-process gradient of the whole global batch
                 norm = float(max(1, sum(self.unit_targets[i] for i in units))) / self.world.size
-                lr = self.lr_scheduler.get_last_lr()[self._lr_group]
+                lrs = self.lr_scheduler.get_last_lr()
+                lr = lrs[self._lr_group]
                 loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
                 for j, mb in enumerate(mine):
                     b = self._batch(self.train_units, mb or units[:1])  # an empty slice still joins the reduction
@@ -291,7 +298,7 @@ class Trainer:
                 if not gc_frozen:
                     gc_frozen = _freeze_gc()
                 self.tokens += sum(len(self.train_units[i]) for i in units)
-                pending.append((self.step, loss_sum, lr, gnorm))
+                pending.append((self.step, loss_sum, lr, gnorm, max(lrs)))
                 last = self.step == self.total_steps
                 if self.step % cfg.logging_steps == 0 or last or (cfg.logging_first_step and self.step == 1):
                     self._flush(pending, bar)
@@ -344,7 +351,7 @@ class Trainer:
         vals = (self.world.all_sum(torch.stack([p[1] for p in pending])) / self.world.size).tolist()
         gn = [p[3].full_tensor() if hasattr(p[3], "full_tensor") else p[3] for p in pending]
         gvals = torch.stack(gn).float().tolist() if all(g is not None for g in gn) else [None] * len(gn)
-        for (step, _, lr, _), v in zip(pending, vals):
+        for (step, _, lr, _, _), v in zip(pending, vals):
             self.losses.append(v)
             if not math.isfinite(v):
                 pending.clear()
@@ -355,7 +362,11 @@ class Trainer:
                        "empty or corrupt examples, or use max_grad_norm")
                 log.error(msg)
                 raise NonFiniteLossError(msg)
-        step, _, lr, _ = pending[-1]
+        if self.world.main:
+            for (step, _, _, _, lr_max), v, g in zip(pending, vals, gvals):
+                for msg in self._monitor.observe(step, v, g, lr_max):
+                    warnings.warn(msg, LossWarning, stacklevel=3)  # at the caller's train()
+        step, _, lr, _, _ = pending[-1]
         elapsed = time.perf_counter() - self._t0
         tps = (self.tokens - self._tokens0) / max(elapsed, 1e-9)
         mem = peak_memory_gb(self.device)
