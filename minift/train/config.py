@@ -119,6 +119,10 @@ class TrainConfig:
     """Where metrics.jsonl, checkpoint-N/, the final adapter/weights and loss.png go."""
     resume_from: str | None = None
     """A checkpoint directory, or "latest" (the newest complete one in output_dir)."""
+    save_on_interrupt: bool = True
+    """Ctrl-C (SIGINT) during train(): finish the running step, write a resumable checkpoint-N in
+    output_dir and raise minift.train.TrainingInterrupted (a KeyboardInterrupt); a second Ctrl-C
+    stops at once. False: Ctrl-C raises KeyboardInterrupt wherever it lands, saving nothing."""
     shuffle: bool = True
     """Shuffle the data each epoch (seeded); False keeps dataset order."""
     progress_bar: bool = True
@@ -181,6 +185,9 @@ class TrainConfig:
         t = self.loss_stall_tolerance
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1:
             bad("loss_stall_tolerance", "must be a number in [0, 1)")
+        for name in ("save_on_interrupt", "logging_first_step"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
         if not isinstance(self.output_dir, (str, bytes)) and not hasattr(self.output_dir, "__fspath__"):
             bad("output_dir", "must be a path")
 

@@ -8,6 +8,7 @@ accumulate on the device; the host reads them back only at logging / saving / ev
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -18,7 +19,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from . import distributed
 from .config import TrainConfig
 from .data import Batch, Schedule, collate, pack
 from .formats import check_columns, columns_of, normalize_row
+from .interrupt import SigintGuard, TrainingInterrupted
 from .monitor import LossMonitor, LossWarning
 from .offload import ActivationOffloader
 from .optim import make_optimizer, make_scheduler, trainable_parameters
@@ -38,6 +40,10 @@ from .report import resolve_report_to
 from .tokenize import Example, make_encoder
 
 DEFAULT_MAX_LENGTH = 2048
+
+
+class _Interrupted(Exception):
+    """Internal: Ctrl-C asked the loop to stop at this step boundary (see _stop_interrupted)."""
 
 
 class _Quiet:
@@ -157,6 +163,8 @@ class Trainer:
         self.checkpoints: list[str] = []
         self.last_checkpoint: Path | None = None
         self.metrics: Metrics | None = None
+        self._interrupt: SigintGuard | None = None
+        self._stop_agreed = False
 
     # -- setup ---------------------------------------------------------------------------
     @staticmethod
@@ -238,7 +246,19 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def train(self) -> TrainSummary:
-        """Runs to max_steps (or epochs), logging, evaluating and checkpointing on the way."""
+        """Runs to max_steps (or epochs), logging, evaluating and checkpointing on the way. Ctrl-C
+        (with save_on_interrupt) stops at the end of the running step, saves a checkpoint and
+        raises TrainingInterrupted (see train/interrupt.py)."""
+        cfg = self.cfg
+        self._interrupt = SigintGuard(escalate=self.world.mode is None) if cfg.save_on_interrupt else None
+        self._stop_agreed = False
+        try:
+            with self._interrupt or contextlib.nullcontext():
+                return self._train()
+        finally:
+            self._interrupt = None
+
+    def _train(self) -> TrainSummary:
         cfg, model = self.cfg, self.model
         resumed = self._maybe_resume()
         if resumed is None:
@@ -269,7 +289,7 @@ class Trainer:
         self._t0, self._tokens0 = time.perf_counter(), self.tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        gc_frozen = False
+        gc_frozen = interrupted = False
         try:
             for step in range(self.step, self.total_steps):
                 units = self.schedule.step_all(step, cache)
@@ -308,7 +328,12 @@ class Trainer:
                     self._flush(pending, bar)
                     self.save_checkpoint()
                 bar.update(1)
+                if self._stop_requested():
+                    raise _Interrupted
             self._flush(pending, bar)
+        except _Interrupted:
+            self._flush(pending, bar)
+            interrupted = True
         except BaseException:
             if isinstance(self.metrics, Metrics):
                 self.metrics.close()  # TensorBoard / W&B keep what was logged
@@ -322,8 +347,17 @@ class Trainer:
             if old_ckpt is not None:
                 model.model.gradient_checkpointing = old_ckpt
             model.train(was_training)
-        eval_loss = self.evaluate() if self.eval_units is not None else None
+        try:
+            if interrupted:
+                raise _Interrupted
+            eval_loss = self.evaluate() if self.eval_units is not None else None
+            if self._stop_requested():
+                raise _Interrupted
+        except _Interrupted:
+            self._stop_interrupted()
         final = self.save_final()
+        if self._stop_requested():
+            log.info("Ctrl-C came after the last step: the result is saved in %s", final)
         plot_losses(self.metrics.records, self.output_dir / "loss.png") if cfg.plot else None
         if isinstance(self.metrics, Metrics):
             self.metrics.close()  # TensorBoard / W&B
@@ -337,6 +371,28 @@ class Trainer:
             resumed_from=str(resumed) if resumed is not None else None,
         )
 
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C asked the loop to stop here: this process's request, or under torchrun
+        the one the ranks agreed on at the last logging point (so every rank stops at one step)."""
+        if self._interrupt is None:
+            return False
+        return self._interrupt.requested if self.world.mode is None else self._stop_agreed
+
+    def _stop_interrupted(self) -> NoReturn:
+        """After a step boundary that Ctrl-C asked to stop at: the checkpoint of this step (unless
+        save_steps just wrote it), then TrainingInterrupted."""
+        path = self.last_checkpoint
+        if path is None or path.name != f"checkpoint-{self.step}":
+            try:
+                path = self.save_checkpoint() if self.step > 0 else None
+            except KeyboardInterrupt:  # a second Ctrl-C: the atomic writer left no checkpoint-N behind
+                path = None
+        if isinstance(self.metrics, Metrics):
+            self.metrics.close()
+        err = TrainingInterrupted(self.step, self.total_steps, path, self.last_checkpoint)
+        log.warning("%s", err)
+        raise err
+
     def _seed(self) -> None:
         s = self.cfg.seed
         random.seed(s)
@@ -348,7 +404,14 @@ class Trainer:
         last pending step whose loss is the mean over the pending steps (the logging window)."""
         if not pending:
             return
-        vals = (self.world.all_sum(torch.stack([p[1] for p in pending])) / self.world.size).tolist()
+        losses = torch.stack([p[1] for p in pending])
+        if self.world.mode is not None and self._interrupt is not None:
+            # the ranks' Ctrl-C requests ride on the loss all-reduce: all of them stop at this step
+            flag = torch.full((1,), float(self._interrupt.requested), device=self.device)
+            vals = (self.world.all_sum(torch.cat([losses, flag])) / self.world.size).tolist()
+            self._stop_agreed = self._stop_agreed or vals.pop() > 0
+        else:
+            vals = (self.world.all_sum(losses) / self.world.size).tolist()
         gn = [p[3].full_tensor() if hasattr(p[3], "full_tensor") else p[3] for p in pending]
         gvals = torch.stack(gn).float().tolist() if all(g is not None for g in gn) else [None] * len(gn)
         for (step, _, lr, _, _), v in zip(pending, vals):
@@ -398,6 +461,8 @@ class Trainer:
         idx = list(range(len(self.eval_units)))[self.world.rank::self.world.size] if ddp else list(range(len(self.eval_units)))
         try:
             for i in range(0, len(idx), bs):
+                if self._interrupt is not None and self._interrupt.requested and self.world.mode is None:
+                    raise _Interrupted  # Ctrl-C: an eval changes no state, so it can stop anywhere
                 b = self._batch(self.eval_units, idx[i: i + bs])
                 out = model(**b.to(self.device), return_logits=False, loss_normalizer=1.0)
                 total += out.loss.float()
