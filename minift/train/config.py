@@ -81,8 +81,9 @@ class TrainConfig:
     logging_steps: int = 1
     """Log (and read the loss back from the device) every this many optimizer steps. A logged
     loss is the mean of the step losses since the previous record (its logging window)."""
-    logging_first_step: bool = False
-    """Also log step 1 when logging_steps > 1 (transformers' name; the CLI and the demo turn it on)."""
+    logging_first_step: bool = True
+    """Also log step 1 when logging_steps > 1 (transformers' name), so metrics.jsonl and the curves
+    start at the loss before the first update; its record's loss is step 1's alone (its window)."""
     loss_explosion_factor: float | None = 3.0
     """Warn (minift.train.LossWarning, once per train() call) when the loss explodes: the mean of the
     last 3 step losses is above this many times the lowest such mean so far and above step 1's loss
