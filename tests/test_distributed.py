@@ -109,3 +109,63 @@ def test_a_failing_rank_ends_the_job_with_its_error(model, tmp_path):
     proc = run(tmp_path, "f", 2, model, dict(BASE, batch_size=2, distributed="ddp"), fail_rank=1)
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stdout + proc.stderr
+
+
+def test_fsdp_checkpoints_resume_exactly(model, reference, tmp_path):
+    """FSDP2 save_steps: rank 0 writes the one-process checkpoint format (trainable parameters and
+    optimizer state gathered whole), which 2 FSDP ranks resume exactly."""
+    import minift
+
+    tmp, ref = reference
+    fsdp = dict(BASE, batch_size=2, distributed="fsdp", save_steps=2)
+    first = result(tmp_path, "f", run(tmp_path, "f", 2, model, fsdp, stop_after=2))
+    assert first["losses"] == pytest.approx(ref["losses"][:2], rel=1e-6)
+    saved = tmp_path / "f" / "checkpoint-2"
+    # the checkpoint's adapter/ is the adapter of its trainable tensors, loadable as any adapter
+    trainable = load_file(str(saved / "trainable.safetensors"))
+    fresh, _ = minift.load(model)
+    minift.load_adapter(fresh, saved / "adapter")
+    got = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
+    assert got.keys() == trainable.keys() and all(torch.equal(got[n], trainable[n]) for n in got)
+    again = result(tmp_path, "f", run(tmp_path, "f", 2, model, dict(fsdp, resume_from="latest")))
+    assert_same_run(tmp_path / "f", tmp / "one", again, ref)
+
+
+def test_ctrl_c_under_torchrun_fsdp_saves_once_and_one_process_resumes(model, reference, tmp_path):
+    """SIGINT to torchrun (which forwards it to each rank): the ranks agree on one step, rank 0
+    writes its checkpoint (no save_steps), every rank exits 130; one process resumes it exactly."""
+    import signal
+    import time
+
+    tmp, ref = reference
+    out = tmp_path / "c"
+    spec = tmp_path / "c.json"
+    spec.write_text(json.dumps({"model": str(model), "out": str(out), "slow": 0.4,
+                                "config": dict(BASE, batch_size=2, distributed="fsdp")}))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(HERE / "dist_worker.py"), str(spec)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.stdout.read()[-5000:]
+            assert time.time() < deadline, "no step was logged"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    got = json.loads((out / "RESULT.json").read_text())
+    step = got["interrupted"]
+    assert 1 <= step < BASE["max_steps"], text[-3000:]
+    assert got["checkpoint"] == str(out / f"checkpoint-{step}")
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert text.count("training interrupted after step") == 1  # rank 0 speaks
+    assert got["losses"] == pytest.approx(ref["losses"][:step], rel=1e-6)
+    one = result(tmp_path, "c", run(tmp_path, "c", 1, model, dict(BASE, batch_size=4, distributed=None,
+                                                                   resume_from="latest")))
+    assert_same_run(out, tmp / "one", one, ref)

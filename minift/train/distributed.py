@@ -145,3 +145,55 @@ def unsharded(model: nn.Module, world: World) -> Iterator[None]:
     finally:
         for u in units:
             u.reshard()
+
+
+# ---- FSDP2 checkpoints ------------------------------------------------------------------------
+# A checkpoint holds what one process would save: every trainable parameter whole, by name, and
+# the optimizer state as `optimizer.state_dict()` has it (keyed by parameter index over the
+# param groups), so it resumes on any world size and in any mode. torch's distributed
+# state-dict API does the gathering and sharding; these convert between its parameter names and
+# the optimizer's indices (the same order: the param groups' parameters, one after another).
+
+
+def _state_dict_options(**kw: Any) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def gather_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, world: World
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """FSDP2: (the trainable parameters by name, the optimizer state dict) gathered whole onto
+    rank 0's CPU, one tensor at a time; a collective (every rank calls it), None on the other
+    ranks. The frozen base is not gathered."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    opts = _state_dict_options(cpu_offload=True, ignore_frozen_params=True)
+    params = get_model_state_dict(model, options=opts)
+    optim = get_optimizer_state_dict(model, optimizer, options=opts)
+    if not world.main:
+        return None
+    names = [n for g in optim["param_groups"] for n in g["params"]]
+    index = {n: i for i, n in enumerate(names)}
+    by_index = {
+        "state": {index[n]: st for n, st in optim["state"].items()},
+        "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in optim["param_groups"]],
+    }
+    return params, by_index
+
+
+def load_train_state(model: nn.Module, optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                     optim_state: dict[str, Any]) -> None:
+    """FSDP2: each rank's shards of the trainable parameters and optimizer state from the whole
+    tensors of a checkpoint (every rank passes the same ones; a collective)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    by_name = {
+        "state": {names[int(i)]: st for i, st in optim_state["state"].items()},
+        "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]]) for g in optim_state["param_groups"]],
+    }
+    set_model_state_dict(model, params, options=_state_dict_options(strict=False))
+    set_optimizer_state_dict(model, optimizer, by_name, options=_state_dict_options())
+

@@ -55,8 +55,9 @@ class SigintGuard:
     thread and only over Python's default SIGINT handler (an application's own handler, or an
     ignored SIGINT, is left as it is: then Ctrl-C behaves as without the guard)."""
 
-    def __init__(self, escalate: bool):
+    def __init__(self, escalate: bool, announce: bool = True):
         self.escalate = escalate
+        self.announce = announce  # log the request (rank 0 only)
         self.requested = False
         self.active = False
         self._old: Any = None
@@ -79,8 +80,9 @@ class SigintGuard:
     def _handle(self, signum: int, frame: Any) -> None:
         if not self.requested:
             self.requested = True
-            log.warning("Ctrl-C: stopping after this step and saving a checkpoint%s",
-                        " (Ctrl-C again stops at once, without it)" if self.escalate else "")
+            if self.announce:
+                log.warning("Ctrl-C: stopping after this step and saving a checkpoint%s",
+                            " (Ctrl-C again stops at once, without it)" if self.escalate else "")
             return
         if self.escalate:
             self.restore()

@@ -121,9 +121,6 @@ class Trainer:
         self.world = distributed.setup(cfg.distributed, self.device)
         if not self.world.main:
             log.setLevel(logging.WARNING)  # one rank speaks
-        if self.world.mode == "fsdp" and cfg.save_steps:
-            raise TrainConfigError("TrainConfig.save_steps with distributed='fsdp' is not supported yet (sharded "
-                                   "optimizer checkpoints); use distributed='ddp' or save_steps=None")
         self.encoder = make_encoder(tokenizer_or_processor, max_length=self.max_length,
                                     responses_only=cfg.train_on_responses_only)
         tok = self.encoder.tokenizer
@@ -250,7 +247,8 @@ class Trainer:
         (with save_on_interrupt) stops at the end of the running step, saves a checkpoint and
         raises TrainingInterrupted (see train/interrupt.py)."""
         cfg = self.cfg
-        self._interrupt = SigintGuard(escalate=self.world.mode is None) if cfg.save_on_interrupt else None
+        self._interrupt = (SigintGuard(escalate=self.world.mode is None, announce=self.world.main)
+                           if cfg.save_on_interrupt else None)
         self._stop_agreed = False
         try:
             with self._interrupt or contextlib.nullcontext():
@@ -390,7 +388,8 @@ class Trainer:
         if isinstance(self.metrics, Metrics):
             self.metrics.close()
         err = TrainingInterrupted(self.step, self.total_steps, path, self.last_checkpoint)
-        log.warning("%s", err)
+        if self.world.main:
+            log.warning("%s", err)
         raise err
 
     def _seed(self) -> None:
@@ -490,11 +489,15 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """output_dir/checkpoint-{step}: weights, optimizer, scheduler, RNG and data position
-        (written by rank 0; under DDP every rank holds the same weights and optimizer state)."""
+        (written by rank 0; under DDP every rank holds the same weights and optimizer state; under
+        FSDP2 the trainable parameters and optimizer state are gathered whole onto rank 0 first, so
+        the files are those one process writes)."""
         path = self.output_dir / f"checkpoint-{self.step}"
+        gathered = (distributed.gather_train_state(self.model, self.optimizer, self.world)
+                    if self.world.mode == "fsdp" else None)
         if self.world.main:
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.lr_scheduler,
-                                        self._state(), total_limit=self.cfg.save_total_limit)
+                                        self._state(), total_limit=self.cfg.save_total_limit, gathered=gathered)
         self.world.barrier()
         self.last_checkpoint = path
         self.checkpoints = [str(p) for _, p in ckpt.list_checkpoints(self.output_dir)]
@@ -527,7 +530,8 @@ class Trainer:
                 f"cannot resume from {path}: {', '.join(mismatched)} differ from the checkpoint's run, so the data "
                 "order would not continue where it stopped"
             )
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler,
+                                     load_sharded=distributed.load_train_state if self.world.mode == "fsdp" else None)
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"]][: self.step]
         self.tokens = int(state["tokens"])
