@@ -4,7 +4,7 @@
 
 SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`fail_rank`/`stop_after`/
 `slow` (seconds each micro-batch sleeps, so a test's signal lands mid-run). Rank 0 writes RESULT.json
-in the output dir: losses, tokens, world size (and, after Ctrl-C, the step and checkpoint)."""
+in the output dir: losses, tokens, world size, parameter count (and, after Ctrl-C, the step and checkpoint)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ torch.set_num_threads(1)
 
 import minift  # noqa: E402
 from minift.train import TrainConfig, Trainer, TrainingInterrupted  # noqa: E402
+from minift.quant.linear4bit import Linear4bit  # noqa: E402
+from minift.train.report import count_parameters  # noqa: E402
 from train_utils import text_rows  # noqa: E402
 
 
@@ -64,10 +66,14 @@ def main(spec_path: str) -> None:
     except TrainingInterrupted as e:
         losses, tokens = trainer.losses, trainer.tokens
         extra = {"interrupted": e.step, "checkpoint": str(e.checkpoint)}
+    packed = [m.weight for m in model.modules() if isinstance(m, Linear4bit)]
+    sharded = all(hasattr(w, "to_local") and w.to_local().numel() < w.numel() for w in packed) if packed else None
+    extra["sharded_4bit"] = sharded
     if trainer.world.main:
         Path(spec["out"], "RESULT.json").write_text(json.dumps(
-            {"losses": losses, "tokens": tokens, "world": trainer.world.size, **extra}))
-    if extra:
+            {"losses": losses, "tokens": tokens, "world": trainer.world.size, "params": count_parameters(model),
+             **extra}))
+    if "interrupted" in extra:
         raise SystemExit(130)
 
 

@@ -1,7 +1,8 @@
 """Data-parallel training on PyTorch's own engine: `torch.distributed` under `torchrun`.
 
 `TrainConfig.distributed`: "auto" (DDP when the process was launched by torchrun, else one
-process), "ddp", "fsdp" (FSDP2's `fully_shard` per decoder layer, then the whole model) or None.
+process), "ddp", "fsdp" (FSDP2's `fully_shard` per decoder layer, then the whole model; a 4-bit
+base's packed weights are sharded too, see `_packed_as_parameters`) or None.
 
 Every rank reads the whole dataset and computes the same step schedule (a pure function of seed
 and step); rank r takes its own slice of every global micro-batch (`Schedule(world=, rank=)`).
@@ -92,7 +93,8 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     """The module the loop calls: DDP around the model, or the model itself sharded in place by
-    FSDP2 (fp32 gradient reduction; parameters keep their dtypes: a 16-bit base, fp32 adapters)."""
+    FSDP2 (fp32 gradient reduction; parameters keep their dtypes: a 16-bit or 4-bit base, fp32
+    adapters)."""
     if world.mode is None:
         return model
     if world.mode == "ddp":
@@ -105,17 +107,32 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if any(t.dtype == torch.uint8 for t in model.buffers()):
-        raise TrainConfigError(
-            "TrainConfig.distributed='fsdp' with a 4-bit base is not supported yet (its packed weights are "
-            "buffers FSDP2 does not shard); use distributed='ddp', or a 16-bit base"
-        )
+    _packed_as_parameters(model)
     mesh = init_device_mesh(device.type, (world.size,))
     mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for unit in _decoder_layers(model):
         fully_shard(unit, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+SHARDED_4BIT = ("weight", "absmax")  # a Linear4bit's large buffers (the packed codes, the block scales)
+
+
+def _packed_as_parameters(model: nn.Module) -> None:
+    """Each 4-bit layer's packed weight and block scales become frozen parameters (uint8, or
+    fp32 scales without double quantisation), since FSDP2 shards parameters and replicates
+    buffers; a MixedPrecisionPolicy without param_dtype leaves their dtypes alone, the
+    all-gather moves them as bytes. The small tables (code maps, nested scales, offset) stay
+    buffers. Forward and backward read them between FSDP2's unshard and reshard, whole."""
+    from ..quant.linear4bit import Linear4bit
+
+    for mod in model.modules():
+        if isinstance(mod, Linear4bit):
+            for name in SHARDED_4BIT:
+                if name in mod._buffers:  # (a second Trainer on the same model finds parameters)
+                    t = mod._buffers.pop(name)
+                    mod.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
 
 def no_sync(module: nn.Module, world: World, last: bool) -> Any:
