@@ -2,13 +2,15 @@
 
     torchrun --standalone --nproc_per_node 2 dist_worker.py SPEC.json
 
-SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`fail_rank`.
-Rank 0 writes RESULT.json beside the output: losses, tokens, and the final adapter's tensors' norms."""
+SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`fail_rank`/`stop_after`/
+`slow` (seconds each micro-batch sleeps, so a test's signal lands mid-run). Rank 0 writes RESULT.json
+in the output dir: losses, tokens, world size, parameter count (and, after Ctrl-C, the step and checkpoint)."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -17,7 +19,9 @@ sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]  # t
 torch.set_num_threads(1)
 
 import minift  # noqa: E402
-from minift.train import TrainConfig, Trainer  # noqa: E402
+from minift.train import TrainConfig, Trainer, TrainingInterrupted  # noqa: E402
+from minift.quant.linear4bit import Linear4bit  # noqa: E402
+from minift.train.report import count_parameters  # noqa: E402
 from train_utils import text_rows  # noqa: E402
 
 
@@ -27,6 +31,14 @@ class _Stop(Exception):
 
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    if spec.get("slow"):
+        batch = Trainer._batch
+
+        def slow_batch(self, units, idx):
+            time.sleep(spec["slow"])
+            return batch(self, units, idx)
+
+        Trainer._batch = slow_batch
     model, tok = minift.load(spec["model"], load_in_4bit=spec.get("quant") == "4bit")
     minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5)
     cfg = TrainConfig(output_dir=spec["out"], progress_bar=False, plot=False, gradient_checkpointing=False,
@@ -45,14 +57,24 @@ def main(spec_path: str) -> None:
             return path
 
         trainer.save_checkpoint = save_then_stop
+    extra = {}
     try:
         summary = trainer.train()
         losses, tokens = summary.losses, summary.tokens
     except _Stop:
         losses, tokens = trainer.losses, trainer.tokens
+    except TrainingInterrupted as e:
+        losses, tokens = trainer.losses, trainer.tokens
+        extra = {"interrupted": e.step, "checkpoint": str(e.checkpoint)}
+    packed = [m.weight for m in model.modules() if isinstance(m, Linear4bit)]
+    sharded = all(hasattr(w, "to_local") and w.to_local().numel() < w.numel() for w in packed) if packed else None
+    extra["sharded_4bit"] = sharded
     if trainer.world.main:
         Path(spec["out"], "RESULT.json").write_text(json.dumps(
-            {"losses": losses, "tokens": tokens, "world": trainer.world.size}))
+            {"losses": losses, "tokens": tokens, "world": trainer.world.size, "params": count_parameters(model),
+             **extra}))
+    if "interrupted" in extra:
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

@@ -82,6 +82,62 @@ def test_unsloth_cli_usage_line_runs_as_is(work, tmp_path):
     assert (tmp_path / "OUT" / "final" / "adapter_model.safetensors").is_file()
 
 
+SLOW_CLI = """
+import sys, time, torch
+torch.set_num_threads(1)
+from minift.train import Trainer
+batch = Trainer._batch
+def slow_batch(self, units, idx):  # slow steps, so that the signal lands mid-run
+    time.sleep(0.2)
+    return batch(self, units, idx)
+Trainer._batch = slow_batch
+from minift.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_exits_130_with_a_checkpoint_and_resume_continues(work, tmp_path):
+    """Ctrl-C during `minift train`: exit status 130, no traceback, the checkpoint's path and how to
+    resume on stderr; the same command with --resume runs the remaining steps."""
+    import signal
+    import time
+
+    line = (f"train --model_name {work / 'base'} --dataset {work / 'chat.jsonl'} --max_seq_length 64 --r 4 "
+            "--per_device_train_batch_size 2 --gradient_accumulation_steps 1 --max_steps 8 --optim adamw_torch "
+            "--output_dir OUT --report_to none").split()
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_CLI, *line], cwd=tmp_path, env=cli_env(tmp_path),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "OUT" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 240
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "no step was logged"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    saved = sorted((tmp_path / "OUT").glob("checkpoint-*"))
+    assert len(saved) == 1 and f"saved a resumable checkpoint in {Path('OUT') / saved[0].name}\n" in err, err[-2000:]
+    assert "Ctrl-C: stopping after this step" in out + err  # minift's log lines go through tqdm.write
+    assert "the same command with --resume" in err
+    step = int(saved[0].name.split("-")[1])
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(line + ["--resume"]) == 0
+    finally:
+        os.chdir(cwd)
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 9)) and step < 8
+    assert (tmp_path / "OUT" / "final" / "adapter_model.safetensors").is_file()
+
+
 CONFIG = """\
 model_name: {base}
 dataset: {data}

@@ -1,5 +1,5 @@
 """Data-parallel training under torchrun on CPU (gloo): N ranks x batch b give the loss sequence
-and final adapter of 1 process x N*b, with DDP and FSDP2; a 4-bit base under DDP; resuming a
+and final adapter of 1 process x N*b, with DDP and FSDP2; a 4-bit base under DDP and FSDP2; resuming a
 2-rank checkpoint on 1 rank and back; a failing rank ends the job with its error."""
 
 from __future__ import annotations
@@ -87,6 +87,32 @@ def test_ddp_on_a_4bit_base_trains_and_saves_an_adapter_peft_loads(model, tmp_pa
     peft.PeftModel.from_pretrained(base, tmp_path / "q" / "final")
 
 
+def test_fsdp_on_a_4bit_base_shards_checkpoints_and_resumes_exactly(model, tmp_path):
+    """FSDP2 over an NF4 base: the packed weights are sharded (frozen uint8 parameters); save_steps
+    writes the one-process checkpoint format (trainable parameters and optimizer state gathered
+    whole onto rank 0), which 2 FSDP ranks resume to the losses and final adapter of one 4-bit
+    process."""
+    import minift
+
+    one = result(tmp_path, "q1", run(tmp_path, "q1", 1, model, dict(BASE, batch_size=4, distributed=None),
+                                     quant="4bit"))
+    fsdp = dict(BASE, batch_size=2, distributed="fsdp", save_steps=2)
+    first = result(tmp_path, "q2", run(tmp_path, "q2", 2, model, fsdp, quant="4bit", stop_after=2))
+    assert first["sharded_4bit"] is True and one["sharded_4bit"] is False
+    assert first["params"] == one["params"]  # 4-bit weights counted unpacked, sharded or not
+    assert first["losses"] == pytest.approx(one["losses"][:2], rel=1e-6)
+    saved = tmp_path / "q2" / "checkpoint-2"
+    trainable = load_file(str(saved / "trainable.safetensors"))
+    assert trainable and all(t.dtype == torch.float32 for t in trainable.values())  # adapters only, no base
+    # the checkpoint's adapter/ is the adapter of its trainable tensors, loadable as any adapter
+    fresh, _ = minift.load(model, load_in_4bit=True)
+    minift.load_adapter(fresh, saved / "adapter")
+    got = {n: p.detach() for n, p in fresh.named_parameters() if p.requires_grad}
+    assert got.keys() == trainable.keys() and all(torch.equal(got[n], trainable[n]) for n in got)
+    again = result(tmp_path, "q2", run(tmp_path, "q2", 2, model, dict(fsdp, resume_from="latest"), quant="4bit"))
+    assert_same_run(tmp_path / "q2", tmp_path / "q1", again, one)
+
+
 def test_resume_across_world_sizes(model, reference, tmp_path):
     tmp, ref = reference
     # 2 ranks stop after step 2 (a checkpoint), 1 process continues to step 4: the same losses
@@ -109,3 +135,43 @@ def test_a_failing_rank_ends_the_job_with_its_error(model, tmp_path):
     proc = run(tmp_path, "f", 2, model, dict(BASE, batch_size=2, distributed="ddp"), fail_rank=1)
     assert proc.returncode != 0
     assert "rank 1 fails on purpose" in proc.stdout + proc.stderr
+
+
+def test_ctrl_c_under_torchrun_fsdp_saves_once_and_one_process_resumes(model, reference, tmp_path):
+    """SIGINT to torchrun (which forwards it to each rank): the ranks agree on one step, rank 0
+    writes its checkpoint (no save_steps), every rank exits 130; one process resumes it exactly."""
+    import signal
+    import time
+
+    tmp, ref = reference
+    out = tmp_path / "c"
+    spec = tmp_path / "c.json"
+    spec.write_text(json.dumps({"model": str(model), "out": str(out), "slow": 0.4,
+                                "config": dict(BASE, batch_size=2, distributed="fsdp")}))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(HERE / "dist_worker.py"), str(spec)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.time() + TIMEOUT
+        while not (metrics.is_file() and metrics.read_text().strip()):
+            assert proc.poll() is None, proc.stdout.read()[-5000:]
+            assert time.time() < deadline, "no step was logged"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    got = json.loads((out / "RESULT.json").read_text())
+    step = got["interrupted"]
+    assert 1 <= step < BASE["max_steps"], text[-3000:]
+    assert got["checkpoint"] == str(out / f"checkpoint-{step}")
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert text.count("training interrupted after step") == 1  # rank 0 speaks
+    assert got["losses"] == pytest.approx(ref["losses"][:step], rel=1e-6)
+    one = result(tmp_path, "c", run(tmp_path, "c", 1, model, dict(BASE, batch_size=4, distributed=None,
+                                                                   resume_from="latest")))
+    assert_same_run(out, tmp / "one", one, ref)

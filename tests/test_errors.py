@@ -91,3 +91,11 @@ def test_every_error_class_is_a_documented_minift_error():
     for cls in classes:
         assert issubclass(cls, errors.MiniftError), cls
         assert f"`{cls.__name__}`" in readme, f"{cls.__name__} is not in the README's error list"
+
+
+def test_every_train_config_field_is_in_the_readme():
+    import dataclasses
+
+    readme = README.read_text()
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f"`{f.name}`" not in readme]
+    assert not missing, f"TrainConfig fields missing from the README's field list: {missing}"

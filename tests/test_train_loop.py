@@ -117,7 +117,7 @@ def test_epochs_eval_and_param_groups(llama, tmp_path):
     assert s.steps == 6 and len(s.losses) == 6 and s.eval_loss is not None
     rec = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rec if r.get("eval")] == [2, 4, 6]
-    assert [r["step"] for r in rec if not r.get("eval")] == [2, 4, 6]
+    assert [r["step"] for r in rec if not r.get("eval")] == [1, 2, 4, 6]
     assert (tmp_path / "final" / "model.safetensors").is_file()
     import minift
 
@@ -240,3 +240,15 @@ def test_gc_frozen_during_training_only(llama, tmp_path, monkeypatch):
         assert len(counts) == 2 and max(counts) <= own and 0 < gc.get_freeze_count() <= own
     finally:
         gc.unfreeze()
+
+
+def test_step_one_logged_by_default_and_window_means(llama, tmp_path):
+    """metrics.jsonl records step 1 by default (logging_first_step=True) even with logging_steps > 1;
+    each record's loss is the mean of the step losses since the previous record."""
+    assert TrainConfig().logging_first_step is True
+    s, _ = run(llama, text_rows(10, seed=2), tmp_path, batch_size=2, grad_accum=1, max_steps=5, logging_steps=3)
+    rec = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rec] == [1, 3, 5]
+    windows = {1: s.losses[0:1], 3: s.losses[1:3], 5: s.losses[3:5]}
+    for r in rec:
+        assert r["loss"] == pytest.approx(sum(windows[r["step"]]) / len(windows[r["step"]]), rel=1e-9)

@@ -122,3 +122,127 @@ def test_resume_refuses_changed_batching(llama, tmp_path):
     train(llama, tmp_path, max_steps=2)
     with pytest.raises(TrainConfigError, match="batch_size"):
         train(llama, tmp_path, resume_from="latest", batch_size=4, grad_accum=1)
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------------
+
+INTERRUPT_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {here!r})
+torch.set_num_threads(1)
+import minift.train.checkpoint as ckpt
+from minift.train import Trainer, TrainingInterrupted
+from test_train_resume import train
+from pathlib import Path
+
+batch = Trainer._batch
+def slow_batch(self, units, idx):  # slow steps, so that the signal lands mid-run
+    time.sleep(0.1)
+    return batch(self, units, idx)
+Trainer._batch = slow_batch
+if {stall!r}:
+    def stall(output_dir, step):  # the interrupt's checkpoint half-written: signal the test, wait
+        (output_dir / ".saving").write_text(str(step))
+        time.sleep(120)
+    ckpt.before_commit = stall
+try:
+    train(Path({model!r}), Path({out!r}), save_steps=None)
+except TrainingInterrupted as e:
+    print("INTERRUPTED", e.step, e.checkpoint, e.last_checkpoint, flush=True)
+    sys.exit(130)
+print("FINISHED")
+"""
+
+
+def _spawn(llama, out: Path, stall: bool = False) -> subprocess.Popen:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    code = INTERRUPT_SCRIPT.format(here=str(HERE), model=str(llama), out=str(out), stall=stall)
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(proc: subprocess.Popen, ready, what: str) -> None:
+    deadline = time.time() + 120
+    while not ready():
+        if proc.poll() is not None:
+            raise AssertionError(f"training subprocess exited early: {proc.stdout.read()[-3000:]}")
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def _logged(out: Path) -> int:
+    f = out / "metrics.jsonl"
+    return len(f.read_text().splitlines()) if f.is_file() else 0
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_to_the_same_losses(llama, tmp_path, reference):
+    out = tmp_path / "run"
+    proc = _spawn(llama, out)
+    try:
+        _wait_for(proc, lambda: _logged(out) >= 2, "step 2 to be logged")
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, text[-3000:]
+    assert "Ctrl-C: stopping after this step" in text and "Traceback" not in text
+    _, step, path, _ = next(ln for ln in text.splitlines() if ln.startswith("INTERRUPTED")).split()
+    step = int(step)
+    assert 2 <= step < STEPS and Path(path) == out / f"checkpoint-{step}"
+    assert (out / f"checkpoint-{step}" / "trainer_state.json").is_file()
+    assert [p.name for p in out.glob("checkpoint-*")] == [f"checkpoint-{step}"]
+    assert not (out / "final").exists()
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, step + 1))
+    resumed = train(llama, out, resume_from="latest", save_steps=None)
+    assert resumed.resumed_from.endswith(f"checkpoint-{step}")
+    assert resumed.losses == pytest.approx(reference.losses, rel=1e-6, abs=0)
+    assert [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, STEPS + 1))
+
+
+def test_second_ctrl_c_while_saving_leaves_no_half_checkpoint(llama, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn(llama, out, stall=True)
+    try:
+        _wait_for(proc, lambda: _logged(out) >= 2, "step 2 to be logged")
+        proc.send_signal(signal.SIGINT)
+        _wait_for(proc, (out / ".saving").exists, "the interrupt's checkpoint to be half-written")
+        assert list(out.glob(".tmp-checkpoint-*"))  # the checkpoint being written, in its temporary
+        proc.send_signal(signal.SIGINT)
+        text, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, text[-3000:]
+    line = next(ln for ln in text.splitlines() if ln.startswith("INTERRUPTED")).split()
+    assert line[2:] == ["None", "None"]  # no checkpoint, none before it
+    assert "no checkpoint was saved" in text
+    assert not list(out.glob("checkpoint-*")) and not list(out.glob(".tmp-*"))  # nothing half-written left
+
+
+def test_sigint_guard_defers_then_escalates_and_respects_other_handlers():
+    from minift.train.interrupt import SigintGuard
+
+    before = signal.getsignal(signal.SIGINT)
+    with SigintGuard(escalate=True) as g:
+        assert g.active
+        signal.raise_signal(signal.SIGINT)  # the first: only recorded
+        assert g.requested
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # the second: at once
+        assert signal.getsignal(signal.SIGINT) is before
+    with SigintGuard(escalate=False) as g:  # under torchrun: later signals are ignored
+        for _ in range(3):
+            signal.raise_signal(signal.SIGINT)
+        assert g.requested
+    assert signal.getsignal(signal.SIGINT) is before
+    seen = []
+    old = signal.signal(signal.SIGINT, lambda *a: seen.append(1))  # an application's own handler stays
+    try:
+        with SigintGuard(escalate=True) as g:
+            signal.raise_signal(signal.SIGINT)
+            assert not g.active and not g.requested and seen == [1]
+    finally:
+        signal.signal(signal.SIGINT, old)

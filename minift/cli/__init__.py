@@ -110,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except SystemExit as e:  # argparse's --help (0) and its own usage errors (2)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         sys.stderr.write("\n")
+        interrupt = sys.modules.get("minift.train.interrupt")  # loaded if training ran
+        if interrupt is not None and isinstance(e, interrupt.TrainingInterrupted):  # where the checkpoint is
+            sys.stderr.write(f"minift {cmd}: {e.what}\n")
+            if e.resumable is not None:
+                sys.stderr.write(f"minift {cmd}: to continue, run the same command with --resume "
+                                 f"(the latest checkpoint in its --output_dir) or --resume {e.resumable}\n")
         return 130
 
 

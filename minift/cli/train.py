@@ -128,6 +128,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     _add(g, "save_total_limit", None, "keep at most this many checkpoints", type=int)
     _add(g, "resume", None, "resume from output_dir's latest checkpoint, or from the checkpoint DIR given",
          nargs="?", const="latest", metavar="DIR")
+    _add(g, "save_on_interrupt", True, "on Ctrl-C, finish the running step, write a resumable checkpoint "
+                                       "in --output_dir and exit with status 130 (Ctrl-C again: at once)", flag=True)
     _add(g, "peak_tflops", None, "the accelerator's peak TFLOP/s: logs MFU", type=float)
 
     g = p.add_argument_group("report")
@@ -542,7 +544,7 @@ def _train_config(v: dict[str, Any], d: dict[str, Any]) -> Any:
         seed=v["seed"], logging_steps=v["logging_steps"], logging_first_step=True, report_to=d["report_to"],
         logging_dir=v["logging_dir"], run_name=v["run_name"], peak_tflops=v["peak_tflops"],
         eval_steps=v["eval_steps"], save_steps=v["save_steps"], save_total_limit=v["save_total_limit"],
-        output_dir=str(v["output_dir"]), resume_from=v["resume"],
+        output_dir=str(v["output_dir"]), resume_from=v["resume"], save_on_interrupt=bool(v["save_on_interrupt"]),
         extra={"command": "minift train"},
     )
 

@@ -2,6 +2,8 @@
 
 from .config import TrainConfig
 from ..errors import NonFiniteLossError
+from .interrupt import TrainingInterrupted
+from .monitor import LossWarning
 from .trainer import Trainer, TrainSummary
 
-__all__ = ["Trainer", "TrainConfig", "TrainSummary", "NonFiniteLossError"]
+__all__ = ["Trainer", "TrainConfig", "TrainSummary", "NonFiniteLossError", "LossWarning", "TrainingInterrupted"]

@@ -12,6 +12,7 @@ and it is read back with `weights_only=True` (no arbitrary pickle).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -21,7 +22,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -49,15 +50,40 @@ def has_lora(model: nn.Module) -> bool:
     return has_adapters(model)
 
 
-def save_trainable(model: nn.Module, path: Path) -> None:
-    """Every trainable parameter (tied ones once) as a safetensors file, by parameter name."""
+def save_trainable(model: nn.Module, path: Path, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Every trainable parameter (tied ones once) as a safetensors file, by parameter name
+    (`tensors`: those already gathered whole, under FSDP)."""
     from safetensors.torch import save_file
 
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in trainable_parameters(model)}
+    if tensors is None:
+        tensors = {name: p.detach().to("cpu").contiguous() for name, p in trainable_parameters(model)}
+    else:
+        tensors = {name: tensors[name].detach().to("cpu").contiguous() for name, _ in trainable_parameters(model)}
     save_file(tensors, str(path), metadata={"format": "pt", "source": "minift.train"})
 
 
-def load_trainable(model: nn.Module, path: Path) -> None:
+@contextlib.contextmanager
+def parameters_replaced(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Iterator[None]:
+    """For the block, each trainable parameter named in `tensors` is that tensor on every module
+    holding it (tied ones too); then the model's own parameters (FSDP2's shards) are back. Lets
+    rank 0 save an adapter from gathered tensors with the one-process code, no forward run."""
+    named = dict(trainable_parameters(model))
+    by_id = {id(named[n]): nn.Parameter(t, requires_grad=True) for n, t in tensors.items() if n in named}
+    swapped = []
+    try:
+        for mod in model.modules():
+            for attr, p in list(mod._parameters.items()):
+                if p is not None and id(p) in by_id:
+                    swapped.append((mod, attr, p))
+                    mod._parameters[attr] = by_id[id(p)]
+        yield
+    finally:
+        for mod, attr, p in reversed(swapped):
+            mod._parameters[attr] = p
+
+
+def read_trainable(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
+    """trainable.safetensors, checked against the model's trainable parameters (names, shapes)."""
     from safetensors.torch import load_file
 
     saved = load_file(str(path))
@@ -69,12 +95,18 @@ def load_trainable(model: nn.Module, path: Path) -> None:
             f"{path}: trainable parameters differ from the model's (missing {missing[:5]}, unexpected {extra[:5]}); "
             "was the checkpoint written for the same model and adapters?"
         )
+    for name, p in named.items():
+        t = saved[name]
+        if t.shape != p.shape:  # (an FSDP2 shard's shape is the whole parameter's)
+            raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
+    return saved
+
+
+def load_trainable(model: nn.Module, path: Path) -> None:
+    saved = read_trainable(model, path)
     with torch.no_grad():
-        for name, p in named.items():
-            t = saved[name]
-            if t.shape != p.shape:
-                raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model's is {tuple(p.shape)}")
-            p.copy_(t.to(p.device, p.dtype))
+        for name, p in trainable_parameters(model):
+            p.copy_(saved[name].to(p.device, p.dtype))
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -112,17 +144,22 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer: Any = None,
     total_limit: int | None = None,
+    gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Writes output_dir/checkpoint-{step} atomically and applies save_total_limit."""
+    """Writes output_dir/checkpoint-{step} atomically and applies save_total_limit. `gathered`:
+    the trainable parameters and optimizer state dict already gathered whole (FSDP2), written
+    in place of the model's and optimizer's own (the same files as one process writes)."""
     from safetensors.torch import save_file
 
     final = Path(output_dir) / f"checkpoint-{step}"
+    params, optim_state = gathered if gathered is not None else (None, optimizer.state_dict())
     # re-saving a step (after a resume) replaces it; a checkpoint-N holding foreign files is refused
     with atomic_dir(final, overwrite=True, what=f"checkpoint-{step}", error=CheckpointError) as tmp:
-        save_trainable(model, tmp / "trainable.safetensors")
+        save_trainable(model, tmp / "trainable.safetensors", params)
         if has_lora(model):
-            model.save_adapter(tmp / "adapter")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            with parameters_replaced(model, params) if params is not None else contextlib.nullcontext():
+                model.save_adapter(tmp / "adapter")
+        torch.save(optim_state, tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         rng_t, rng_js = rng_state()
         save_file(rng_t, str(tmp / "rng.safetensors"))
@@ -253,21 +290,29 @@ def resolve_resume(resume_from: str | os.PathLike, output_dir: Path) -> Path | N
     return p
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
-    """Restores weights, optimizer, scheduler and RNG states; returns the trainer state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    load_sharded: Any = None) -> dict[str, Any]:
+    """Restores weights, optimizer, scheduler and RNG states; returns the trainer state.
+    `load_sharded(model, optimizer, params, optimizer_state)`: hands the whole tensors to FSDP2
+    (distributed.load_train_state) instead of copying them into the parameters."""
     from safetensors.torch import load_file
 
     try:
         state = json.loads((path / STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable: {e}") from e
-    load_trainable(model, path / "trainable.safetensors")
     # torch optimizers move state to each parameter's device themselves (and keep AdamW's step
     # counters on the CPU unless fused, avoiding a sync per step); bitsandbytes' do not.
     dev = next((p.device for _, p in trainable_parameters(model)), torch.device("cpu"))
     bnb = type(optimizer).__module__.startswith("bitsandbytes")
-    opt = torch.load(path / "optimizer.pt", map_location=dev if bnb else "cpu", weights_only=True)
-    optimizer.load_state_dict(opt)
+    if load_sharded is not None:
+        params = read_trainable(model, path / "trainable.safetensors")
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        load_sharded(model, optimizer, params, opt)
+    else:
+        load_trainable(model, path / "trainable.safetensors")
+        opt = torch.load(path / "optimizer.pt", map_location=dev if bnb else "cpu", weights_only=True)
+        optimizer.load_state_dict(opt)
     sched = json.loads((path / "scheduler.json").read_text())
     scheduler.load_state_dict(sched)
     set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])

@@ -81,8 +81,19 @@ class TrainConfig:
     logging_steps: int = 1
     """Log (and read the loss back from the device) every this many optimizer steps. A logged
     loss is the mean of the step losses since the previous record (its logging window)."""
-    logging_first_step: bool = False
-    """Also log step 1 when logging_steps > 1 (transformers' name; the CLI and the demo turn it on)."""
+    logging_first_step: bool = True
+    """Also log step 1 when logging_steps > 1 (transformers' name), so metrics.jsonl and the curves
+    start at the loss before the first update; its record's loss is step 1's alone (its window)."""
+    loss_explosion_factor: float | None = 3.0
+    """Warn (minift.train.LossWarning, once per train() call) when the loss explodes: the mean of the
+    last 3 step losses is above this many times the lowest such mean so far and above step 1's loss
+    (see train/monitor.py). The usual cause is a too large lr. None: no check."""
+    loss_stall_steps: int | None = 10
+    """Warn (LossWarning, once per train() call) when the loss does not move for this many steps:
+    the learning rate is 0, the gradient norm is 0 (with clipping on) or the step losses stay within
+    loss_stall_tolerance (lr=1e6 saturates a model into a constant loss). None: no check."""
+    loss_stall_tolerance: float = 1e-5
+    """The relative spread ((max - min) / mean) of loss_stall_steps step losses counted as not moving."""
     report_to: str | list[str] = "none"
     """Where the logged metrics also go, beside metrics.jsonl: "none"; "tensorboard" (event files
     through torch.utils.tensorboard in logging_dir; needs `pip install minift[tensorboard]`);
@@ -109,6 +120,10 @@ class TrainConfig:
     """Where metrics.jsonl, checkpoint-N/, the final adapter/weights and loss.png go."""
     resume_from: str | None = None
     """A checkpoint directory, or "latest" (the newest complete one in output_dir)."""
+    save_on_interrupt: bool = True
+    """Ctrl-C (SIGINT) during train(): finish the running step, write a resumable checkpoint-N in
+    output_dir and raise minift.train.TrainingInterrupted (a KeyboardInterrupt); a second Ctrl-C
+    stops at once. False: Ctrl-C raises KeyboardInterrupt wherever it lands, saving nothing."""
     shuffle: bool = True
     """Shuffle the data each epoch (seeded); False keeps dataset order."""
     progress_bar: bool = True
@@ -162,6 +177,18 @@ class TrainConfig:
                 isinstance(self.peak_tflops, bool) or not isinstance(self.peak_tflops, (int, float))
                 or not self.peak_tflops > 0):
             bad("peak_tflops", "must be None or a number > 0")
+        f = self.loss_explosion_factor
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 1):
+            bad("loss_explosion_factor", "must be None or a number > 1")
+        v = self.loss_stall_steps
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 2):
+            bad("loss_stall_steps", "must be None or an integer >= 2")
+        t = self.loss_stall_tolerance
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1:
+            bad("loss_stall_tolerance", "must be a number in [0, 1)")
+        for name in ("save_on_interrupt", "logging_first_step"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
         if not isinstance(self.output_dir, (str, bytes)) and not hasattr(self.output_dir, "__fspath__"):
             bad("output_dir", "must be a path")
 

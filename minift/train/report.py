@@ -60,15 +60,18 @@ def _clean(v: Any) -> Any:
 
 def _packed_4bit(mod: nn.Module) -> bool:
     w = getattr(mod, "weight", None)
-    return (isinstance(w, torch.Tensor) and not isinstance(w, nn.Parameter) and w.dtype == torch.uint8
+    return (isinstance(w, torch.Tensor) and w.dtype == torch.uint8
             and hasattr(mod, "in_features") and hasattr(mod, "out_features"))
 
 
 def count_parameters(model: nn.Module) -> int:
     """Every weight of the model, once (tied weights once), 4-bit weights counted unpacked
-    (in_features x out_features, not their packed bytes), LoRA adapters included."""
-    n = sum(p.numel() for p in model.parameters())
-    return n + sum(m.in_features * m.out_features for m in model.modules() if _packed_4bit(m))
+    (in_features x out_features, not their packed bytes), LoRA adapters included. (Under FSDP2 a
+    4-bit layer's packed weight and block scales are parameters: they are not counted as such.)"""
+    packed = [m for m in model.modules() if _packed_4bit(m)]
+    skip = {id(getattr(m, k, None)) for m in packed for k in ("weight", "absmax")}
+    n = sum(p.numel() for p in model.parameters() if id(p) not in skip)
+    return n + sum(m.in_features * m.out_features for m in packed)
 
 
 def flop_parameters(model: nn.Module) -> int:

@@ -8,6 +8,7 @@ accumulate on the device; the host reads them back only at logging / saving / ev
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -15,9 +16,10 @@ import math
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 import torch
@@ -29,6 +31,8 @@ from . import distributed
 from .config import TrainConfig
 from .data import Batch, Schedule, collate, pack
 from .formats import check_columns, columns_of, normalize_row
+from .interrupt import SigintGuard, TrainingInterrupted
+from .monitor import LossMonitor, LossWarning
 from .offload import ActivationOffloader
 from .optim import make_optimizer, make_scheduler, trainable_parameters
 from .report import Metrics, ensure_logging, flop_parameters, log, make_reporters, mfu, peak_memory_gb, plot_losses
@@ -36,6 +40,10 @@ from .report import resolve_report_to
 from .tokenize import Example, make_encoder
 
 DEFAULT_MAX_LENGTH = 2048
+
+
+class _Interrupted(Exception):
+    """Internal: Ctrl-C asked the loop to stop at this step boundary (see _stop_interrupted)."""
 
 
 class _Quiet:
@@ -113,9 +121,6 @@ class Trainer:
         self.world = distributed.setup(cfg.distributed, self.device)
         if not self.world.main:
             log.setLevel(logging.WARNING)  # one rank speaks
-        if self.world.mode == "fsdp" and cfg.save_steps:
-            raise TrainConfigError("TrainConfig.save_steps with distributed='fsdp' is not supported yet (sharded "
-                                   "optimizer checkpoints); use distributed='ddp' or save_steps=None")
         self.encoder = make_encoder(tokenizer_or_processor, max_length=self.max_length,
                                     responses_only=cfg.train_on_responses_only)
         tok = self.encoder.tokenizer
@@ -155,6 +160,8 @@ class Trainer:
         self.checkpoints: list[str] = []
         self.last_checkpoint: Path | None = None
         self.metrics: Metrics | None = None
+        self._interrupt: SigintGuard | None = None
+        self._stop_agreed = False
 
     # -- setup ---------------------------------------------------------------------------
     @staticmethod
@@ -236,7 +243,20 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------
     def train(self) -> TrainSummary:
-        """Runs to max_steps (or epochs), logging, evaluating and checkpointing on the way."""
+        """Runs to max_steps (or epochs), logging, evaluating and checkpointing on the way. Ctrl-C
+        (with save_on_interrupt) stops at the end of the running step, saves a checkpoint and
+        raises TrainingInterrupted (see train/interrupt.py)."""
+        cfg = self.cfg
+        self._interrupt = (SigintGuard(escalate=self.world.mode is None, announce=self.world.main)
+                           if cfg.save_on_interrupt else None)
+        self._stop_agreed = False
+        try:
+            with self._interrupt or contextlib.nullcontext():
+                return self._train()
+        finally:
+            self._interrupt = None
+
+    def _train(self) -> TrainSummary:
         cfg, model = self.cfg, self.model
         resumed = self._maybe_resume()
         if resumed is None:
@@ -259,11 +279,15 @@ class Trainer:
                    desc="training",
                    dynamic_ncols=True)
         cache: dict[str, Any] = {}
-        pending: list[tuple[int, torch.Tensor, float, Any]] = []
+        pending: list[tuple[int, torch.Tensor, float, Any, float]] = []
+        self._monitor = LossMonitor(cfg.loss_explosion_factor, cfg.loss_stall_steps, cfg.loss_stall_tolerance)
+        for v in self.losses:  # a resumed run's history (warnings only from the steps run now)
+            self._monitor.observe(0, v, None, math.nan)
+        self._monitor.warned.clear()
         self._t0, self._tokens0 = time.perf_counter(), self.tokens
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        gc_frozen = False
+        gc_frozen = interrupted = False
         try:
             for step in range(self.step, self.total_steps):
                 units = self.schedule.step_all(step, cache)
@@ -271,7 +295,8 @@ class Trainer:
                 # every rank divides by the global target count / world: the gradient average is
                 # then the one-process gradient of the whole global batch
                 norm = float(max(1, sum(self.unit_targets[i] for i in units))) / self.world.size
-                lr = self.lr_scheduler.get_last_lr()[self._lr_group]
+                lrs = self.lr_scheduler.get_last_lr()
+                lr = lrs[self._lr_group]
                 loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
                 for j, mb in enumerate(mine):
                     b = self._batch(self.train_units, mb or units[:1])  # an empty slice still joins the reduction
@@ -291,7 +316,7 @@ class Trainer:
                 if not gc_frozen:
                     gc_frozen = _freeze_gc()
                 self.tokens += sum(len(self.train_units[i]) for i in units)
-                pending.append((self.step, loss_sum, lr, gnorm))
+                pending.append((self.step, loss_sum, lr, gnorm, max(lrs)))
                 last = self.step == self.total_steps
                 if self.step % cfg.logging_steps == 0 or last or (cfg.logging_first_step and self.step == 1):
                     self._flush(pending, bar)
@@ -301,7 +326,12 @@ class Trainer:
                     self._flush(pending, bar)
                     self.save_checkpoint()
                 bar.update(1)
+                if self._stop_requested():
+                    raise _Interrupted
             self._flush(pending, bar)
+        except _Interrupted:
+            self._flush(pending, bar)
+            interrupted = True
         except BaseException:
             if isinstance(self.metrics, Metrics):
                 self.metrics.close()  # TensorBoard / W&B keep what was logged
@@ -315,8 +345,17 @@ class Trainer:
             if old_ckpt is not None:
                 model.model.gradient_checkpointing = old_ckpt
             model.train(was_training)
-        eval_loss = self.evaluate() if self.eval_units is not None else None
+        try:
+            if interrupted:
+                raise _Interrupted
+            eval_loss = self.evaluate() if self.eval_units is not None else None
+            if self._stop_requested():
+                raise _Interrupted
+        except _Interrupted:
+            self._stop_interrupted()
         final = self.save_final()
+        if self._stop_requested():
+            log.info("Ctrl-C came after the last step: the result is saved in %s", final)
         plot_losses(self.metrics.records, self.output_dir / "loss.png") if cfg.plot else None
         if isinstance(self.metrics, Metrics):
             self.metrics.close()  # TensorBoard / W&B
@@ -330,6 +369,29 @@ class Trainer:
             resumed_from=str(resumed) if resumed is not None else None,
         )
 
+    def _stop_requested(self) -> bool:
+        """Whether Ctrl-C asked the loop to stop here: this process's request, or under torchrun
+        the one the ranks agreed on at the last logging point (so every rank stops at one step)."""
+        if self._interrupt is None:
+            return False
+        return self._interrupt.requested if self.world.mode is None else self._stop_agreed
+
+    def _stop_interrupted(self) -> NoReturn:
+        """After a step boundary that Ctrl-C asked to stop at: the checkpoint of this step (unless
+        save_steps just wrote it), then TrainingInterrupted."""
+        path = self.last_checkpoint
+        if path is None or path.name != f"checkpoint-{self.step}":
+            try:
+                path = self.save_checkpoint() if self.step > 0 else None
+            except KeyboardInterrupt:  # a second Ctrl-C: the atomic writer left no checkpoint-N behind
+                path = None
+        if isinstance(self.metrics, Metrics):
+            self.metrics.close()
+        err = TrainingInterrupted(self.step, self.total_steps, path, self.last_checkpoint)
+        if self.world.main:
+            log.warning("%s", err)
+        raise err
+
     def _seed(self) -> None:
         s = self.cfg.seed
         random.seed(s)
@@ -341,10 +403,17 @@ class Trainer:
         last pending step whose loss is the mean over the pending steps (the logging window)."""
         if not pending:
             return
-        vals = (self.world.all_sum(torch.stack([p[1] for p in pending])) / self.world.size).tolist()
+        losses = torch.stack([p[1] for p in pending])
+        if self.world.mode is not None and self._interrupt is not None:
+            # the ranks' Ctrl-C requests ride on the loss all-reduce: all of them stop at this step
+            flag = torch.full((1,), float(self._interrupt.requested), device=self.device)
+            vals = (self.world.all_sum(torch.cat([losses, flag])) / self.world.size).tolist()
+            self._stop_agreed = self._stop_agreed or vals.pop() > 0
+        else:
+            vals = (self.world.all_sum(losses) / self.world.size).tolist()
         gn = [p[3].full_tensor() if hasattr(p[3], "full_tensor") else p[3] for p in pending]
         gvals = torch.stack(gn).float().tolist() if all(g is not None for g in gn) else [None] * len(gn)
-        for (step, _, lr, _), v in zip(pending, vals):
+        for (step, _, lr, _, _), v in zip(pending, vals):
             self.losses.append(v)
             if not math.isfinite(v):
                 pending.clear()
@@ -355,7 +424,11 @@ class Trainer:
                        "empty or corrupt examples, or use max_grad_norm")
                 log.error(msg)
                 raise NonFiniteLossError(msg)
-        step, _, lr, _ = pending[-1]
+        if self.world.main:
+            for (step, _, _, _, lr_max), v, g in zip(pending, vals, gvals):
+                for msg in self._monitor.observe(step, v, g, lr_max):
+                    warnings.warn(msg, LossWarning, stacklevel=3)  # at the caller's train()
+        step, _, lr, _, _ = pending[-1]
         elapsed = time.perf_counter() - self._t0
         tps = (self.tokens - self._tokens0) / max(elapsed, 1e-9)
         mem = peak_memory_gb(self.device)
@@ -387,6 +460,8 @@ class Trainer:
         idx = list(range(len(self.eval_units)))[self.world.rank::self.world.size] if ddp else list(range(len(self.eval_units)))
         try:
             for i in range(0, len(idx), bs):
+                if self._interrupt is not None and self._interrupt.requested and self.world.mode is None:
+                    raise _Interrupted  # Ctrl-C: an eval changes no state, so it can stop anywhere
                 b = self._batch(self.eval_units, idx[i: i + bs])
                 out = model(**b.to(self.device), return_logits=False, loss_normalizer=1.0)
                 total += out.loss.float()
@@ -414,11 +489,15 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """output_dir/checkpoint-{step}: weights, optimizer, scheduler, RNG and data position
-        (written by rank 0; under DDP every rank holds the same weights and optimizer state)."""
+        (written by rank 0; under DDP every rank holds the same weights and optimizer state; under
+        FSDP2 the trainable parameters and optimizer state are gathered whole onto rank 0 first, so
+        the files are those one process writes)."""
         path = self.output_dir / f"checkpoint-{self.step}"
+        gathered = (distributed.gather_train_state(self.model, self.optimizer, self.world)
+                    if self.world.mode == "fsdp" else None)
         if self.world.main:
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.lr_scheduler,
-                                        self._state(), total_limit=self.cfg.save_total_limit)
+                                        self._state(), total_limit=self.cfg.save_total_limit, gathered=gathered)
         self.world.barrier()
         self.last_checkpoint = path
         self.checkpoints = [str(p) for _, p in ckpt.list_checkpoints(self.output_dir)]
@@ -451,7 +530,8 @@ class Trainer:
                 f"cannot resume from {path}: {', '.join(mismatched)} differ from the checkpoint's run, so the data "
                 "order would not continue where it stopped"
             )
-        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler)
+        state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler,
+                                     load_sharded=distributed.load_train_state if self.world.mode == "fsdp" else None)
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"]][: self.step]
         self.tokens = int(state["tokens"])
