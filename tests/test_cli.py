@@ -218,6 +218,8 @@ BASE_ARGS = ["--dataset", "chat.jsonl", "--output_dir", "OUT", "--max_steps", "1
     (["--lr_scheduler_type", "polynomial"], "--lr_scheduler_type"),
     (["--report_to", "mlflow"], "--report_to"),
     (["--use_gradient_checkpointing", "sometimes"], "--use_gradient_checkpointing"),
+    (["--memory_budget_gb", "8"], "--memory_budget_gb"),
+    (["--use_gradient_checkpointing", "auto", "--memory_budget_gb", "-1"], "--memory_budget_gb"),
     (["--raw_text_file", "chat.jsonl"], "--raw_text_file"),
     (["--epochs", "2"], "--epochs"),
     (["--lora_dropout", "1.5"], "--lora_dropout"),

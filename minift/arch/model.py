@@ -158,8 +158,10 @@ class TextModel(nn.Module):
         self.rotary = nn.ModuleDict(
             {t: RotaryEmbedding(cfg.rope[t], cfg.head_dim, cfg.max_position_embeddings) for t in types}
         )
-        # False, True, or "offload" (the trainer installs the offloading hooks around backward).
+        # False, True, or "offload" (the trainer installs the offloading hooks around backward);
+        # checkpoint_layers: only the first n layers are checkpointed (None: all), a memory plan's choice.
         self.gradient_checkpointing: bool | str = False
+        self.checkpoint_layers: int | None = None
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -208,10 +210,11 @@ class TextModel(nn.Module):
             for t in self.rotary
         }
         ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
+        upto = len(self.layers) if self.checkpoint_layers is None else self.checkpoint_layers
+        for i, layer in enumerate(self.layers):
             t = layer.layer_type
             cos, sin = cos_sin[t]
-            if ckpt:
+            if ckpt and i < upto:
                 x = checkpoint(layer, x, cos, sin, masks[t], use_reentrant=False)
             else:
                 x = layer(x, cos, sin, masks[t], cache)

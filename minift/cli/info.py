@@ -1,51 +1,8 @@
 """`minift info MODEL`: the architecture, parameter counts (total, and trainable for a LoRA of rank
 --r on all-linear) and an estimate of the accelerator memory a LoRA / QLoRA run needs, read from
 config.json alone (the model is built on the meta device: no weights are read or downloaded).
-
-The estimate (bytes; what `torch.cuda.max_memory_allocated` would report, so without the CUDA
-context and the allocator's slack, typically another 0.3-1 GiB). B = batch size, T = sequence
-length, N = B*T tokens, L layers, H hidden, I intermediate, Hq = heads * head_dim, KV =
-kv_heads * head_dim, V vocabulary, s = 2 (16-bit compute):
-
-  weights      16-bit: s * P_total. NF4: s * (P_total - P_lin) + P_lin * (1/2 + 1/64 + 4/(64*256))
-               (P_lin: the decoder's and, quantised too, the vision tower's linear weights; bytes a
-               weight: 4 bits + an 8-bit absmax per 64 + a float32 per 256 absmaxes)
-  adapters     A = sum over LoRA targets of r * (in + out) (+ out per DoRA magnitude), float32:
-               weights 4 + gradients 4 + AdamW moments 8 = 16 bytes each (adamw_8bit: 4 + 4 + 2 = 10)
-  checkpoints  gradient checkpointing: each layer's input is kept, L * N * H * s; with "offload"
-               (unsloth) they go to CPU and ~2 layers' stay on the device, 2 * N * H * s; without
-               checkpointing this term is replaced by L times the next one
-  one layer    the activations a decoder layer's recomputed forward saves plus its backward's
-               transient gradients: N * (8H + 2Hq + 3KV + 5I) * s
-  logits       linear_cross_entropy's one token chunk of logits: min(N, 256 MiB / (V * s)) * V * s,
-               plus the final norm's input / output and the hidden gradient, 3 * N * H * s
-  4-bit        NF4 only: one linear dequantised in the forward and one in the backward, 2 * max(in*out) * s
-  pixel values vision models: the batch's images, n_img * C * image_size^2 * 4 (float32, as the
-               processor makes them; the batch holds them for the whole step), n_img = B * images
-  vision       with adapters on the vision tower (without them it builds no autograd graph): P =
-               (image_size / patch_size)^2 patches an image, H_v / I_v / L_v the tower's widths and
-               layers. With gradient checkpointing (either kind) its encoder layers are recomputed
-               too, so it keeps each layer's input plus the final LayerNorm's input and the
-               projector's pooling input, (L_v + 2) * n_img * P * H_v * s, on the device ("offload"
-               moves only the decoder's); they are held from the vision forward, first, to the
-               vision backward, last, so through the whole decoder backward. Without checkpointing
-               each layer keeps its activations instead, n_img * P * (L_v * (8 H_v + 2 I_v) + 2 H_v) * s
-               (q, k, v and attention output, the two LayerNorms' inputs and outputs, fc1's output
-               and its GELU; counted from the saved tensors, not measured)
-  vision bwd   checkpointed: the vision backward recomputes one encoder layer, n_img * P *
-               (13 H_v + 5 I_v) * s (the decoder layer's count with Hq = KV = H_v); it runs after the
-               decoder backward has freed checkpoints, one layer and logits, so only what it needs
-               beyond those three terms adds to the peak (nothing, for the shapes below)
-
-The estimate matches torch.cuda.max_memory_allocated within 3% (N = 4 x 2048, r = 16 on
-all-linear, fused AdamW; tests/test_cli.py keeps them within 10%):
-  bench/RESULTS.md, one H100: Llama-3.2-1B 4.27 / 2.99 GiB estimated vs 4.20 / 2.94 measured
-    (bf16 / NF4), Gemma-3-4B text 10.57 / 6.23 vs 10.53 / 6.24, Gemma NF4 with offloaded
-    checkpoints 4.98 vs 5.08.
-  One H200, 2026-12-01, one 896x896 image (256 tokens) a row, adapters on the vision tower too:
-    Gemma-3-4B vision 12.54 / 7.63 vs 12.48 / 7.61 (bf16 / NF4), NF4 with offloaded checkpoints
-    6.38 vs 6.45; Llama-3.1-8B NF4 (text) 10.36 vs 10.31.
-Not yet checked: without checkpointing, several images a row, DoRA, adamw_8bit."""
+The estimate's terms, and the measured peaks it was checked against, are `minift.train.memory`'s
+(the same arithmetic the Trainer's `gradient_checkpointing="auto"` planner uses)."""
 
 from __future__ import annotations
 
@@ -55,11 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..train.memory import GIB, NF4_BYTES, activation_bytes, adapter_bytes
 from .common import UsageError, adapter_base, check_model_arg, is_adapter_dir, str2bool
 
-GIB = 2**30
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-CHUNK_BYTES = 256 << 20  # minift.ops._ce_common.CHUNK_BYTES
 
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -132,40 +87,15 @@ def describe(cfg: dict[str, Any], *, r: int = 16, seq: int = 2048, batch: int = 
     lora = sum(r * (lin[t].in_features + lin[t].out_features) + (lin[t].out_features if dora else 0) for t in targets)
     lora_vision = sum(r * (lin[t].in_features + lin[t].out_features) for t in targets if ".vision_tower." in f".{t}")
 
-    s = 2
-    n = batch * seq
-    H, I, L, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
-    Hq, KV = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
-    layer = n * (8 * H + 2 * Hq + 3 * KV + 5 * I) * s
-    if checkpointing == "offload":
-        saved = 2 * n * H * s
-    elif checkpointing:
-        saved = L * n * H * s
-    else:
-        saved, layer = L * layer, 0
-    chunk_rows = max(1, CHUNK_BYTES // (V * s))
-    logits = min(n, chunk_rows) * V * s + 3 * n * H * s
-    per_adapter = 10 if optim == "adamw_8bit" else 16
-    adapters = lora * per_adapter
-    pixels = vision_act = vision_layer = 0
-    if vis is not None:
-        n_img = batch * images
-        pixels = n_img * vis.num_channels * vis.image_size**2 * 4
-        if lora_vision:
-            P, Hv, Iv, Lv = vis.num_patches, vis.hidden_size, vis.intermediate_size, vis.num_hidden_layers
-            if checkpointing:
-                vision_act = (Lv + 2) * n_img * P * Hv * s
-                vision_layer = n_img * P * (13 * Hv + 5 * Iv) * s
-            else:
-                vision_act = n_img * P * (Lv * (8 * Hv + 2 * Iv) + 2 * Hv) * s
+    act = {four_bit: activation_bytes(text, vis, batch=batch, seq=seq, checkpointing=checkpointing, images=images,
+                                      vision_lora=bool(lora_vision), max_linear=max_lin, four_bit=four_bit)
+           for four_bit in (False, True)}
+    adapters = adapter_bytes(lora, optim)
+    L, H, I, V = text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size
 
     def run(four_bit: bool) -> dict[str, float]:
-        weights = (s * (total - p_lin) + p_lin * NF4_BYTES) if four_bit else s * total
-        parts = {"weights": weights, "adapters_and_optimizer": adapters, "checkpointed_inputs": saved,
-                 "one_layer": layer, "logits_chunk": logits, "dequantised_weight": 2 * max_lin * s if four_bit else 0,
-                 "pixel_values": pixels, "vision_activations": vision_act}
-        # the vision backward runs once the decoder's checkpoints, layer and logits are freed
-        parts["vision_backward"] = max(0, vision_layer - (saved + layer + logits))
+        weights = (2 * (total - p_lin) + p_lin * NF4_BYTES) if four_bit else 2 * total
+        parts = {"weights": weights, "adapters_and_optimizer": adapters, **act[four_bit]}
         parts["total"] = sum(parts.values())
         return parts
 

@@ -94,7 +94,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     _add(g, "lora_dropout", 0.0, "LoRA dropout", type=float)
     _add(g, "bias", "none", "bias training: only 'none' is supported")
     _add(g, "use_gradient_checkpointing", "unsloth",
-         "'unsloth' (checkpointing with layer inputs offloaded to CPU), true or false")
+         "'unsloth' (checkpointing with layer inputs offloaded to CPU), true, false, or 'auto' (the fastest plan "
+         "fitting --memory_budget_gb or the GPU)")
+    _add(g, "memory_budget_gb", None, "with --use_gradient_checkpointing auto: the peak GPU memory to plan for "
+                                      "(GiB; default: what the GPU has)", type=float)
     _add(g, "random_state", 3407, "seed of the adapters' initialisation", type=int)
     _add(g, "use_rslora", False, "rank-stabilised LoRA", flag=True)
     _add(g, "loftq_config", None, "LoftQ initialisation: not implemented in minift (refused)")
@@ -251,14 +254,17 @@ def _int_at_least(v: dict[str, Any], name: str, low: int) -> None:
         raise UsageError(f"--{name}", f"must be >= {low}, got {v[name]}")
 
 
-def gradient_checkpointing(value: Any) -> bool | str:
+def gradient_checkpointing(value: Any, auto: bool = False) -> bool | str:
     s = str(value).strip().lower()
     if s == "unsloth" or s == "offload":
         return "offload"
+    if auto and s == "auto":
+        return "auto"
     try:
         return str2bool(s)
     except argparse.ArgumentTypeError:
-        raise UsageError("--use_gradient_checkpointing", f"expected 'unsloth', true or false, got {value!r}") from None
+        allowed = "'unsloth', true, false or 'auto'" if auto else "'unsloth', true or false"
+        raise UsageError("--use_gradient_checkpointing", f"expected {allowed}, got {value!r}") from None
 
 
 def target_modules(value: list[str]) -> str | list[str]:
@@ -329,7 +335,13 @@ def check(v: dict[str, Any], given: set[str]) -> dict[str, Any]:
                                            "(adapters start as PEFT's default init)")
     d: dict[str, Any] = {}
     d["dtype"] = parse_dtype(v["dtype"])
-    d["checkpointing"] = gradient_checkpointing(v["use_gradient_checkpointing"])
+    d["checkpointing"] = gradient_checkpointing(v["use_gradient_checkpointing"], auto=True)
+    budget = v["memory_budget_gb"]
+    if budget is not None:
+        if not float(budget) > 0:
+            raise UsageError("--memory_budget_gb", f"must be > 0 GiB, got {budget!r}")
+        if d["checkpointing"] != "auto":
+            raise UsageError("--memory_budget_gb", "is the budget of --use_gradient_checkpointing auto; set that too")
     key = str(v["optim"]).strip().lower()
     if key not in OPTIMS:
         raise UsageError("--optim", f"{v['optim']!r} is not supported; supported: {', '.join(OPTIMS)}")
@@ -541,6 +553,7 @@ def _train_config(v: dict[str, Any], d: dict[str, Any]) -> Any:
         scheduler=d["scheduler"], max_grad_norm=v["max_grad_norm"] or None, optimizer=d["optimizer"],
         max_seq_length=v["max_seq_length"], packing=bool(v["packing"]),
         train_on_responses_only=bool(v["train_on_responses_only"]), gradient_checkpointing=d["checkpointing"],
+        memory_budget_gb=None if v["memory_budget_gb"] is None else float(v["memory_budget_gb"]),
         seed=v["seed"], logging_steps=v["logging_steps"], logging_first_step=True, report_to=d["report_to"],
         logging_dir=v["logging_dir"], run_name=v["run_name"], peak_tflops=v["peak_tflops"],
         eval_steps=v["eval_steps"], save_steps=v["save_steps"], save_total_limit=v["save_total_limit"],

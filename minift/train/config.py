@@ -65,8 +65,14 @@ class TrainConfig:
     train_on_responses_only: bool = False
     """Loss on assistant turns (or completions) only; every other token gets label -100."""
     gradient_checkpointing: bool | str = True
-    """False, True (recompute each decoder layer in the backward) or "offload" (also keep each
-    layer's input in pinned CPU memory until the backward needs it)."""
+    """False, True (recompute each decoder layer in the backward), "offload" (also keep each
+    layer's input in pinned CPU memory until the backward needs it) or "auto": the fastest plan
+    whose estimated peak (`minift.train.memory`) fits `memory_budget_gb`, else the GPU's memory -
+    no checkpointing, else the fewest layers checkpointed, else all, else offloaded (off CUDA
+    without a budget: True). The choice is `Trainer.memory_plan` and is logged."""
+    memory_budget_gb: float | None = None
+    """With gradient_checkpointing="auto": the peak GPU memory (GiB, as torch.cuda.max_memory_allocated
+    counts it) the plan must fit in, 10% of it kept as margin. None: what the GPU has (free + held)."""
     compile: bool | None = None
     """torch.compile each decoder layer (inductor fuses the elementwise work around our kernels;
     on an H100 this took LoRA training of Llama-3.2-1B from 25-30k to 54k tokens/s, see
@@ -168,8 +174,14 @@ class TrainConfig:
             bad("max_grad_norm", "must be None or >= 0")
         if self.distributed not in ("auto", "ddp", "fsdp", None):
             bad("distributed", 'must be "auto", "ddp", "fsdp" or None')
-        if self.gradient_checkpointing not in (False, True, "offload"):
-            bad("gradient_checkpointing", 'must be False, True or "offload"')
+        if self.gradient_checkpointing not in (False, True, "offload", "auto"):
+            bad("gradient_checkpointing", 'must be False, True, "offload" or "auto"')
+        if self.memory_budget_gb is not None:
+            b = self.memory_budget_gb
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+                bad("memory_budget_gb", f"must be a number of GiB > 0, got {b!r}")
+            if self.gradient_checkpointing != "auto":
+                bad("memory_budget_gb", 'is the budget of gradient_checkpointing="auto"; set that too')
         kinds = [self.report_to] if isinstance(self.report_to, str) else self.report_to
         if not isinstance(kinds, (list, tuple)) or not all(isinstance(k, str) and k in REPORT_TO for k in kinds):
             bad("report_to", f"must be one of {REPORT_TO} or a list of them")

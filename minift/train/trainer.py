@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import DataError, NonFiniteLossError, TrainConfigError
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, memory
 from .config import TrainConfig
 from .data import Batch, Schedule, collate, pack
 from .formats import check_columns, columns_of, normalize_row
@@ -146,6 +146,7 @@ class Trainer:
                                  world=self.world.size, rank=self.world.rank)
         self.unit_targets = [u.n_targets for u in self.train_units]
         self.total_steps = self.schedule.total_steps(cfg.max_steps, cfg.epochs)
+        self.memory_plan = self._plan_memory()
         # what the loop calls: the model (FSDP2 shards it in place), or DDP around it; before the
         # optimizer, which must hold the sharded parameters
         self.engine = distributed.wrap(model, self.world, self.device)
@@ -216,14 +217,40 @@ class Trainer:
     def _batch(self, units: list[Example], idx: list[int]) -> Batch:
         return collate([units[i] for i in idx], self.pad_id)
 
+    def _plan_memory(self) -> memory.MemoryPlan | None:
+        """gradient_checkpointing="auto": the plan for the longest batch this run will see (its longest
+        example x batch_size), within memory_budget_gb or the device's memory; None otherwise."""
+        cfg = self.cfg
+        if cfg.gradient_checkpointing != "auto":
+            return None
+        device = next(self.model.parameters()).device
+        budget = memory.gib(cfg.memory_budget_gb) if cfg.memory_budget_gb is not None else memory.device_budget(device)
+        if budget is None:
+            return None
+        seq = max(len(u) for u in self.train_units)
+        images = max((u.pixel_values.shape[0] for u in self.train_units if u.pixel_values is not None), default=1)
+        plan = memory.plan(self.model, batch=cfg.batch_size, seq=seq, budget_bytes=budget,
+                           optim=cfg.optimizer, images=images)
+        if self.world.main:
+            log.info("memory plan for batch %d x %d tokens: %s", cfg.batch_size, seq, plan.describe())
+        return plan
+
     def _set_checkpointing(self) -> tuple[Any, ActivationOffloader | None]:
         inner = getattr(self.model, "model", None)
         old = getattr(inner, "gradient_checkpointing", None)
         if inner is None or old is None:
             return None, None
-        inner.gradient_checkpointing = self.cfg.gradient_checkpointing
+        mode, layers = self.cfg.gradient_checkpointing, None
+        if mode == "auto":
+            plan = self.memory_plan
+            mode, layers = (plan.checkpointing, plan.checkpoint_layers) if plan is not None else (True, None)
+        inner.gradient_checkpointing = mode
+        lm = getattr(self.model, "language_model", None)
+        if lm is not None:
+            self._old_ckpt_layers = lm.checkpoint_layers
+            lm.checkpoint_layers = layers
         off = None
-        if self.cfg.gradient_checkpointing == "offload":
+        if mode == "offload":
             decoder = getattr(self.model, "language_model", inner)
             off = ActivationOffloader(self.model.config.hidden_size).install(decoder)
         return old, off
@@ -344,6 +371,9 @@ class Trainer:
                 offloader.remove()
             if old_ckpt is not None:
                 model.model.gradient_checkpointing = old_ckpt
+                lm = getattr(model, "language_model", None)
+                if lm is not None:
+                    lm.checkpoint_layers = self._old_ckpt_layers
             model.train(was_training)
         try:
             if interrupted:

@@ -1,0 +1,170 @@
+"""The memory estimate of a loaded model and the `gradient_checkpointing="auto"` planner: plans in
+speed order within a budget, partial checkpointing (the first k layers) giving the same loss and
+gradients as full and none, the Trainer applying the plan, and (GPU) the peak staying in budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_utils import llama, single_thread, text_rows, tiny_llama  # noqa: F401
+
+import minift
+from minift.cli.info import describe
+from minift.errors import TrainConfigError
+from minift.models.loader import read_config
+from minift.train import TrainConfig, Trainer
+from minift.train import memory
+
+
+def lora_model(path, four_bit=False):
+    model, tok = minift.load(path, load_in_4bit=four_bit)
+    minift.add_lora(model, r=4, alpha=8, seed=1)
+    return model, tok
+
+
+def test_estimate_terms_match_info(llama):  # noqa: F811
+    """A loaded model's activation terms are minift info's; weights and adapters are counted from the
+    model's own tensors (the LoRA the user added, not info's rank-r all-linear)."""
+    model, _ = lora_model(llama)
+    est = memory.estimate(model, batch=2, seq=64)
+    info = describe(read_config(llama), r=4, seq=64, batch=2)["memory_bytes"]["lora_16bit"]
+    for k in ("checkpointed_inputs", "one_layer", "logits_chunk", "pixel_values", "vision_activations"):
+        assert est[k] == info[k], k
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert est["adapters_and_optimizer"] == 16 * trainable
+    assert est["weights"] == sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad) \
+        + sum(b.numel() * b.element_size() for b in model.buffers())
+    assert est["total"] == sum(v for k, v in est.items() if k != "total")
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """A tiny Llama of 6 layers: room for partial plans."""
+    return tiny_llama(tmp_path_factory.mktemp("deep") / "m", num_hidden_layers=6)
+
+
+def test_fewer_checkpointed_layers_cost_more_memory(deep):
+    """The estimate falls as more of the first L - 1 layers are checkpointed; checkpointing the last
+    one too costs its input on top (its recompute comes at once); offload is the leanest."""
+    model, _ = lora_model(deep)
+    layers = model.config.num_hidden_layers
+    est = lambda **k: memory.estimate(model, batch=4, seq=512, **k)["total"]  # noqa: E731
+    totals = [est(checkpoint_layers=k) for k in range(layers)]
+    assert totals[0] == est(checkpointing=False)
+    assert all(a > b for a, b in zip(totals, totals[1:]))
+    assert est() > totals[-1] and est() == est(checkpoint_layers=layers)
+    assert est(checkpointing="offload") < totals[-1]
+
+
+def test_plan_is_the_fastest_that_fits(deep):
+    model, _ = lora_model(deep)
+    kw = dict(batch=4, seq=512)
+    est = lambda **k: memory.estimate(model, **kw, **k)["total"]  # noqa: E731
+    room = lambda b: int(b / (1 - memory.PLAN_MARGIN)) + 2  # noqa: E731  a budget that just fits b
+    p = memory.plan(model, budget_bytes=room(est(checkpointing=False)), **kw)
+    assert (p.checkpointing, p.checkpoint_layers, p.fits) == (False, None, True)
+    for k in (1, 3, 5):
+        p = memory.plan(model, budget_bytes=room(est(checkpoint_layers=k)), **kw)
+        assert (p.checkpointing, p.checkpoint_layers) == (True, k)
+        assert p.estimate == est(checkpoint_layers=k)
+    p = memory.plan(model, budget_bytes=room(est()), **kw)  # all L fit: L - 1 is leaner and faster
+    assert (p.checkpointing, p.checkpoint_layers) == (True, 5)
+    p = memory.plan(model, budget_bytes=room(est(checkpointing="offload")), **kw)
+    assert (p.checkpointing, p.fits) == ("offload", True)
+    p = memory.plan(model, budget_bytes=1, **kw)
+    assert (p.checkpointing, p.fits) == ("offload", False)
+    assert "does not fit" in p.describe()
+    for b in range(10**6, 10**8, 3 * 10**6):
+        q = memory.plan(model, budget_bytes=b, **kw)
+        assert q.estimate <= b * (1 - memory.PLAN_MARGIN) or not q.fits
+
+
+@pytest.mark.parametrize("k", [0, 1, None])
+def test_partial_checkpointing_is_the_same_function(deep, k):
+    """Checkpointing the first k layers changes what is kept, not the loss or the gradients."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (2, 24))
+    results = []
+    for ckpt, layers in ((False, None), (True, k)):
+        model, _ = lora_model(deep)
+        model.train()
+        model.model.gradient_checkpointing, model.model.checkpoint_layers = ckpt, layers
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=0)
+
+
+def test_trainer_applies_the_plan(deep, tmp_path):
+    """gradient_checkpointing="auto" with a budget: the Trainer sets the planned checkpointing on the
+    model while it trains, reports the plan, and trains as the same plan set by hand would."""
+    rows = text_rows(8, seed=2)
+    model, tok = lora_model(deep)
+    probe = Trainer(model, tok, rows, config=TrainConfig(output_dir=str(tmp_path / "probe"), max_steps=1,
+                                                        batch_size=2, progress_bar=False, plot=False))
+    seq = max(len(u) for u in probe.train_units)
+    need = memory.estimate(model, batch=2, seq=seq, checkpoint_layers=2)["total"]
+    budget_gb = need / (1 - memory.PLAN_MARGIN) / memory.GIB * 1.0001
+    losses = {}
+    for name, cfg in {"auto": dict(gradient_checkpointing="auto", memory_budget_gb=budget_gb),
+                      "hand": dict(gradient_checkpointing=True)}.items():
+        model, tok = lora_model(deep)
+        if name == "hand":
+            model.model.checkpoint_layers = 2
+        seen = []
+        layer0 = model.model.layers[0]
+        layer0.register_forward_pre_hook(lambda m, a: seen.append((model.model.gradient_checkpointing,
+                                                                   model.model.checkpoint_layers)))
+        tr = Trainer(model, tok, rows, config=TrainConfig(output_dir=str(tmp_path / name), max_steps=3, batch_size=2,
+                                                          progress_bar=False, plot=False, seed=4, **cfg))
+        losses[name] = tr.train().losses
+        if name == "auto":
+            assert tr.memory_plan is not None and tr.memory_plan.checkpoint_layers == 2
+            assert seen and all(s == (True, 2) for s in seen)
+            assert model.model.checkpoint_layers is None  # restored after train()
+    assert losses["auto"] == losses["hand"]
+
+
+def test_bad_memory_fields():
+    for bad in (-1, 0, "8", True):
+        with pytest.raises(TrainConfigError, match="memory_budget_gb"):
+            TrainConfig(memory_budget_gb=bad, gradient_checkpointing="auto").validate()
+    with pytest.raises(TrainConfigError, match="memory_budget_gb"):
+        TrainConfig(memory_budget_gb=8, gradient_checkpointing=True).validate()
+    with pytest.raises(TrainConfigError, match="gradient_checkpointing"):
+        TrainConfig(gradient_checkpointing="sometimes").validate()
+    TrainConfig(gradient_checkpointing="auto").validate()
+
+
+def test_auto_without_budget_off_cuda_checkpoints_every_layer(llama, tmp_path):  # noqa: F811
+    model, tok = lora_model(llama)
+    tr = Trainer(model, tok, text_rows(4), config=TrainConfig(output_dir=str(tmp_path), max_steps=1, batch_size=2,
+                                                             progress_bar=False, plot=False,
+                                                             gradient_checkpointing="auto"))
+    assert tr.memory_plan is None
+    seen = []
+    model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(model.model.gradient_checkpointing))
+    tr.train()
+    assert seen and all(s is True for s in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("budget_gb", [1.5, 3.0])
+def test_peak_stays_within_the_budget(tmp_path, budget_gb):
+    """A Llama-shaped model of ~0.5B on CUDA: the plan for `budget_gb` keeps the measured peak of a
+    training run within the budget."""
+    path = tiny_llama(tmp_path / "m", hidden_size=1024, intermediate_size=4096, num_hidden_layers=12,
+                      num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096)
+    model, tok = minift.load(path, dtype=torch.bfloat16, device="cuda")
+    minift.add_lora(model, r=16, alpha=16)
+    rows = [{"text": " ".join(["the quick brown fox"] * 600)} for _ in range(8)]
+    torch.cuda.reset_peak_memory_stats()
+    tr = Trainer(model, tok, rows, config=TrainConfig(output_dir=str(tmp_path / "o"), max_steps=2, batch_size=4,
+                                                      max_seq_length=2048, progress_bar=False, plot=False,
+                                                      gradient_checkpointing="auto", memory_budget_gb=budget_gb))
+    tr.train()
+    assert tr.memory_plan is not None
+    assert torch.cuda.max_memory_allocated() <= budget_gb * memory.GIB, tr.memory_plan.describe()
