@@ -22,6 +22,7 @@ from torch import nn
 
 import minift
 import minift.quant as mq
+from minift.arch.model import Linear as DecoderLinear  # the decoder's 16-bit linear (an nn.Linear)
 from minift.errors import HubError, QuantizationError
 from minift.io.names import map_name, twin_candidates
 from minift.quant import Linear4bit
@@ -121,7 +122,7 @@ def test_quantize_while_loading_equals_bitsandbytes(ckpts):
         if "self_attn" in n:
             assert mod.bias is not None and torch.equal(mod.bias, src[f"{n}.bias"])
     # everything else stays in the load dtype, untouched
-    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, src["lm_head.weight"])
+    assert type(model.lm_head) is DecoderLinear and torch.equal(model.lm_head.weight, src["lm_head.weight"])
     assert torch.equal(model.model.embed_tokens.weight, src["model.embed_tokens.weight"])
     assert torch.equal(model.model.layers[0].input_layernorm.weight, src["model.layers.0.input_layernorm.weight"])
     ids = ids_batch(model.config.vocab_size)
@@ -206,7 +207,7 @@ def test_skip_modules_stay_16bit(ckpts, tmp_path):
     four = linear4bit_names(model)
     assert four == {n for n, m in ref.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert "model.layers.0.mlp.down_proj" not in four and "model.layers.1.self_attn.q_proj" not in four
-    assert type(model.model.layers[1].self_attn.q_proj) is nn.Linear
+    assert type(model.model.layers[1].self_attn.q_proj) is DecoderLinear
     ids = ids_batch(model.config.vocab_size)
     with torch.no_grad():
         assert rel(model(ids).logits, ref(input_ids=ids).logits) <= TOL
@@ -216,7 +217,7 @@ def test_skip_modules_stay_16bit(ckpts, tmp_path):
     (q / "config.json").write_text(json.dumps(cfg))
     model, _ = minift.load(q, load_in_4bit=True)
     up = model.model.layers[0].mlp.up_proj
-    assert type(up) is nn.Linear and up.weight.dtype == torch.float32
+    assert type(up) is DecoderLinear and up.weight.dtype == torch.float32
     data, qs = bnb_weight(load_file(str(q / "model.safetensors")), "model.layers.0.mlp.up_proj.weight")
     assert torch.equal(up.weight, BF.dequantize_4bit(data, qs))
     with torch.no_grad():
