@@ -5,6 +5,15 @@ warm-up; peak = torch.cuda.max_memory_allocated(). Run the peers (shared/bench/p
 same session and compare as ratios. Each (shape, quant, variant) runs in its own process.
 
   python bench/train.py --shapes llama-3.2-1b,gemma-3-4b --quant none,4bit
+  python bench/train.py --shapes llama-3.1-8b --quant 4bit --variants auto@8,auto@16,auto@24+compile
+  python bench/train.py --shapes llama-3.1-8b --quant 4bit --max-context 80 --variants ckpt+compile
+  python bench/train.py --shapes gemma-3-4b-vision --quant 4bit --first-step
+
+`auto@G`: TrainConfig(gradient_checkpointing="auto")'s plan for a G GiB budget (minift.train.memory),
+reported beside the measured peak. `--max-context G`: batch 1, the longest sequence whose step fits
+G GiB (the process capped with torch.cuda.set_per_process_memory_fraction), by bisection over
+fresh processes. `--first-step`: a fresh process's load + add_lora + first optimizer step
+(compilation included), then one more step (the warm figure).
 """
 
 from __future__ import annotations
@@ -65,8 +74,20 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     minift.add_lora(model, r=r, alpha=r, targets="all-linear" if vision else TARGETS, seed=0,
                     fuse="fusedlora" in variant)  # fused LoRA custom ops or plain matmuls
     lm = model.language_model if hasattr(model, "language_model") else model.model
-    ckpt_mode = {"ckpt": True, "offload": "offload", "nockpt": False}.get(variant.split("+")[0], True)
-    lm.gradient_checkpointing = ckpt_mode
+    base_variant = variant.split("+")[0]
+    plan = None
+    if base_variant.startswith("auto@"):  # the Trainer's memory planner for this batch and budget
+        from minift.train import memory
+
+        plan = memory.plan(model, batch=bs, seq=seq, budget_bytes=memory.gib(float(base_variant[5:])))
+        ckpt_mode = plan.checkpointing
+        lm.checkpoint_layers = plan.checkpoint_layers
+    else:
+        ckpt_mode = {"ckpt": True, "offload": "offload", "nockpt": False}.get(base_variant, True)
+    if hasattr(model, "vision_tower"):
+        model.model.gradient_checkpointing = ckpt_mode  # the decoder and the vision encoder
+    else:
+        lm.gradient_checkpointing = ckpt_mode
     if ckpt_mode == "offload":  # as the Trainer does: the hooks that move checkpointed inputs to the host
         from minift.train.offload import ActivationOffloader
 
@@ -131,6 +152,9 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     gc_ms = {f"gen{g}": round(sum(ms for gg, ms in pauses if gg == g), 1) for g in sorted({g for g, _ in pauses})}
     losses.append(float(loss))
     extra = dict(profile=_profile_step(step, dev)) if prof and dev == "cuda" else {}
+    if plan is not None:
+        extra.update(plan=plan.describe(), plan_estimate_gib=round(plan.estimate / 2**30, 3),
+                     plan_budget_gib=round(plan.budget / 2**30, 3))
     return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
                 tokens_per_s=bs * seq * steps / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
@@ -151,10 +175,20 @@ def main() -> None:
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--profile", action="store_true", help="add one profiled step's top kernels to each result")
+    ap.add_argument("--max-context", type=float, default=None, metavar="GIB",
+                    help="batch 1: the longest sequence whose step fits GIB (bisection, a process a try)")
+    ap.add_argument("--context-range", default="4096,1048576", help="--max-context's lo,hi sequence lengths")
+    ap.add_argument("--first-step", action="store_true",
+                    help="load + add_lora + the first optimizer step of a fresh process, then one warm step")
+    ap.add_argument("--cap-gib", type=float, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child", nargs=3, metavar=("PATH", "QUANT", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         path, quant, variant = a.child
+        if a.cap_gib is not None:  # an accelerator of cap GiB: the allocator refuses beyond it
+            import torch
+
+            torch.cuda.set_per_process_memory_fraction(a.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
         res = run_one(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant, a.profile)
         print("RESULT " + json.dumps(res), flush=True)
         return
@@ -167,17 +201,52 @@ def main() -> None:
             write_random_checkpoint(shape, path)
         for quant in a.quant.split(","):
             for variant in a.variants.split(","):
-                cmd = [sys.executable, __file__, "--child", path, quant, variant, "--bs", str(a.bs), "--seq",
-                       str(a.seq), "--warmup", str(a.warmup), "--steps", str(a.steps), "--r", str(a.r)] + ["--profile"] * a.profile
-                try:
-                    p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                    out = p.stdout + p.stderr
-                except subprocess.TimeoutExpired:
-                    out = f"TIMEOUT after {a.timeout}s"
-                rows = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
-                res = rows[0] if rows else dict(impl="minift", variant=variant, quant=quant, error=out[-1500:])
+                if a.max_context is not None:
+                    res = _max_context(a, path, quant, variant)
+                else:
+                    bs, warmup, steps = (a.bs, 1, 1) if a.first_step else (a.bs, a.warmup, a.steps)
+                    res = _child(a, path, quant, variant, bs, a.seq, warmup, steps)
+                    if a.first_step and "load_s" in res:
+                        res["first_step_s"] = round(res["load_s"] + res["warmup_s"], 2)
                 res.update(shape=shape, **env)
                 print(json.dumps(res), flush=True)
+
+
+def _child(a, path: str, quant: str, variant: str, bs: int, seq: int, warmup: int, steps: int,
+           cap: float | None = None) -> dict:
+    """One run in a fresh process: its RESULT, or the error it ended with."""
+    cmd = [sys.executable, __file__, "--child", path, quant, variant, "--bs", str(bs), "--seq", str(seq),
+           "--warmup", str(warmup), "--steps", str(steps), "--r", str(a.r)] + ["--profile"] * a.profile
+    if cap is not None:
+        cmd += ["--cap-gib", str(cap)]
+    t0 = time.time()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+        out = p.stdout + p.stderr
+    except subprocess.TimeoutExpired:
+        out = f"TIMEOUT after {a.timeout}s"
+    rows = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
+    res = rows[0] if rows else dict(impl="minift", variant=variant, quant=quant, seq=seq, error=out[-1500:])
+    res["process_s"] = round(time.time() - t0, 1)
+    return res
+
+
+def _max_context(a, path: str, quant: str, variant: str) -> dict:
+    """Bisection (to 1/64 of the bracket, multiples of 256) for the longest batch-1 sequence whose
+    warm-up and timed step run under the memory cap; each try a fresh process."""
+    lo, hi = (int(v) for v in a.context_range.split(","))
+    tries, best = [], None
+    while hi - lo > max(256, (hi - lo) // 64) and len(tries) < 12:
+        mid = (lo + hi) // 2 // 256 * 256
+        res = _child(a, path, quant, variant, 1, mid, 1, 1, cap=a.max_context)
+        ok = "error" not in res
+        tries.append(dict(seq=mid, ok=ok, peak_gib=res.get("peak_gib"), tokens_per_s=res.get("tokens_per_s")))
+        if ok:
+            lo, best = mid, res
+        else:
+            hi = mid
+    return dict(impl="minift", kind="max_context", variant=variant, quant=quant, cap_gib=a.max_context,
+                max_context=lo if best is not None else None, best=best, tries=tries)
 
 
 if __name__ == "__main__":
