@@ -101,7 +101,14 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev == "cuda")
     V = model.config.vocab_size
     g = torch.Generator(device="cpu").manual_seed(1)
-    batches = [torch.randint(4, V, (bs, seq), generator=g).to(dev) for _ in range(4)]
+    if "varylen" in variant:  # dynamic padding: every batch its own length, from seq / 4 to seq
+        lens = torch.randint(seq // 4, seq + 1, (max(4, warmup + steps),), generator=g).tolist()
+        batches = [torch.randint(4, V, (bs, n), generator=g).to(dev) for n in lens]
+    else:
+        batches = [torch.randint(4, V, (bs, seq), generator=g).to(dev) for _ in range(4)]
+    from torch._dynamo.utils import counters
+
+    compiles_before = counters["stats"]["unique_graphs"]
     losses = []
 
     def step(i: int):
@@ -135,13 +142,14 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     # CUDA events between steps time each step on the GPU's clock without a host sync: one slow
     # step (a recompile, an allocator stall) shows apart from a uniformly slower loop
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if dev == "cuda" else []
+    first = warmup if "varylen" in variant else 0  # varylen: timed batches of lengths not seen in warm-up
     t0 = time.time()
     host_ms = []  # host time per step: near step_ms means the GPU waited on Python
     for i in range(steps):
         if events:
             events[i].record()
         h = time.perf_counter()
-        loss = step(i)
+        loss = step(first + i)
         host_ms.append(round((time.perf_counter() - h) * 1e3, 1))
     if dev == "cuda":
         events[-1].record()
@@ -152,11 +160,13 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     gc_ms = {f"gen{g}": round(sum(ms for gg, ms in pauses if gg == g), 1) for g in sorted({g for g, _ in pauses})}
     losses.append(float(loss))
     extra = dict(profile=_profile_step(step, dev)) if prof and dev == "cuda" else {}
+    # graphs compiled over the run (each decoder layer shares one): > 1 after warm-up = recompiles
+    extra["unique_graphs"] = counters["stats"]["unique_graphs"] - compiles_before
     if plan is not None:
         extra.update(plan=plan.describe(), plan_estimate_gib=round(plan.estimate / 2**30, 3),
                      plan_budget_gib=round(plan.budget / 2**30, 3))
     return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
-                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
+                tokens_per_s=sum(batches[(first + i) % len(batches)].numel() for i in range(steps)) / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
                 load_s=t_load, warmup_s=t_warm, trainable=sum(p.numel() for p in params),
                 first_loss=losses[0], last_loss=losses[-1])
@@ -166,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt, each optionally +compile (the Trainer default on CUDA), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up)")
+    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
