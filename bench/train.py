@@ -94,7 +94,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         ActivationOffloader(model.config.hidden_size).install(lm)
     if "compile" in variant:
         for layer in lm.layers:
-            layer.compile(dynamic=False)
+            layer.compile()  # as the Trainer: static first, dynamic once a second length comes
     t_load = time.time() - t_load
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -143,6 +143,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     # step (a recompile, an allocator stall) shows apart from a uniformly slower loop
     events = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)] if dev == "cuda" else []
     first = warmup if "varylen" in variant else 0  # varylen: timed batches of lengths not seen in warm-up
+    graphs_warm = counters["stats"]["unique_graphs"]
     t0 = time.time()
     host_ms = []  # host time per step: near step_ms means the GPU waited on Python
     for i in range(steps):
@@ -162,6 +163,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     extra = dict(profile=_profile_step(step, dev)) if prof and dev == "cuda" else {}
     # graphs compiled over the run (each decoder layer shares one): > 1 after warm-up = recompiles
     extra["unique_graphs"] = counters["stats"]["unique_graphs"] - compiles_before
+    extra["graphs_in_timed_steps"] = counters["stats"]["unique_graphs"] - graphs_warm  # recompiles: 0 wanted
     if plan is not None:
         extra.update(plan=plan.describe(), plan_estimate_gib=round(plan.estimate / 2**30, 3),
                      plan_budget_gib=round(plan.budget / 2**30, 3))
