@@ -213,6 +213,32 @@ def test_compiled_layers_match_eager(llama, tmp_path):
     assert eager.losses == pytest.approx(comp.losses, rel=1e-5)
 
 
+def test_no_recompile_when_lengths_vary(llama, tmp_path, monkeypatch):
+    """Rows of many lengths (dynamic padding): the compiled decoder layers are compiled with dynamic
+    shapes from the first step, so no later step compiles anything (every batch padded, so the
+    mask variant is the same throughout)."""
+    from torch._dynamo.utils import counters
+
+    words = ("the quick brown fox jumps over the lazy dog again and again while the sun rises in the east and "
+             "sets in the west each day").split()
+    # 8 distinct lengths (60-92 tokens), 2 a batch; none equal to a model dimension (64, 128): dynamo
+    # would take that size for the same symbol (duck shaping) and specialise it
+    rows = [{"text": " ".join(words[: 12 + i])} for i in range(8)]
+    graphs = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        graphs.append(counters["stats"]["unique_graphs"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    torch._dynamo.reset()
+    counters.clear()
+    run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=4, compile=True, shuffle=False)
+    assert len(graphs) == 4 and graphs[0] > 0
+    assert graphs[1:] == [graphs[0]] * 3, graphs
+
+
 def test_gc_frozen_during_training_only(llama, tmp_path, monkeypatch):
     """After the first step the Trainer moves long-lived objects out of the cyclic GC (whose full
     collections stalled GPU steps) and undoes that when train() returns; a caller's own freeze is kept."""

@@ -264,9 +264,14 @@ class Trainer:
         lm = getattr(self.model, "language_model", None)
         if not want or lm is None:
             return
+        # Rows of several lengths (dynamic padding): dynamic shapes from the first step, so the
+        # second length does not recompile every layer's graph (automatic dynamic would, after
+        # compiling a static one first). One length (fixed-size rows): static shapes.
+        lengths = {len(u) for u in self.train_units}
+        dynamic = True if len(lengths) > 1 else None
         for layer in lm.layers:
             if getattr(layer, "_compiled_call_impl", None) is None:
-                layer.compile()
+                layer.compile(dynamic=dynamic)
 
     # -- the loop ------------------------------------------------------------------------
     def train(self) -> TrainSummary:
