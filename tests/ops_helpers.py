@@ -31,3 +31,18 @@ def assert_compiled_matches_eager(f, inputs: tuple, device: str) -> None:
             outs.append([loss] + [t.grad for t in leaves])
     for e, c in zip(*outs):
         torch.testing.assert_close(c, e)
+
+
+def make_x(m: int, k: int, dtype: torch.dtype, layout: str, device: str, gen: torch.Generator) -> torch.Tensor:
+    """(m, k) activations in one of the layouts the matmul op tests draw: contiguous, strided (last
+    dim not contiguous), sliced (every other element of wider rows), expanded (one stride-0 row)
+    or batched ((2, m, k))."""
+    if layout == "strided":  # last dim not contiguous: a transposed view
+        return torch.randn(k, m, generator=gen).to(dtype).to(device).t()
+    if layout == "sliced":  # rows further apart than K, every other element
+        return torch.randn(m, 2 * k + 3, generator=gen).to(dtype).to(device)[:, 1:2 * k + 1:2]
+    if layout == "expanded":  # stride-0 rows: one row broadcast
+        return torch.randn(1, k, generator=gen).to(dtype).to(device).expand(m, k)
+    if layout == "batched":  # (2, m, k): leading dims flattened
+        return torch.randn(2, m, k, generator=gen).to(dtype).to(device)
+    return torch.randn(m, k, generator=gen).to(dtype).to(device)

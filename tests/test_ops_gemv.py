@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from op_checks import assert_no_worse
-from ops_helpers import assert_compiled_matches_eager, upstream
+from ops_helpers import assert_compiled_matches_eager, make_x, upstream
 
 import minift.ops as ops
 from minift.errors import InputError
@@ -26,18 +26,6 @@ gm = importlib.import_module("minift.ops.gemv")  # the module (minift.ops.gemv i
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 CONFIGS = [None, dict(BLOCK_N=1, BLOCK_K=64), dict(BLOCK_N=16, BLOCK_K=128, num_warps=2), dict(BLOCK_N=4, BLOCK_K=512)]
-
-
-def make_x(m: int, k: int, dtype, layout: str, device: str, gen: torch.Generator) -> torch.Tensor:
-    if layout == "strided":  # last dim not contiguous
-        return torch.randn(k, m, generator=gen).to(dtype).to(device).t()
-    if layout == "sliced":  # rows further apart than K
-        return torch.randn(m, 2 * k + 3, generator=gen).to(dtype).to(device)[:, 1:k + 1]
-    if layout == "expanded":  # stride-0 rows
-        return torch.randn(1, k, generator=gen).to(dtype).to(device).expand(m, k)
-    if layout == "batched":  # (2, m, k) -> 2m rows
-        return torch.randn(2, m, k, generator=gen).to(dtype).to(device)
-    return torch.randn(m, k, generator=gen).to(dtype).to(device)
 
 
 def run(x, w, bias=None, cfg=None, backend="triton"):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from op_checks import assert_no_worse
-from ops_helpers import assert_compiled_matches_eager, upstream
+from ops_helpers import assert_compiled_matches_eager, make_x, upstream
 
 import minift.ops as ops
 from minift.errors import InputError
@@ -37,18 +37,6 @@ def quantize(n: int, k: int, dtype: torch.dtype, nested: bool, device: str, seed
     w = (torch.randn(n, k, generator=gen) * (0.5 + torch.rand(n, 1, generator=gen))).to(dtype).to(device)
     data, qs = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=nested)
     return NF4Weight.from_bnb(data, qs)
-
-
-def make_x(m: int, k: int, dtype: torch.dtype, layout: str, device: str, gen: torch.Generator) -> torch.Tensor:
-    if layout == "strided":  # last dim not contiguous: a transposed view
-        return torch.randn(k, m, generator=gen).to(dtype).to(device).t()
-    if layout == "sliced":  # rows further apart than K, every other element
-        return torch.randn(m, 2 * k + 3, generator=gen).to(dtype).to(device)[:, 1:2 * k + 1:2]
-    if layout == "expanded":  # stride-0 rows: one row broadcast
-        return torch.randn(1, k, generator=gen).to(dtype).to(device).expand(m, k)
-    if layout == "batched":  # (2, m, k): leading dims flattened
-        return torch.randn(2, m, k, generator=gen).to(dtype).to(device)
-    return torch.randn(m, k, generator=gen).to(dtype).to(device)
 
 
 def ref64(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -57,6 +57,11 @@ def _fusable(x: torch.Tensor, mods: list[nn.Module]) -> bool:
     return all(type(m) is Linear for m in mods) and ops.takes_gemv(x, [m.weight for m in mods])
 
 
+def _glu(hidden_act: str) -> str:
+    """config.json's hidden_act -> the gated activation's name in minift.ops (SiLU; tanh or exact GELU)."""
+    return {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}.get(hidden_act, "gelu")
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -104,14 +109,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj
         if _fusable(x, [gate, up]):  # decoding: gate, up and the activation in one launch
-            act = "silu" if self.act == "silu" else "gelu_tanh" if self.act == "gelu_pytorch_tanh" else "gelu"
-            return self.down_proj(ops.gemv_glu(x, gate.weight, up.weight, act, [gate.bias, up.bias]))
+            return self.down_proj(ops.gemv_glu(x, gate.weight, up.weight, _glu(self.act), [gate.bias, up.bias]))
         return self.down_proj(self.activation(gate(x), up(x)))
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.act == "silu":
+        name = _glu(self.act)
+        if name == "silu":
             return ops.swiglu(gate, up)
-        return ops.geglu(gate, up, "tanh" if self.act == "gelu_pytorch_tanh" else "none")
+        return ops.geglu(gate, up, "tanh" if name == "gelu_tanh" else "none")
 
 
 class DecoderLayer(nn.Module):

@@ -44,7 +44,7 @@ if HAS_TRITON:
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 MAX_ROWS = 1  # rows of x the kernel takes; more: cuBLAS
 CONFIG_OVERRIDE: dict | None = None  # e.g. dict(BLOCK_N=8, BLOCK_K=1024, num_warps=4)
-_GLU_REF = {"silu": F.silu, "gelu_tanh": lambda g: F.gelu(g, approximate="tanh"), "gelu": F.gelu}
+_ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
 
 if HAS_TRITON:
 
@@ -114,6 +114,11 @@ def _config(n: int, k: int) -> dict:
     return cfg
 
 
+def _pad3(seq: list, fill=None) -> list:
+    """A list of up to three weights / biases as the kernel's and the op's three slots."""
+    return list(seq) + [fill] * (3 - len(seq))
+
+
 def _rows(x: torch.Tensor) -> int:
     return x.numel() // max(1, x.shape[-1])
 
@@ -137,8 +142,7 @@ def _launch(x: torch.Tensor, ws: list[torch.Tensor], biases: list[torch.Tensor],
     cfg = _config(max(ns), k)
     bn = cfg["BLOCK_N"]
     nbs = [triton.cdiv(n, bn) for n in ns]
-    pad = lambda seq, fill: list(seq) + [fill] * (3 - len(seq))  # noqa: E731
-    wp, bp, np_, sp = pad(ws, ws[0]), pad(bs or [ws[0]], ws[0]), pad(ns, 0), pad([w.stride(0) for w in ws], 0)
+    wp, bp, np_, sp = _pad3(ws, ws[0]), _pad3(bs or [ws[0]], ws[0]), _pad3(ns, 0), _pad3([w.stride(0) for w in ws], 0)
     grid = (nbs[0] if glu else sum(nbs),)
     _gemv_kernel[grid](
         x1, *wp, *bp, out, *np_, k, *sp, nbs[0], nbs[1] if len(nbs) > 1 else 0,
@@ -184,16 +188,14 @@ def _cat_backward(ctx, grad):
     dx = sum(g @ w.to(g.dtype) for g, w in zip(gs, ws)).to(x.dtype) if ctx.needs_input_grad[0] else None
     dws = [(g.reshape(-1, g.shape[-1]).T @ x2.to(g.dtype)).to(w.dtype) for g, w in zip(gs, ws)]
     dbs = [g.reshape(-1, g.shape[-1]).sum(0) for g in gs] if ctx.has_bias else []
-    pad = lambda seq: list(seq) + [None] * (3 - len(seq))  # noqa: E731
-    return (dx, *pad(dws), *pad(dbs))
+    return (dx, *_pad3(dws), *_pad3(dbs))
 
 
 _cat_op = Op("gemv_cat", _cat_impl, _cat_fake, _cat_setup, _cat_backward)
 
 
 def _cat_call(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
-    pad = lambda seq: list(seq) + [None] * (3 - len(seq))  # noqa: E731
-    return _cat_op(x, *pad(ws), *pad(bs))
+    return _cat_op(x, *_pad3(ws), *_pad3(bs))
 
 
 def _glu_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
@@ -201,10 +203,10 @@ def _glu_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate:
     bs = _present(b_gate, b_up)
     if _kernel_ok(x, [w_gate, w_up]):
         return _launch(x, [w_gate, w_up], bs, act + 1)
-    g = ref.linear(x, w_gate, b_gate)
-    u = ref.linear(x, w_up, b_up)
-    f = _GLU_REF[next(k for k, v in ACTIVATIONS.items() if v == act)]
-    return (f(g.float()) * u.float()).to(x.dtype)
+    g, u = ref.linear(x, w_gate, b_gate), ref.linear(x, w_up, b_up)
+    if act == ACTIVATIONS["silu"]:
+        return ref.swiglu(g, u)
+    return ref.geglu(g, u, "tanh" if act == ACTIVATIONS["gelu_tanh"] else "none")
 
 
 def _glu_fake(x, w_gate, w_up, b_gate, b_up, act):
@@ -220,7 +222,7 @@ def _glu_setup(ctx, inputs, output):
 def _glu_backward(ctx, grad):
     """Recomputes gate and up (a decoding op: the backward exists for completeness and tests)."""
     x, wg, wu, *bs = ctx.saved_tensors
-    act = next(k for k, v in ACTIVATIONS.items() if v == ctx.act)
+    act = _ACT_NAMES[ctx.act]
     g = ref.linear(x, wg, bs[0] if bs else None)
     u = ref.linear(x, wu, bs[1] if bs else None)
     f, df = ref.act_and_grad(g.float(), act)

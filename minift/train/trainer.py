@@ -236,24 +236,24 @@ class Trainer:
         return plan
 
     def _set_checkpointing(self) -> tuple[Any, ActivationOffloader | None]:
+        """Sets the configured (or planned) checkpointing on the model; returns what to restore after
+        training (None when the model has no such switch) and the offloading hooks, if any."""
         inner = getattr(self.model, "model", None)
-        old = getattr(inner, "gradient_checkpointing", None)
-        if inner is None or old is None:
+        lm = getattr(self.model, "language_model", inner)
+        if inner is None or getattr(inner, "gradient_checkpointing", None) is None:
             return None, None
+        old = (inner.gradient_checkpointing, lm.checkpoint_layers)
         mode, layers = self.cfg.gradient_checkpointing, None
         if mode == "auto":
             plan = self.memory_plan
             mode, layers = (plan.checkpointing, plan.checkpoint_layers) if plan is not None else (True, None)
-        inner.gradient_checkpointing = mode
-        lm = getattr(self.model, "language_model", None)
-        if lm is not None:
-            self._old_ckpt_layers = lm.checkpoint_layers
-            lm.checkpoint_layers = layers
-        off = None
-        if mode == "offload":
-            decoder = getattr(self.model, "language_model", inner)
-            off = ActivationOffloader(self.model.config.hidden_size).install(decoder)
+        inner.gradient_checkpointing, lm.checkpoint_layers = mode, layers
+        off = ActivationOffloader(self.model.config.hidden_size).install(lm) if mode == "offload" else None
         return old, off
+
+    def _restore_checkpointing(self, old: tuple[Any, int | None]) -> None:
+        inner = self.model.model
+        inner.gradient_checkpointing, getattr(self.model, "language_model", inner).checkpoint_layers = old
 
     def _maybe_compile(self) -> None:
         """Compiles each decoder layer once (dynamic shapes, so dynamic padding does not recompile
@@ -375,10 +375,7 @@ class Trainer:
             if offloader is not None:
                 offloader.remove()
             if old_ckpt is not None:
-                model.model.gradient_checkpointing = old_ckpt
-                lm = getattr(model, "language_model", None)
-                if lm is not None:
-                    lm.checkpoint_layers = self._old_ckpt_layers
+                self._restore_checkpointing(old_ckpt)
             model.train(was_training)
         try:
             if interrupted:
