@@ -44,3 +44,43 @@ def test_compiled_step_equals_eager(tmp_path, family, four_bit, ckpt):
     assert abs(lc.item() - le.item()) <= 1e-2 * abs(le.item())
     for n in ge:
         assert rel(gc[n], ge[n]) <= 3e-2, n
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_trainer_varying_lengths_compiles_once(tmp_path, family, monkeypatch):
+    """The Trainer on CUDA with rows of many lengths: layers compiled with dynamic shapes (flex
+    attention's block mask included) give the eager run's losses, and no step after the first
+    compiles a graph."""
+    from torch._dynamo.utils import counters
+
+    from minift.train import TrainConfig, Trainer
+
+    extra = dict(sliding_window=256) if family == "gemma3_text" else {}
+    path = write_tiny_checkpoint(tmp_path / "m", family, **SHAPE, **extra)
+    g = torch.Generator().manual_seed(0)
+    words = "the quick brown fox jumps over the lazy dog while the sun rises in the east".split()
+    rows = [{"text": " ".join(words[int(i) % len(words)] for i in torch.randint(0, 99, (int(n),), generator=g))}
+            for n in torch.randint(60, 300, (16,), generator=g)]
+    graphs: list[int] = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        graphs.append(counters["stats"]["unique_graphs"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        graphs.clear()
+        model, tok = minift.load(path, dtype=torch.bfloat16, device="cuda")
+        minift.add_lora(model, r=16, alpha=16, seed=0)
+        cfg = TrainConfig(output_dir=str(tmp_path / f"o{compiled}"), batch_size=2, grad_accum=1, max_steps=6,
+                          lr=1e-3, seed=1, shuffle=False, compile=compiled, gradient_checkpointing=True,
+                          progress_bar=False, plot=False, optimizer="adamw")
+        losses[compiled] = Trainer(model, tok, rows, config=cfg).train().losses
+        if compiled:
+            assert graphs[0] > 0 and graphs[1:] == [graphs[0]] * 5, graphs
+    for a, b in zip(losses[False], losses[True]):
+        assert abs(a - b) <= 2e-2 * abs(a), (losses[False], losses[True])

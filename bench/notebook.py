@@ -1,0 +1,148 @@
+"""The Gemma 3 vision notebook's job through minift's Trainer (the job of
+shared/bench/vision_notebook_job.py, whose peers run in their own trainers): a random-weight
+Gemma-3-4B vision checkpoint, 4-bit (or bf16) base, LoRA r=16 on vision and language layers, rows
+of one image and a short LaTeX answer, batch 1 x grad accumulation 4, max_grad_norm 0.3, cosine,
+fused AdamW. Prints one JSON line a run: samples/s over the steps after the first two, peak GiB,
+the first two steps' time (compilation), and with --profile one profiled optimizer step: GPU busy
+time against wall time, kernel launches, the top kernels and host ops.
+
+  python bench/notebook.py --quant 4bit,none --steps 12 --profile
+  python bench/notebook.py --set merge_micro_batches=False      # a TrainConfig field, as a variant
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def dataset(n: int, size: int, seed: int = 0) -> list[dict]:
+    """LaTeX_OCR-shaped rows: one random image (size/4 x size/2) and 8-30 LaTeX symbols each."""
+    import numpy as np
+    from PIL import Image
+
+    rng, r = random.Random(seed), np.random.default_rng(seed)
+    syms = ["x", "y", "\\alpha", "\\beta", "+", "-", "=", "\\frac{1}{2}", "^{2}", "_{i}", "\\sum", "\\int", "dx"]
+    rows = []
+    for _ in range(n):
+        img = Image.fromarray(r.integers(0, 255, (size // 4, size // 2, 3), dtype=np.uint8))
+        text = " ".join(rng.choice(syms) for _ in range(rng.randint(8, 30)))
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Write the LaTeX representation for this image."},
+                                         {"type": "image", "image": img}]},
+            {"role": "assistant", "content": [{"type": "text", "text": text}]}]})
+    return rows
+
+
+def _profiled(trainer, at: int) -> dict:
+    """Profiles optimizer step `at` (1-based) of trainer.train() through a step post-hook."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    state: dict = {"n": 0}
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def hook(*_):
+        state["n"] += 1
+        if state["n"] == at - 1:
+            torch.cuda.synchronize()
+            prof.__enter__()
+            state["t0"] = time.perf_counter()
+        elif state["n"] == at:
+            torch.cuda.synchronize()
+            state["wall"] = time.perf_counter() - state["t0"]
+            prof.__exit__(None, None, None)
+
+    handle = trainer.optimizer.register_step_post_hook(hook)
+    summary = trainer.train()
+    handle.remove()
+    ev = prof.key_averages()
+    kern = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
+    host = [e for e in ev if e.device_type == torch.autograd.DeviceType.CPU]
+    gpu = sum(e.self_device_time_total for e in kern) / 1e3
+    return summary, dict(
+        wall_ms=round(state["wall"] * 1e3, 1), gpu_busy_ms=round(gpu, 1), kernels=sum(e.count for e in kern),
+        top=[(e.key[:80], e.count, round(e.self_device_time_total / 1e3, 2))
+             for e in sorted(kern, key=lambda e: -e.self_device_time_total)[:12]],
+        cpu_top=[(e.key[:80], e.count, round(e.self_cpu_time_total / 1e3, 2))
+                 for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:12]])
+
+
+def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool) -> dict:
+    import torch
+
+    import minift
+    from minift.train import TrainConfig, Trainer
+
+    t0 = time.time()
+    model, processor = minift.load(path, load_in_4bit=quant == "4bit")
+    processor = minift.get_chat_template(processor, "gemma-3")  # the notebook's step
+    minift.add_lora(model, r=16, alpha=16, dropout=0.0, vision=True, language=True, attention=True, mlp=True,
+                    seed=3407)
+    cfg = TrainConfig(batch_size=1, grad_accum=4, max_steps=steps, lr=2e-4, max_grad_norm=0.3, warmup_ratio=0.03,
+                      scheduler="cosine", weight_decay=0.01, optimizer="adamw", seed=3407, max_seq_length=2048,
+                      output_dir=tempfile.mkdtemp(), logging_steps=1, progress_bar=False, plot=False, **sets)
+    tr = Trainer(model, processor, dataset(4 * steps + 8, 896), config=cfg)
+    setup = time.time() - t0
+    extra = {}
+    if prof:
+        s, extra["profile"] = _profiled(tr, steps - 1)
+    else:
+        s = tr.train()
+    recs = [json.loads(line) for line in open(os.path.join(cfg.output_dir, "metrics.jsonl")) if line.strip()]
+    el = [(r["step"], r["elapsed_s"]) for r in recs if "elapsed_s" in r and not r.get("eval")]
+    (s0, e0), (s1, e1) = el[1], el[-1]
+    if prof:  # the profiled step is slower: time the steps before it
+        (s1, e1) = el[-3]
+    return dict(impl="minift", quant=quant, sets=sets, samples_per_s=4 * (s1 - s0) / (e1 - e0),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, setup_s=round(setup, 1),
+                first_steps_s=round(e0, 1), steps=s.steps, last_loss=s.losses[-1], **extra)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="gemma-3-4b-vision", help="a bench/common.py vision shape (tiny-gemma3-vision: a CPU dry run)")
+    ap.add_argument("--quant", default="4bit")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--set", action="append", default=[], help="FIELD=VALUE: a TrainConfig field (a variant)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
+    ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--child", nargs=2, metavar=("PATH", "QUANT"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    sets = {}
+    for item in a.set:
+        k, v = item.split("=", 1)
+        sets[k] = json.loads(v.lower()) if v.lower() in ("true", "false", "null") or v[:1].isdigit() else v
+    if a.child:
+        print("RESULT " + json.dumps(run_one(a.child[0], a.child[1], a.steps, sets, a.profile)), flush=True)
+        return
+    from common import environment, write_random_checkpoint
+
+    path = Path(a.root) / a.shape
+    if not (path / "config.json").exists():
+        write_random_checkpoint(a.shape, path)
+    for quant in a.quant.split(","):
+        cmd = [sys.executable, __file__, "--child", str(path), quant, "--steps", str(a.steps)]
+        cmd += [x for s in a.set for x in ("--set", s)] + (["--profile"] if a.profile else [])
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
+            out = p.stdout + p.stderr
+        except subprocess.TimeoutExpired as e:
+            out = f"TIMEOUT {(e.stdout or b'')[-800:]!r} {(e.stderr or b'')[-800:]!r}"
+        res = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+        print(json.dumps(res[0] | {"env": environment()} if res else dict(quant=quant, sets=sets, error=out[-2000:])),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
