@@ -73,6 +73,14 @@ class TrainConfig:
     memory_budget_gb: float | None = None
     """With gradient_checkpointing="auto": the peak GPU memory (GiB, as torch.cuda.max_memory_allocated
     counts it) the plan must fit in, 10% of it kept as margin. None: what the GPU has (free + held)."""
+    merge_micro_batches: bool | str = "auto"
+    """Run the grad_accum micro-batches of an optimizer step as one forward and backward over all
+    their rows (padded to the longest): the same gradient (the loss is normalised by the step's
+    target count either way) at a fraction of the kernel launches, which is what bounds short
+    rows at a small batch_size. "auto": on CUDA when the merged batch's estimated peak
+    (`minift.train.memory`) fits memory_budget_gb, else the GPU's memory (with
+    gradient_checkpointing="auto", when a plan for the merged batch fits without offloading);
+    off on CPU. True: always; False: never (the lower peak of one micro-batch at a time)."""
     compile: bool | None = None
     """torch.compile each decoder layer (inductor fuses the elementwise work around our kernels;
     on an H100 this took LoRA training of Llama-3.2-1B from 25-30k to 54k tokens/s, see
@@ -176,6 +184,8 @@ class TrainConfig:
             bad("distributed", 'must be "auto", "ddp", "fsdp" or None')
         if self.gradient_checkpointing not in (False, True, "offload", "auto"):
             bad("gradient_checkpointing", 'must be False, True, "offload" or "auto"')
+        if self.merge_micro_batches not in (False, True, "auto"):
+            bad("merge_micro_batches", 'must be False, True or "auto"')
         if self.memory_budget_gb is not None:
             b = self.memory_budget_gb
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..arch.siglip import VisionEncoder
 from ..errors import DataError, NonFiniteLossError, TrainConfigError
 from . import checkpoint as ckpt
 from . import distributed, memory
@@ -146,7 +147,7 @@ class Trainer:
                                  world=self.world.size, rank=self.world.rank)
         self.unit_targets = [u.n_targets for u in self.train_units]
         self.total_steps = self.schedule.total_steps(cfg.max_steps, cfg.epochs)
-        self.memory_plan = self._plan_memory()
+        self.merge, self.memory_plan = self._plan_memory()
         # what the loop calls: the model (FSDP2 shards it in place), or DDP around it; before the
         # optimizer, which must hold the sharded parameters
         self.engine = distributed.wrap(model, self.world, self.device)
@@ -217,23 +218,48 @@ class Trainer:
     def _batch(self, units: list[Example], idx: list[int]) -> Batch:
         return collate([units[i] for i in idx], self.pad_id)
 
-    def _plan_memory(self) -> memory.MemoryPlan | None:
-        """gradient_checkpointing="auto": the plan for the longest batch this run will see (its longest
-        example x batch_size), within memory_budget_gb or the device's memory; None otherwise."""
+    def _plan_memory(self) -> tuple[bool, memory.MemoryPlan | None]:
+        """Whether each step's micro-batches run merged (TrainConfig.merge_micro_batches) and, with
+        gradient_checkpointing="auto", the checkpointing plan for the largest batch this run will
+        see (the longest example x the rows of one forward), within memory_budget_gb or the
+        device's memory (None otherwise)."""
         cfg = self.cfg
-        if cfg.gradient_checkpointing != "auto":
-            return None
         device = next(self.model.parameters()).device
         budget = memory.gib(cfg.memory_budget_gb) if cfg.memory_budget_gb is not None else memory.device_budget(device)
-        if budget is None:
-            return None
         seq = max(len(u) for u in self.train_units)
         images = max((u.pixel_values.shape[0] for u in self.train_units if u.pixel_values is not None), default=1)
-        plan = memory.plan(self.model, batch=cfg.batch_size, seq=seq, budget_bytes=budget,
-                           optim=cfg.optimizer, images=images)
+        rows = cfg.batch_size * cfg.grad_accum
+        want = cfg.merge_micro_batches
+        if cfg.grad_accum == 1:
+            want = False  # one micro-batch: nothing to merge
+        elif want == "auto" and (device.type != "cuda" or budget is None):
+            want = False  # merging removes launch overhead; a CPU step is bound by its arithmetic
+        auto_ckpt = cfg.gradient_checkpointing == "auto" and budget is not None
+
+        def plan_for(batch: int) -> memory.MemoryPlan:
+            return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
+                               images=images)
+
+        plan = None
+        if want == "auto":
+            if auto_ckpt:
+                plan = plan_for(rows)
+                want = plan.fits and plan.checkpointing != "offload"
+            else:
+                est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
+                                      optim=cfg.optimizer, images=images)["total"]
+                want = est <= budget * (1 - memory.PLAN_MARGIN)
+        merge = bool(want)
+        batch = rows if merge else cfg.batch_size
+        if auto_ckpt and (plan is None or not merge):
+            plan = plan_for(batch)
         if self.world.main:
-            log.info("memory plan for batch %d x %d tokens: %s", cfg.batch_size, seq, plan.describe())
-        return plan
+            if merge:
+                log.info("merging the %d micro-batches of each optimizer step into one forward of %d rows",
+                         cfg.grad_accum, rows)
+            if plan is not None:
+                log.info("memory plan for batch %d x %d tokens: %s", batch, seq, plan.describe())
+        return merge, plan
 
     def _set_checkpointing(self) -> tuple[Any, ActivationOffloader | None]:
         """Sets the configured (or planned) checkpointing on the model; returns what to restore after
@@ -272,6 +298,14 @@ class Trainer:
         for layer in lm.layers:
             if getattr(layer, "_compiled_call_impl", None) is None:
                 layer.compile(dynamic=dynamic)
+        # A vision tower's encoder layers see fixed-size images: static shapes (a new image count
+        # per forward recompiles once, to a dynamic image dimension). Eager, its many small ops
+        # (LoRA, 4-bit dequantisation) cost more host time than the decoder's.
+        for enc in self.model.modules():
+            if isinstance(enc, VisionEncoder):
+                for layer in enc.layers:
+                    if getattr(layer, "_compiled_call_impl", None) is None:
+                        layer.compile()
 
     # -- the loop ------------------------------------------------------------------------
     def train(self) -> TrainSummary:
@@ -324,6 +358,8 @@ class Trainer:
             for step in range(self.step, self.total_steps):
                 units = self.schedule.step_all(step, cache)
                 mine = self.schedule.step_units(step, cache)
+                if self.merge:  # one forward over this rank's rows of the step (the same gradient)
+                    mine = [[i for mb in mine for i in mb]]
                 # every rank divides by the global target count / world: the gradient average is
                 # then the one-process gradient of the whole global batch
                 norm = float(max(1, sum(self.unit_targets[i] for i in units))) / self.world.size
