@@ -25,6 +25,20 @@ from minift.train.report import count_parameters  # noqa: E402
 from train_utils import text_rows  # noqa: E402
 
 
+def image_rows(n: int) -> list[dict]:
+    """Chats where only every third row has an image: most micro-batches of a rank have none."""
+    from PIL import Image
+
+    rows = []
+    for i in range(n):
+        user = [{"type": "text", "text": f"Row {i}."}]
+        if i % 3 == 0:
+            user.append({"type": "image", "image": Image.new("RGB", (32, 24), (20 * i % 255, 99, 7))})
+        rows.append({"messages": [{"role": "user", "content": user},
+                                  {"role": "assistant", "content": [{"type": "text", "text": "ok " * (1 + i % 4)}]}]})
+    return rows
+
+
 class _Stop(Exception):
     """Raised after the checkpoint of step `stop_after`, as if the job had been stopped there."""
 
@@ -40,10 +54,14 @@ def main(spec_path: str) -> None:
 
         Trainer._batch = slow_batch
     model, tok = minift.load(spec["model"], load_in_4bit=spec.get("quant") == "4bit")
-    minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5)
-    cfg = TrainConfig(output_dir=spec["out"], progress_bar=False, plot=False, gradient_checkpointing=False,
-                      lr=2e-3, warmup_steps=1, seed=11, **spec["config"])
-    trainer = Trainer(model, tok, text_rows(spec.get("rows", 13), seed=3), config=cfg)
+    vision = bool(spec.get("vision"))
+    minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5, **({"vision": True, "language": True} if vision else {}))
+    cfg = TrainConfig(**{"output_dir": spec["out"], "progress_bar": False, "plot": False,
+                         "gradient_checkpointing": False, "lr": 2e-3, "warmup_steps": 1, "seed": 11,
+                         **spec["config"]})
+    n = spec.get("rows", 13)
+    rows = image_rows(n) if vision else text_rows(n, seed=3, max_words=spec.get("max_words", 12))
+    trainer = Trainer(model, tok, rows, config=cfg)
     if spec.get("fail_rank") is not None and trainer.world.rank == spec["fail_rank"]:
         raise RuntimeError(f"rank {trainer.world.rank} fails on purpose")
     stop_after = spec.get("stop_after")

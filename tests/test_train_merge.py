@@ -48,11 +48,11 @@ def check_same(path, rows, tmp_path, **cfg):
         assert rel(w1[n], w0[n]) <= 5e-5, n  # three steps compound the rounding (lr 0.5)
 
 
-def test_merged_text_steps_equal_unmerged(llama, tmp_path, single_thread):  # noqa: F811
+def test_merged_text_steps_equal_unmerged(llama, tmp_path):  # noqa: F811
     check_same(llama, text_rows(18, seed=3, min_words=2, max_words=40), tmp_path)
 
 
-def test_merged_packed_steps_equal_unmerged(llama, tmp_path, single_thread):  # noqa: F811
+def test_merged_packed_steps_equal_unmerged(llama, tmp_path):  # noqa: F811
     check_same(llama, text_rows(60, seed=4, min_words=2, max_words=30), tmp_path, packing=True, max_seq_length=60)
 
 
@@ -68,7 +68,7 @@ def vision_rows(n: int) -> list[dict]:
     return out
 
 
-def test_merged_vision_steps_equal_unmerged(tmp_path, single_thread):  # noqa: F811
+def test_merged_vision_steps_equal_unmerged(tmp_path):
     path = write_tiny_gemma3_vision(tmp_path / "v")
     check_same(path, vision_rows(18), tmp_path, vision=True, train_on_responses_only=True)
 

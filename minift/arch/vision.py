@@ -231,10 +231,13 @@ class Gemma3VisionLM(nn.Module):
             )
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-              check: bool = True) -> torch.Tensor:
+              check: bool = True, always_run_vision: bool = False) -> torch.Tensor:
         """Scaled text embeddings with the image features written over the image tokens, in order
         (row by row, left to right, images in pixel_values order). `check=False` (generated
-        tokens) reads an image token without pixels as text, as transformers does."""
+        tokens) reads an image token without pixels as text, as transformers does.
+        `always_run_vision` (FSDP): a batch without images still runs the tower, on one blank
+        image whose features enter times zero, so every rank's all-gathers and gradient
+        reductions of the sharded tower line up (the embeddings are unchanged)."""
         cfg = self.config
         is_image = input_ids == cfg.image_token_index
         ids = input_ids.masked_fill(is_image, 0) if cfg.image_token_index >= cfg.text.vocab_size else input_ids
@@ -242,6 +245,10 @@ class Gemma3VisionLM(nn.Module):
         if check:
             self._check_image_tokens(is_image, num_images)
         x = self.model.language_model.embed(ids)
+        if num_images == 0 and always_run_vision:
+            v = cfg.vision
+            blank = torch.zeros(1, v.num_channels, v.image_size, v.image_size, device=x.device)
+            return x + 0.0 * self.image_features(blank).sum().to(x.dtype)
         if num_images == 0:
             return x
         feats = self.image_features(pixel_values).to(x.dtype)
@@ -264,8 +271,10 @@ class Gemma3VisionLM(nn.Module):
         loss_normalizer: torch.Tensor | float | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        always_run_vision: bool = False,
     ) -> CausalLMOutput:
-        """Logits and/or the shifted next-token loss, as CausalLM.forward.
+        """Logits and/or the shifted next-token loss, as CausalLM.forward (`always_run_vision`:
+        see `embed`).
 
         token_type_ids (1 on image tokens, from the processor) make each image's tokens attend to
         each other both ways; without them attention is causal everywhere, as in transformers."""
@@ -273,7 +282,8 @@ class Gemma3VisionLM(nn.Module):
             raise InputError(
                 f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected input_ids' {tuple(input_ids.shape)}"
             )
-        x = self.embed(input_ids, pixel_values, check=cache is None or cache.prefilling)
+        x = self.embed(input_ids, pixel_values, check=cache is None or cache.prefilling,
+                       always_run_vision=always_run_vision)
         groups = image_groups(token_type_ids) if token_type_ids is not None else None
         hidden = self.model.language_model(
             None, attention_mask, position_ids, inputs_embeds=x, bidirectional_groups=groups, cache=cache

@@ -151,6 +151,9 @@ class Trainer:
         # what the loop calls: the model (FSDP2 shards it in place), or DDP around it; before the
         # optimizer, which must hold the sharded parameters
         self.engine = distributed.wrap(model, self.world, self.device)
+        # FSDP shards the vision tower: every rank runs it every forward, images or not
+        self._forward_kw = ({"always_run_vision": True}
+                            if self.world.mode == "fsdp" and hasattr(model, "image_features") else {})
         self.optimizer = make_optimizer(model, cfg)
         self.lr_scheduler = make_scheduler(self.optimizer, cfg, self.total_steps)
         self.params = [p for _, p in trainable_parameters(model)]
@@ -369,7 +372,7 @@ class Trainer:
                 for j, mb in enumerate(mine):
                     b = self._batch(self.train_units, mb or units[:1])  # an empty slice still joins the reduction
                     with distributed.no_sync(engine, self.world, last=j == len(mine) - 1):
-                        loss = engine(**b.to(self.device), loss_normalizer=norm).loss
+                        loss = engine(**b.to(self.device), loss_normalizer=norm, **self._forward_kw).loss
                         if not mb:
                             loss = loss * 0.0
                         loss.backward()
@@ -531,7 +534,7 @@ class Trainer:
                 if self._interrupt is not None and self._interrupt.requested and self.world.mode is None:
                     raise _Interrupted  # Ctrl-C: an eval changes no state, so it can stop anywhere
                 b = self._batch(self.eval_units, idx[i: i + bs])
-                out = model(**b.to(self.device), return_logits=False, loss_normalizer=1.0)
+                out = model(**b.to(self.device), return_logits=False, loss_normalizer=1.0, **self._forward_kw)
                 total += out.loss.float()
                 n += b.n_targets
         finally:
