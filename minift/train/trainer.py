@@ -232,11 +232,6 @@ class Trainer:
         seq = max(len(u) for u in self.train_units)
         images = max((u.pixel_values.shape[0] for u in self.train_units if u.pixel_values is not None), default=1)
         rows = cfg.batch_size * cfg.grad_accum
-        want = cfg.merge_micro_batches
-        if cfg.grad_accum == 1:
-            want = False  # one micro-batch: nothing to merge
-        elif want == "auto" and (device.type != "cuda" or budget is None):
-            want = False  # merging removes launch overhead; a CPU step is bound by its arithmetic
         auto_ckpt = cfg.gradient_checkpointing == "auto" and budget is not None
 
         def plan_for(batch: int) -> memory.MemoryPlan:
@@ -244,15 +239,19 @@ class Trainer:
                                images=images)
 
         plan = None
-        if want == "auto":
-            if auto_ckpt:
-                plan = plan_for(rows)
-                want = plan.fits and plan.checkpointing != "offload"
-            else:
-                est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
-                                      optim=cfg.optimizer, images=images)["total"]
-                want = est <= budget * (1 - memory.PLAN_MARGIN)
-        merge = bool(want)
+        if cfg.grad_accum == 1:  # one micro-batch: nothing to merge
+            merge = False
+        elif cfg.merge_micro_batches != "auto":
+            merge = bool(cfg.merge_micro_batches)
+        elif device.type != "cuda" or budget is None:
+            merge = False  # merging removes launch overhead; a CPU step is bound by its arithmetic
+        elif auto_ckpt:
+            plan = plan_for(rows)
+            merge = plan.fits and plan.checkpointing != "offload"
+        else:
+            est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
+                                  optim=cfg.optimizer, images=images)["total"]
+            merge = est <= budget * (1 - memory.PLAN_MARGIN)
         batch = rows if merge else cfg.batch_size
         if auto_ckpt and (plan is None or not merge):
             plan = plan_for(batch)
@@ -298,17 +297,14 @@ class Trainer:
         # compiling a static one first). One length (fixed-size rows): static shapes.
         lengths = {len(u) for u in self.train_units}
         dynamic = True if len(lengths) > 1 else None
-        for layer in lm.layers:
-            if getattr(layer, "_compiled_call_impl", None) is None:
-                layer.compile(dynamic=dynamic)
-        # A vision tower's encoder layers see fixed-size images: static shapes (a new image count
-        # per forward recompiles once, to a dynamic image dimension). Eager, its many small ops
-        # (LoRA, 4-bit dequantisation) cost more host time than the decoder's.
-        for enc in self.model.modules():
-            if isinstance(enc, VisionEncoder):
-                for layer in enc.layers:
-                    if getattr(layer, "_compiled_call_impl", None) is None:
-                        layer.compile()
+        # A vision tower's encoder layers see fixed-size images: automatic dynamic shapes (a new
+        # image count per forward recompiles once, to a dynamic image dimension). Eager, its many
+        # small ops (LoRA, 4-bit dequantisation) cost more host time than the decoder's.
+        towers = [(enc.layers, None) for enc in self.model.modules() if isinstance(enc, VisionEncoder)]
+        for layers, dyn in [(lm.layers, dynamic), *towers]:
+            for layer in layers:
+                if getattr(layer, "_compiled_call_impl", None) is None:
+                    layer.compile(dynamic=dyn)
 
     # -- the loop ------------------------------------------------------------------------
     def train(self) -> TrainSummary:
