@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-IMPLS = ("minift", "hf", "hf-static", "unsloth")
+IMPLS = ("minift", "hf", "hf-static", "unsloth")  # also minift-nofuse: decode layers unfused (norms, adds apart)
 
 
 def _timed(fn) -> float:
@@ -50,8 +50,13 @@ def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int,
     import torch
 
     g = torch.Generator().manual_seed(0)
-    if impl == "minift":
+    if impl.startswith("minift"):
         import minift
+
+        if impl == "minift-nofuse":  # the decode step as before the fused layer: norms and skip adds apart
+            from minift.arch.model import DecoderLayer
+
+            DecoderLayer._fused_decoding = lambda self, x: False
 
         model, _ = minift.load(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=quant == "4bit",
                                use_name_map=False)

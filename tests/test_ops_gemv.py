@@ -53,9 +53,12 @@ def spy():
     mode=st.sampled_from(["single", "cat", "glu"]),
     w_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
     cfg=st.sampled_from(CONFIGS),
+    fused=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64_reference(device, n, k, dtype, has_bias, layout, mode, w_layout, cfg, seed):
+def test_matches_float64_reference(device, n, k, dtype, has_bias, layout, mode, w_layout, cfg, fused, seed):
+    """fused: an RMSNorm in the prologue (cat, glu; Gemma's offset on odd n) or a residual in the
+    epilogue (single), against the separate norm / add in float64."""
     gen = torch.Generator().manual_seed(seed)
     x = make_x(1, k, dtype, layout, device, gen)
 
@@ -69,22 +72,31 @@ def test_matches_float64_reference(device, n, k, dtype, has_bias, layout, mode, 
     rows = {"single": [n], "cat": [n, n + 3, 1 + n // 2], "glu": [n, n]}[mode]
     ws = [weight(r) for r in rows]
     bs = [torch.randn(r, generator=gen).to(dtype).to(device) for r in rows] if has_bias else None
+    norm = (torch.randn(k, generator=gen).to(dtype).to(device), 1e-6, float(n % 2)) if fused and mode != "single" else None
+    res = torch.randn(*x.shape[:-1], n, generator=gen).to(dtype).to(device) if fused and mode == "single" else None
+    nkw = dict(norm_weight=norm[0], eps=norm[1], norm_offset=norm[2]) if norm else {}
     old = gm.CONFIG_OVERRIDE
     gm.CONFIG_OVERRIDE = cfg
     try:
         with spy() as launched, ops.backend("triton"):
             if mode == "single":
-                y = ops.gemv(x, ws[0], bs[0] if bs else None)
+                y = ops.gemv(x, ws[0], bs[0] if bs else None, residual=res)
             elif mode == "cat":
-                y = ops.gemv_cat(x, ws, bs)
+                y = ops.gemv_cat(x, ws, bs, **nkw)
             else:
-                y = ops.gemv_glu(x, ws[0], ws[1], "gelu_tanh" if n % 2 else "silu", bs)
+                y = ops.gemv_glu(x, ws[0], ws[1], "gelu_tanh" if n % 2 else "silu", bs, **nkw)
     finally:
         gm.CONFIG_OVERRIDE = old
     assert launched.call_count == (0 if layout == "batched" else 1)  # 2 rows: F.linear
     lin = lambda xx, w, b: F.linear(xx, w.to(xx.dtype), None if b is None else b.to(xx.dtype))  # noqa: E731
-    parts64 = [lin(x.double(), w, bs[i] if bs else None) for i, w in enumerate(ws)]
-    parts = [ref.linear(x, w, bs[i] if bs else None) for i, w in enumerate(ws)]
+    x64, xin = x.double(), x
+    if norm:  # the separate norm op's output (rounded to dtype) is what the projections see
+        x64 = ref.rms_norm(x.double(), norm[0].double(), norm[1], norm[2])
+        xin = ref.rms_norm(x, *norm)
+    parts64 = [lin(x64, w, bs[i] if bs else None) for i, w in enumerate(ws)]
+    parts = [ref.linear(xin, w, bs[i] if bs else None) for i, w in enumerate(ws)]
+    if res is not None:
+        parts64, parts = [parts64[0] + res.double()], [parts[0] + res]
     if mode == "glu":
         act = (lambda t: F.gelu(t, approximate="tanh")) if n % 2 else F.silu
         # the op's contract: each projection rounded to x's dtype, then act(gate) * up
@@ -173,14 +185,46 @@ def test_cat_and_glu_backward_match_float64(device, act):
         torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_fused_norm_and_residual_backward_match_float64(device, offset):
+    """Gradients through the prologue norm (x and its weight) and the epilogue residual."""
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(1, 96, generator=gen).to(device).requires_grad_()
+    nw = torch.randn(96, generator=gen).to(device).requires_grad_()
+    ws = [torch.randn(n, 96, generator=gen).to(device).requires_grad_() for n in (24, 8, 8)]
+    r = torch.randn(1, 24, generator=gen).to(device).requires_grad_()
+    kw = dict(norm_weight=nw, eps=1e-5, norm_offset=offset)
+    with ops.backend("triton"):
+        y = ops.gemv_cat(x, ws, **kw)
+        z = ops.gemv_glu(x, ws[1], ws[2], "silu", **kw)
+        o = ops.gemv(x, ws[0], residual=r)
+    g, h, e = torch.randn_like(y), torch.randn_like(z), torch.randn_like(o)
+    leaves = [x, nw, *ws, r]
+    got = torch.autograd.grad((y * g).sum() + (z * h).sum() + (o * e).sum(), leaves)
+    l64 = [t.detach().double().requires_grad_() for t in leaves]
+    x64, nw64, w64, r64 = l64[0], l64[1], l64[2:5], l64[5]
+    xn = ref.rms_norm(x64, nw64, 1e-5, offset)
+    y64 = torch.cat([F.linear(xn, w) for w in w64], -1)
+    z64 = F.silu(F.linear(xn, w64[1])) * F.linear(xn, w64[2])
+    o64 = F.linear(x64, w64[0]) + r64
+    want = torch.autograd.grad((y64 * g.double()).sum() + (z64 * h.double()).sum() + (o64 * e.double()).sum(), l64)
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w, rtol=1e-4, atol=1e-4)
+
+
 def test_opcheck():
     x, w, b = torch.randn(1, 128, requires_grad=True), torch.randn(40, 128, requires_grad=True), torch.randn(40, requires_grad=True)
     w2 = torch.randn(40, 128, requires_grad=True)
+    nw, r = torch.randn(128, requires_grad=True), torch.randn(1, 40, requires_grad=True)
     with ops.backend("triton"):
-        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, w2, None, b, b, None))
-        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x.detach(), w.detach(), None, None, None, None, None))
-        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, None, None, 0))
-        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, b, b, 1))
+        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, w2, None, b, b, None, None, 0.0, 0.0, None))
+        torch.library.opcheck(torch.ops.minift.gemv_cat.default,
+                              (x.detach(), w.detach(), None, None, None, None, None, None, 0.0, 0.0, None))
+        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, None, None, b, None, None, nw, 1e-6, 1.0, None))
+        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, None, None, None, None, None, None, 0.0, 0.0, r))
+        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, None, None, 0, None, 0.0, 0.0))
+        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, b, b, 1, nw, 1e-5, 0.0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -189,8 +233,12 @@ def test_compiles_fullgraph(device):
     x = torch.randn(1, 64, generator=gen).to(device)
     w = torch.randn(24, 64, generator=gen).to(device)
     w2 = torch.randn(24, 64, generator=gen).to(device)
-    f = lambda x, w, w2: (ops.gemv_cat(x, [w, w2]).square().sum() + ops.gemv_glu(x, w, w2).sum())  # noqa: E731
-    assert_compiled_matches_eager(f, (x, w, w2), device)
+    nw = torch.randn(64, generator=gen).to(device)
+    r = torch.randn(1, 24, generator=gen).to(device)
+    f = lambda x, w, w2, nw, r: (ops.gemv_cat(x, [w, w2], norm_weight=nw).square().sum()  # noqa: E731
+                                 + ops.gemv_glu(x, w, w2, norm_weight=nw, norm_offset=1.0).sum()
+                                 + ops.gemv(x, w, residual=r).square().sum() + ops.gemv_cat(x, [w, w2]).sum())
+    assert_compiled_matches_eager(f, (x, w, w2, nw, r), device)
 
 
 def test_linear_takes_gemv_only_when_decoding(monkeypatch):
@@ -227,13 +275,18 @@ def test_bad_input():
         ops.gemv_glu(torch.randn(1, 4), torch.randn(3, 4), torch.randn(3, 4), "relu")
     with pytest.raises(InputError, match="differ"):
         ops.gemv_glu(torch.randn(1, 4), torch.randn(3, 4), torch.randn(2, 4))
+    with pytest.raises(InputError, match=r"norm_weight: expected a \(4,\) tensor"):
+        ops.gemv_cat(torch.randn(1, 4), [torch.randn(3, 4)], norm_weight=torch.randn(3))
+    with pytest.raises(InputError, match=r"residual: expected a \(1, 3\) tensor"):
+        ops.gemv(torch.randn(1, 4), torch.randn(3, 4), residual=torch.randn(1, 4))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 def test_fused_decode_matches_unfused(device, family, tmp_path, monkeypatch):
-    """Greedy generation with q/k/v and gate/up fused in decode steps (forced on CPU with backend
-    "triton") gives the unfused tokens."""
+    """Greedy generation with decode steps fused (forced on CPU with backend "triton": q/k/v with the
+    pre-attention norm, gate/up with the activation and the pre-MLP norm, and for pre-norm
+    layers o_proj / down_proj with the skip connection) gives the unfused tokens."""
     import minift
     from minift.testing import write_tiny_checkpoint
 
@@ -250,3 +303,4 @@ def test_fused_decode_matches_unfused(device, family, tmp_path, monkeypatch):
     assert torch.equal(fused, plain)
     layers = model.config.num_hidden_layers
     assert launched.count(3) == 5 * layers and launched.count(2) == 5 * layers  # 5 decode steps
+    assert launched.count(1) >= 5 * 2 * layers  # o_proj and down_proj (+ the LM head)

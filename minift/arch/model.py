@@ -78,13 +78,27 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
                 cache: KVCache | None = None) -> torch.Tensor:
+        return self.o_proj(self.attend(x, cos, sin, mask, cache))
+
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
+               cache: KVCache | None = None, norm: RMSNorm | None = None) -> torch.Tensor:
+        """The heads' output (batch, seq, heads * head_dim), before o_proj. `norm`: x is still to
+        be normalised, by that module or, decoding, in the q/k/v kernel's prologue."""
         cfg = self.cfg
         b, s, _ = x.shape
         d = cfg.head_dim
         proj = [self.q_proj, self.k_proj, self.v_proj]
         if _fusable(x, proj):  # decoding: q, k and v from one launch
-            q, k, v = ops.linear_cat(x, [m.weight for m in proj], [m.bias for m in proj])
+            ws, bs = [m.weight for m in proj], [m.bias for m in proj]
+            if norm is not None:
+                qkv = ops.gemv_cat(x, ws, None if bs[0] is None else bs, norm_weight=norm.weight, eps=norm.eps,
+                                   norm_offset=norm.offset)
+                q, k, v = qkv.split([w.shape[0] for w in ws], dim=-1)
+            else:
+                q, k, v = ops.linear_cat(x, ws, bs)
         else:
+            if norm is not None:
+                x = norm(x)
             q, k, v = (m(x) for m in proj)
         q = q.view(b, s, -1, d).transpose(1, 2)
         k = k.view(b, s, -1, d).transpose(1, 2)
@@ -95,7 +109,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return out.transpose(1, 2).reshape(b, s, -1)
 
 
 class MLP(nn.Module):
@@ -135,11 +149,43 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
                 cache: KVCache | None = None) -> torch.Tensor:
+        if cache is not None and self._fused_decoding(x):
+            return self._decode(x, cos, sin, mask, cache)
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def _fused_decoding(self, x: torch.Tensor) -> bool:
+        """Whether this decode step can run as `_decode`: every projection exactly this module's
+        Linear (no adapter, no 4-bit, no hook-carrying replacement), the norms plain RMSNorms, and
+        one row that the GEMV kernels take."""
+        a, m = self.self_attn, self.mlp
+        mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+        norms = [mod for name, mod in self.named_children() if name.endswith("layernorm")]
+        return (type(m) is MLP and all(type(n) is RMSNorm for n in norms)
+                and _fusable(x, mods))
+
+    def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
+                cache: KVCache) -> torch.Tensor:
+        """One decode step's layer in four GEMV launches plus attention: each pre-norm runs in the
+        prologue of the projections after it, and (pre-norm layers) each skip connection in the
+        epilogue of o_proj / down_proj; the same arithmetic as `forward` up to float32 summation
+        order inside the norm."""
+        a, m = self.self_attn, self.mlp
+        heads = a.attend(x, cos, sin, mask, cache, norm=self.input_layernorm)
+        pre_mlp = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a.o_proj(heads))
+        else:
+            x = ops.gemv(heads, a.o_proj.weight, a.o_proj.bias, residual=x)
+        biases = None if m.gate_proj.bias is None else [m.gate_proj.bias, m.up_proj.bias]
+        h = ops.gemv_glu(x, m.gate_proj.weight, m.up_proj.weight, _glu(m.act), biases, norm_weight=pre_mlp.weight,
+                         eps=pre_mlp.eps, norm_offset=pre_mlp.offset)
+        if self.sandwich:
+            return x + self.post_feedforward_layernorm(m.down_proj(h))
+        return ops.gemv(h, m.down_proj.weight, m.down_proj.bias, residual=x)
 
 
 def _rounded(value: float) -> dict[torch.dtype, float]:

@@ -34,6 +34,7 @@ from ..errors import InputError
 from . import reference as ref
 from ._backend import HAS_TRITON, Op, use_triton
 from .activations import ACTIVATIONS
+from .rms_norm import _rms_norm_bwd_op, rms_norm
 
 if HAS_TRITON:
     import triton
@@ -49,9 +50,20 @@ _ACT_NAMES = {v: k for k, v in ACTIVATIONS.items()}
 if HAS_TRITON:
 
     @triton.jit
-    def _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
-        """float32 (BLOCK_N,) = W[rn, :] @ x."""
+    def _rstd(x_ptr, K, eps, BLOCK_K: tl.constexpr):
+        """1 / sqrt(mean(x^2) + eps) over x's K values, in float32 (the RMSNorm prologue's statistic)."""
+        rk = tl.arange(0, BLOCK_K)
+        ssq = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + k0 + rk, mask=(k0 + rk) < K, other=0.0).to(tl.float32)
+            ssq += x * x
+        return 1.0 / tl.sqrt(tl.sum(ssq, axis=0) / K + eps)
+
+    @triton.jit
+    def _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NORM: tl.constexpr):
+        """float32 (BLOCK_N,) = W[rn, :] @ x, x first RMS-normalised (NORM: x * rstd * (offset + nw),
+        rounded to x's dtype as the separate norm op's output is)."""
         rk = tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + rn[:, None].to(tl.int64) * sw + rk[None, :]
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -62,27 +74,37 @@ if HAS_TRITON:
                 else:
                     w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
                 x = tl.load(x_ptr + k0 + rk)
+                if NORM:
+                    nw = tl.load(nw_ptr + k0 + rk)
             else:
                 kmask = (k0 + rk) < K
                 w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
                 x = tl.load(x_ptr + k0 + rk, mask=kmask, other=0.0)
+                if NORM:
+                    nw = tl.load(nw_ptr + k0 + rk, mask=kmask, other=0.0)
+            if NORM:
+                x = (x.to(tl.float32) * rstd * (offset + nw.to(tl.float32))).to(x.dtype)
             acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
             w_ptrs += BLOCK_K
         return acc
 
     @triton.jit
     def _gemv_kernel(
-        x_ptr, w0, w1, w2, b0, b1, b2, out_ptr, N0, N1, N2, K, sw0, sw1, sw2, NB0, NB1,
-        HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr,
+        x_ptr, w0, w1, w2, b0, b1, b2, out_ptr, nw_ptr, r_ptr, N0, N1, N2, K, sw0, sw1, sw2, NB0, NB1, eps, offset,
+        HAS_BIAS: tl.constexpr, GLU: tl.constexpr, ACT: tl.constexpr, NORM: tl.constexpr, RESID: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
     ):
         pid = tl.program_id(0)
         odt = out_ptr.dtype.element_ty
+        if NORM:  # every program: x is 2-16 KB, read from L2
+            rstd = _rstd(x_ptr, K, eps, BLOCK_K)
+        else:
+            rstd = 1.0
         if GLU:  # gate (w0) and up (w1) rows together, act(gate) * up out
             rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = rn < N0
-            g = _dot_rows(x_ptr, w0, sw0, rn, nmask, K, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
-            u = _dot_rows(x_ptr, w1, sw1, rn, nmask, K, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
+            g = _dot_rows(x_ptr, w0, sw0, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, NORM)
+            u = _dot_rows(x_ptr, w1, sw1, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, NORM)
             if HAS_BIAS:
                 g += tl.load(b0 + rn, mask=nmask, other=0.0).to(tl.float32)
                 u += tl.load(b1 + rn, mask=nmask, other=0.0).to(tl.float32)
@@ -98,9 +120,13 @@ if HAS_TRITON:
                 w_ptr, b_ptr, sw, n, r0, col = w2, b2, sw2, N2, (pid - NB0 - NB1) * BLOCK_N, N0 + N1
             rn = r0 + tl.arange(0, BLOCK_N)
             nmask = rn < n
-            acc = _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N)
+            acc = _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
+                            NORM)
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
+            if RESID:  # the projection rounded, then the residual added and rounded, as `x + proj(a)`
+                r = tl.load(r_ptr + col + rn, mask=nmask, other=0.0).to(tl.float32)
+                acc = acc.to(odt).to(tl.float32) + r
             tl.store(out_ptr + col + rn, acc.to(odt), mask=nmask)
 
 
@@ -128,12 +154,12 @@ def _kernel_ok(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
             and 0 < _rows(x) <= MAX_ROWS)
 
 
-def _launch(x: torch.Tensor, ws: list[torch.Tensor], biases: list[torch.Tensor], glu: int) -> torch.Tensor:
-    """One launch over weights `ws` (concatenated along N, or gate/up when glu = ACTIVATIONS code + 1)."""
+def _launch(x: torch.Tensor, ws: list[torch.Tensor], biases: list[torch.Tensor], glu: int,
+            norm: tuple[torch.Tensor, float, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """One launch over weights `ws` (concatenated along N, or gate/up when glu = ACTIVATIONS code + 1),
+    x first RMS-normalised by `norm` = (weight, eps, offset), `residual` (N,) added to the output."""
     k = ws[0].shape[1]
-    x1 = x.reshape(k)
-    if x1.stride(0) != 1:
-        x1 = x1.contiguous()
+    x1 = _flat(x, k)
     ws = [w if w.stride(-1) == 1 else w.contiguous() for w in ws]
     bs = [b.to(x.dtype) for b in biases]
     ns = [w.shape[0] for w in ws]
@@ -143,14 +169,22 @@ def _launch(x: torch.Tensor, ws: list[torch.Tensor], biases: list[torch.Tensor],
     bn = cfg["BLOCK_N"]
     nbs = [triton.cdiv(n, bn) for n in ns]
     wp, bp, np_, sp = _pad3(ws, ws[0]), _pad3(bs or [ws[0]], ws[0]), _pad3(ns, 0), _pad3([w.stride(0) for w in ws], 0)
+    nw, eps, offset = (_flat(norm[0], k), float(norm[1]), float(norm[2])) if norm is not None else (x1, 0.0, 0.0)
+    r = _flat(residual.to(x.dtype), total) if residual is not None else x1
     grid = (nbs[0] if glu else sum(nbs),)
     _gemv_kernel[grid](
-        x1, *wp, *bp, out, *np_, k, *sp, nbs[0], nbs[1] if len(nbs) > 1 else 0,
-        HAS_BIAS=bool(bs), GLU=bool(glu), ACT=max(glu - 1, 0), BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"],
-        EVEN_K=k % cfg["BLOCK_K"] == 0, EVEN_N=all(n % bn == 0 for n in ns),
+        x1, *wp, *bp, out, nw, r, *np_, k, *sp, nbs[0], nbs[1] if len(nbs) > 1 else 0, eps, offset,
+        HAS_BIAS=bool(bs), GLU=bool(glu), ACT=max(glu - 1, 0), NORM=norm is not None, RESID=residual is not None,
+        BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, EVEN_N=all(n % bn == 0 for n in ns),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.view(*x.shape[:-1], total)
+
+
+def _flat(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t` as n contiguous values (a single row of x, a norm weight, a residual)."""
+    t = t.reshape(n)
+    return t if t.stride(0) == 1 else t.contiguous()
 
 
 # ---- the ops: forward, backward, registration -------------------------------------------------
@@ -162,79 +196,106 @@ def _present(*ts: torch.Tensor | None) -> list[torch.Tensor]:
     return [t for t in ts if t is not None]
 
 
+def _normed(x: torch.Tensor, nw: torch.Tensor | None, eps: float, offset: float) -> torch.Tensor:
+    """The projections' input: x itself, or RMSNorm(x) when a norm weight is fused in."""
+    return x if nw is None else rms_norm(x, nw, eps, offset)
+
+
+def _norm_backward(ctx, x: torch.Tensor, nw: torch.Tensor | None, dxn: torch.Tensor | None) -> tuple:
+    """(dx, dnorm_weight) from the gradient of the normalised input (the norm op's own backward)."""
+    if nw is None or dxn is None:
+        return dxn, None
+    want_w = ctx.needs_input_grad[ctx.nw_index]
+    dx, dnw = _rms_norm_bwd_op(dxn.reshape(x.shape).contiguous(), x, nw, ctx.eps, ctx.offset, want_w)
+    return dx, dnw if want_w else None
+
+
 def _cat_impl(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor | None, w2: torch.Tensor | None,
-              b0: torch.Tensor | None, b1: torch.Tensor | None, b2: torch.Tensor | None) -> torch.Tensor:
+              b0: torch.Tensor | None, b1: torch.Tensor | None, b2: torch.Tensor | None, nw: torch.Tensor | None,
+              eps: float, offset: float, residual: torch.Tensor | None) -> torch.Tensor:
     ws, bs = _present(w0, w1, w2), _present(b0, b1, b2)
     if _kernel_ok(x, ws):
-        return _launch(x, ws, bs, 0)
-    return torch.cat([ref.linear(x, w, bs[i] if bs else None) for i, w in enumerate(ws)], dim=-1)
+        return _launch(x, ws, bs, 0, None if nw is None else (nw, eps, offset), residual)
+    xn = _normed(x, nw, eps, offset)
+    out = torch.cat([ref.linear(xn, w, bs[i] if bs else None) for i, w in enumerate(ws)], dim=-1)
+    return out if residual is None else out + residual.to(out.dtype).reshape(out.shape)
 
 
-def _cat_fake(x, w0, w1, w2, b0, b1, b2):
+def _cat_fake(x, w0, w1, w2, b0, b1, b2, nw, eps, offset, residual):
     return x.new_empty((*x.shape[:-1], sum(w.shape[0] for w in _present(w0, w1, w2))))
 
 
 def _cat_setup(ctx, inputs, output):
-    x, *rest = inputs
-    ws = _present(*rest[:3])
-    ctx.save_for_backward(x, *ws)
-    ctx.has_bias = rest[3] is not None
+    x, w0, w1, w2, b0, b1, b2, nw, eps, offset, residual = inputs
+    ws = _present(w0, w1, w2)
+    ctx.save_for_backward(x, nw, *ws)
+    ctx.has_bias, ctx.has_residual, ctx.eps, ctx.offset, ctx.nw_index = b0 is not None, residual is not None, eps, offset, 7
 
 
 def _cat_backward(ctx, grad):
-    x, *ws = ctx.saved_tensors
+    x, nw, *ws = ctx.saved_tensors
+    xn = _normed(x, nw, ctx.eps, ctx.offset)
     gs = grad.split([w.shape[0] for w in ws], dim=-1)
-    x2 = x.reshape(-1, x.shape[-1])
-    dx = sum(g @ w.to(g.dtype) for g, w in zip(gs, ws)).to(x.dtype) if ctx.needs_input_grad[0] else None
+    x2 = xn.reshape(-1, x.shape[-1])
+    need_dxn = ctx.needs_input_grad[0] or (nw is not None and ctx.needs_input_grad[7])
+    dxn = sum(g @ w.to(g.dtype) for g, w in zip(gs, ws)).to(x.dtype) if need_dxn else None
+    dx, dnw = _norm_backward(ctx, x, nw, dxn)
     dws = [(g.reshape(-1, g.shape[-1]).T @ x2.to(g.dtype)).to(w.dtype) for g, w in zip(gs, ws)]
     dbs = [g.reshape(-1, g.shape[-1]).sum(0) for g in gs] if ctx.has_bias else []
-    return (dx, *_pad3(dws), *_pad3(dbs))
+    return (dx, *_pad3(dws), *_pad3(dbs), dnw, None, None, grad if ctx.has_residual else None)
 
 
 _cat_op = Op("gemv_cat", _cat_impl, _cat_fake, _cat_setup, _cat_backward)
 
 
-def _cat_call(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor]) -> torch.Tensor:
-    return _cat_op(x, *_pad3(ws), *_pad3(bs))
+def _cat_call(x: torch.Tensor, ws: list[torch.Tensor], bs: list[torch.Tensor],
+              norm: tuple[torch.Tensor, float, float] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    nw, eps, offset = norm if norm is not None else (None, 0.0, 0.0)
+    return _cat_op(x, *_pad3(ws), *_pad3(bs), nw, float(eps), float(offset), residual)
 
 
 def _glu_impl(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, b_gate: torch.Tensor | None,
-              b_up: torch.Tensor | None, act: int) -> torch.Tensor:
+              b_up: torch.Tensor | None, act: int, nw: torch.Tensor | None, eps: float, offset: float) -> torch.Tensor:
     bs = _present(b_gate, b_up)
     if _kernel_ok(x, [w_gate, w_up]):
-        return _launch(x, [w_gate, w_up], bs, act + 1)
-    g, u = ref.linear(x, w_gate, b_gate), ref.linear(x, w_up, b_up)
+        return _launch(x, [w_gate, w_up], bs, act + 1, None if nw is None else (nw, eps, offset))
+    xn = _normed(x, nw, eps, offset)
+    g, u = ref.linear(xn, w_gate, b_gate), ref.linear(xn, w_up, b_up)
     if act == ACTIVATIONS["silu"]:
         return ref.swiglu(g, u)
     return ref.geglu(g, u, "tanh" if act == ACTIVATIONS["gelu_tanh"] else "none")
 
 
-def _glu_fake(x, w_gate, w_up, b_gate, b_up, act):
+def _glu_fake(x, w_gate, w_up, b_gate, b_up, act, nw, eps, offset):
     return x.new_empty((*x.shape[:-1], w_gate.shape[0]))
 
 
 def _glu_setup(ctx, inputs, output):
-    x, w_gate, w_up, b_gate, b_up, act = inputs
-    ctx.save_for_backward(x, w_gate, w_up, *_present(b_gate, b_up))
-    ctx.act = act
+    x, w_gate, w_up, b_gate, b_up, act, nw, eps, offset = inputs
+    ctx.save_for_backward(x, nw, w_gate, w_up, *_present(b_gate, b_up))
+    ctx.act, ctx.eps, ctx.offset, ctx.nw_index = act, eps, offset, 6
 
 
 def _glu_backward(ctx, grad):
-    """Recomputes gate and up (a decoding op: the backward exists for completeness and tests)."""
-    x, wg, wu, *bs = ctx.saved_tensors
+    """Recomputes the normalised input, gate and up (a decoding op: the backward exists for
+    completeness and tests)."""
+    x, nw, wg, wu, *bs = ctx.saved_tensors
     act = _ACT_NAMES[ctx.act]
-    g = ref.linear(x, wg, bs[0] if bs else None)
-    u = ref.linear(x, wu, bs[1] if bs else None)
+    xn = _normed(x, nw, ctx.eps, ctx.offset)
+    g = ref.linear(xn, wg, bs[0] if bs else None)
+    u = ref.linear(xn, wu, bs[1] if bs else None)
     f, df = ref.act_and_grad(g.float(), act)
     dg = (grad.float() * u.float() * df).to(x.dtype)
     du = (grad.float() * f).to(x.dtype)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = xn.reshape(-1, x.shape[-1])
     dg2, du2 = dg.reshape(-1, dg.shape[-1]), du.reshape(-1, du.shape[-1])
-    dx = (dg @ wg.to(x.dtype) + du @ wu.to(x.dtype)) if ctx.needs_input_grad[0] else None
+    need_dxn = ctx.needs_input_grad[0] or (nw is not None and ctx.needs_input_grad[6])
+    dxn = (dg @ wg.to(x.dtype) + du @ wu.to(x.dtype)) if need_dxn else None
+    dx, dnw = _norm_backward(ctx, x, nw, dxn)
     dwg = (dg2.T @ x2).to(wg.dtype) if ctx.needs_input_grad[1] else None
     dwu = (du2.T @ x2).to(wu.dtype) if ctx.needs_input_grad[2] else None
     dbg, dbu = (dg2.sum(0), du2.sum(0)) if bs else (None, None)
-    return dx, dwg, dwu, dbg, dbu, None
+    return dx, dwg, dwu, dbg, dbu, None, dnw, None, None
 
 
 _glu_op = Op("gemv_glu", _glu_impl, _glu_fake, _glu_setup, _glu_backward)
@@ -261,36 +322,55 @@ def _check(x: torch.Tensor, ws: list, biases: list | None, what: str) -> list[to
     return list(biases)
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias): x (..., K), W (N, K) -> (..., N) in x's dtype; the kernel for one row of x on
-    CUDA, F.linear otherwise. Differentiable in x, W and bias."""
+def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor | None, what: str) -> None:
+    if norm_weight is not None and (not isinstance(norm_weight, torch.Tensor) or tuple(norm_weight.shape) != (x.shape[-1],)
+                                    or norm_weight.device != x.device):
+        raise InputError(f"{what}: norm_weight: expected a ({x.shape[-1]},) tensor on {x.device}, got "
+                         f"{getattr(norm_weight, 'shape', type(norm_weight).__name__)}")
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) (+ residual): x (..., K), W (N, K) -> (..., N) in x's dtype; the kernel for one
+    row of x on CUDA, F.linear otherwise. `residual` (..., N) is added after the product is rounded
+    (as `residual + linear(x)`: a decoder layer's skip connection, in the kernel's epilogue).
+    Differentiable in x, W, bias and residual."""
     if not (isinstance(w, torch.Tensor) and w.dim() == 2):
         raise InputError(f"gemv: w: expected a 2-d (out_features, in_features) tensor, got "
                          f"{getattr(w, 'shape', type(w).__name__)}")
     biases = _check(x, [w], [bias], "gemv")
-    return _cat_call(x, [w], biases)
+    want = (*x.shape[:-1], w.shape[0])
+    if residual is not None and (not isinstance(residual, torch.Tensor) or tuple(residual.shape) != want):
+        raise InputError(f"gemv: residual: expected a {want} tensor, got {getattr(residual, 'shape', type(residual).__name__)}")
+    return _cat_call(x, [w], biases, residual=residual)
 
 
-def gemv_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """[x @ W0^T | x @ W1^T | ...] (+ biases) for up to three weights of one in_features, as one
-    tensor (..., sum N); one launch for a row of x on CUDA."""
+def gemv_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *,
+             norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_offset: float = 0.0) -> torch.Tensor:
+    """[x' @ W0^T | x' @ W1^T | ...] (+ biases) for up to three weights of one in_features, as one
+    tensor (..., sum N); one launch for a row of x on CUDA. x' = x, or `rms_norm(x, norm_weight,
+    eps, norm_offset)` computed in the kernel's prologue (a decoder layer's pre-attention norm)."""
     if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
         raise InputError(f"gemv_cat: weights: expected a list of 1 to 3 tensors, got {type(weights).__name__} "
                          f"of {len(weights) if isinstance(weights, (list, tuple)) else '?'}")
     bs = _check(x, list(weights), biases, "gemv_cat")
-    return _cat_call(x, list(weights), bs)
+    _check_norm(x, norm_weight, "gemv_cat")
+    return _cat_call(x, list(weights), bs, None if norm_weight is None else (norm_weight, eps, norm_offset))
 
 
 def gemv_glu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "silu",
-             biases: list[torch.Tensor | None] | None = None) -> torch.Tensor:
-    """act(x @ Wg^T) * (x @ Wu^T) (+ biases inside), activation 'silu' (SwiGLU), 'gelu_tanh' or 'gelu'
-    (GeGLU); one launch for a row of x on CUDA."""
+             biases: list[torch.Tensor | None] | None = None, *, norm_weight: torch.Tensor | None = None,
+             eps: float = 1e-6, norm_offset: float = 0.0) -> torch.Tensor:
+    """act(x' @ Wg^T) * (x' @ Wu^T) (+ biases inside), activation 'silu' (SwiGLU), 'gelu_tanh' or 'gelu'
+    (GeGLU); one launch for a row of x on CUDA. x' as in `gemv_cat` (the pre-MLP norm fused in)."""
     if activation not in ACTIVATIONS:
         raise InputError(f"gemv_glu: activation={activation!r}; expected one of {sorted(ACTIVATIONS)}")
     bs = _check(x, [w_gate, w_up], biases, "gemv_glu")
     if w_gate.shape != w_up.shape:
         raise InputError(f"gemv_glu: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ")
-    return _glu_op(x, w_gate, w_up, *(bs or [None, None]), ACTIVATIONS[activation])
+    _check_norm(x, norm_weight, "gemv_glu")
+    return _glu_op(x, w_gate, w_up, *(bs or [None, None]), ACTIVATIONS[activation], norm_weight, float(eps),
+                   float(norm_offset))
 
 
 def takes_gemv(x: torch.Tensor, ws: list[torch.Tensor]) -> bool:
