@@ -159,7 +159,7 @@ class DecoderLayer(nn.Module):
 
     def _fused_decoding(self, x: torch.Tensor) -> bool:
         """Whether this decode step can run as `_decode`: every projection exactly this module's
-        Linear (no adapter, no 4-bit, no hook-carrying replacement), the norms plain RMSNorms, and
+        Linear (not wrapped or replaced by a later stage, not 4-bit), the norms plain RMSNorms, and
         one row that the GEMV kernels take."""
         a, m = self.self_attn, self.mlp
         mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
