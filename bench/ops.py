@@ -288,7 +288,8 @@ def _nf4_weights(n: int, k: int, min_bytes: float = 256e6):
                                 base.blocksize, base.nested_absmax.clone(), base.nested_code.clone(),
                                 base.nested_blocksize, base.offset.clone()) for _ in range(copies - 1)]
     del w
-    return ws, nbytes
+    bnb_ws = [(data if i == 0 else data.clone(), qs) for i in range(len(ws))]  # bitsandbytes' own form
+    return ws, nbytes, bnb_ws
 
 
 def _time_each(fn, ws) -> dict:
@@ -305,7 +306,7 @@ def _time_each(fn, ws) -> dict:
     return dict(us=round(eager, 2), graph_us=round(graph, 2))
 
 
-def nf4_matmul_bench(bw: float, sweep: bool = False) -> None:
+def nf4_matmul_bench(bw: float, sweep: bool = False, rows: tuple[int, ...] = (1, 4, 8, 16)) -> None:
     """ops.nf4_matmul on each projection of Llama-3.2-1B, Llama-3.1-8B and Gemma-3-4B at M = 1, 4, 8,
     16 rows (bf16), beside dequantize_nf4 + F.linear (what Linear4bit ran before). `gb_s` counts the
     bytes the op must read (packed weight + absmax + nested statistics) over the CUDA-graph time;
@@ -326,8 +327,8 @@ def nf4_matmul_bench(bw: float, sweep: bool = False) -> None:
     for model in ("llama-3.2-1b", "llama-3.1-8b", "gemma-3-4b"):
         totals: dict[int, dict] = {}
         for proj, (n, k) in _nf4_projections(model).items():
-            ws, nbytes = _nf4_weights(n, k)
-            for m in (1, 4, 8, 16):
+            ws, nbytes, bnb_ws = _nf4_weights(n, k)
+            for m in rows:
                 x = torch.randn(m, k, device="cuda", dtype=DT)
                 with torch.no_grad():
                     got = mo.nf4_matmul(x, ws[0])
@@ -342,6 +343,12 @@ def nf4_matmul_bench(bw: float, sweep: bool = False) -> None:
                            copy_frac=round(gbs * 1e9 / bw, 3), rel_err_vs_dequant_linear=float(f"{err:.2e}"))
                 if nominal:
                     row["hbm_frac"] = round(gbs / (nominal * 1e3), 3)
+                if m == 1:  # bitsandbytes' CUDA GEMV for one row (what transformers' 4-bit decode runs)
+                    import bitsandbytes.functional as bnbf
+
+                    with torch.no_grad():
+                        b = _time_each(lambda dq: bnbf.gemv_4bit(x, dq[0].t(), state=dq[1]), bnb_ws)
+                    row["bnb_gemv_4bit"] = dict(**b, gb_s=round(nbytes / (b["graph_us"] * 1e-6) / 1e9, 1))
                 print(json.dumps(row), flush=True)
                 tot = totals.setdefault(m, dict(nf4_matmul_us=0.0, dequant_linear_us=0.0, bytes=0))
                 tot["nf4_matmul_us"] += t["graph_us"]
@@ -372,7 +379,7 @@ def _nf4_sweep(nm, bw: float, nominal: float | None) -> None:
         cands.append(dict(BLOCK_N=bn, S=s, KS=256, num_warps=nw, num_stages=3))
     shapes = [(4096, 14336), (14336, 4096), (2048, 2048), (8192, 2048), (1024, 4096), (10240, 2560)]
     for n, k in shapes:
-        ws, nbytes = _nf4_weights(n, k)
+        ws, nbytes, _ = _nf4_weights(n, k)
         for m in (1, 16):
             x = torch.randn(m, k, device="cuda", dtype=DT)
             best = None
@@ -515,6 +522,7 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true", help="only the norm and activation backward ops")
     ap.add_argument("--nf4-matmul", action="store_true", help="only nf4_matmul vs dequantize_nf4 + F.linear")
     ap.add_argument("--nf4-sweep", action="store_true", help="nf4_matmul's candidate tile configs")
+    ap.add_argument("--nf4-rows", default="1,4,8,16", help="--nf4-matmul's row counts of x")
     ap.add_argument("--gemv", action="store_true", help="only gemv vs F.linear (cuBLAS) at decoding's row counts")
     ap.add_argument("--gemv-sweep", action="store_true", help="gemv's candidate tile configs")
     a = ap.parse_args()
@@ -527,7 +535,7 @@ def main() -> None:
         norm_backward(bw)
         return glu_backward(bw)
     if a.nf4_matmul or a.nf4_sweep:
-        return nf4_matmul_bench(bw, sweep=a.nf4_sweep)
+        return nf4_matmul_bench(bw, sweep=a.nf4_sweep, rows=tuple(int(r) for r in a.nf4_rows.split(",")))
     if a.gemv or a.gemv_sweep:
         return gemv_bench(bw, sweep=a.gemv_sweep)
     wanted = set(a.ops.split(",")) if a.ops else None
