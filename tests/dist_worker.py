@@ -2,9 +2,10 @@
 
     torchrun --standalone --nproc_per_node 2 dist_worker.py SPEC.json
 
-SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`fail_rank`/`stop_after`/
-`slow` (seconds each micro-batch sleeps, so a test's signal lands mid-run). Rank 0 writes RESULT.json
-in the output dir: losses, tokens, world size, parameter count (and, after Ctrl-C, the step and checkpoint)."""
+SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`full`/`fail_rank`/
+`stop_after`/`slow` (seconds each micro-batch sleeps, so a test's signal lands mid-run). Rank 0 writes
+RESULT.json in the output dir: losses, tokens, world size, parameter count (and, after Ctrl-C, the
+step and checkpoint)."""
 
 from __future__ import annotations
 
@@ -53,9 +54,12 @@ def main(spec_path: str) -> None:
             return batch(self, units, idx)
 
         Trainer._batch = slow_batch
-    model, tok = minift.load(spec["model"], load_in_4bit=spec.get("quant") == "4bit")
+    full = bool(spec.get("full"))  # full fine-tuning: every weight trained, no adapters
+    model, tok = minift.load(spec["model"], load_in_4bit=spec.get("quant") == "4bit", full_finetuning=full)
     vision = bool(spec.get("vision"))
-    minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5, **({"vision": True, "language": True} if vision else {}))
+    if not full:
+        minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5,
+                        **({"vision": True, "language": True} if vision else {}))
     cfg = TrainConfig(**{"output_dir": spec["out"], "progress_bar": False, "plot": False,
                          "gradient_checkpointing": False, "lr": 2e-3, "warmup_steps": 1, "seed": 11,
                          **spec["config"]})
