@@ -2,9 +2,11 @@
 
     torchrun --standalone --nproc_per_node 2 dist_worker.py SPEC.json
 
-SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`fail_rank`/`stop_after`/
-`slow` (seconds each micro-batch sleeps, so a test's signal lands mid-run). Rank 0 writes RESULT.json
-in the output dir: losses, tokens, world size, parameter count (and, after Ctrl-C, the step and checkpoint)."""
+SPEC holds the checkpoint path, the output dir, TrainConfig fields and `quant`/`full`/`dtype`/
+`fail_rank`/`stop_after`/`slow` (seconds each micro-batch sleeps, so a test's signal lands mid-run).
+Rank 0 writes RESULT.json in the output dir: losses, tokens, world size, parameter count, whether the
+4-bit weights are (sharded) DTensors and the decoder layers compiled (and, after Ctrl-C, the step and
+checkpoint)."""
 
 from __future__ import annotations
 
@@ -53,9 +55,13 @@ def main(spec_path: str) -> None:
             return batch(self, units, idx)
 
         Trainer._batch = slow_batch
-    model, tok = minift.load(spec["model"], load_in_4bit=spec.get("quant") == "4bit")
+    full = bool(spec.get("full"))  # full fine-tuning: every weight trained, no adapters
+    model, tok = minift.load(spec["model"], load_in_4bit=spec.get("quant") == "4bit", full_finetuning=full,
+                             dtype=spec.get("dtype"))
     vision = bool(spec.get("vision"))
-    minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5, **({"vision": True, "language": True} if vision else {}))
+    if not full:
+        minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5,
+                        **({"vision": True, "language": True} if vision else {}))
     cfg = TrainConfig(**{"output_dir": spec["out"], "progress_bar": False, "plot": False,
                          "gradient_checkpointing": False, "lr": 2e-3, "warmup_steps": 1, "seed": 11,
                          **spec["config"]})
@@ -87,6 +93,9 @@ def main(spec_path: str) -> None:
     packed = [m.weight for m in model.modules() if isinstance(m, Linear4bit)]
     sharded = all(hasattr(w, "to_local") and w.to_local().numel() < w.numel() for w in packed) if packed else None
     extra["sharded_4bit"] = sharded
+    extra["fsdp_4bit"] = all(hasattr(w, "to_local") for w in packed) if packed else None  # DTensors, any world
+    lm = getattr(model, "language_model", None)
+    extra["compiled"] = lm is not None and all(getattr(m, "_compiled_call_impl", None) is not None for m in lm.layers)
     if trainer.world.main:
         Path(spec["out"], "RESULT.json").write_text(json.dumps(
             {"losses": losses, "tokens": tokens, "world": trainer.world.size, "params": count_parameters(model),

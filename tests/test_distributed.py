@@ -1,11 +1,13 @@
 """Data-parallel training under torchrun on CPU (gloo): N ranks x batch b give the loss sequence
 and final adapter of 1 process x N*b, with DDP and FSDP2; a 4-bit base under DDP and FSDP2; resuming a
-2-rank checkpoint on 1 rank and back; a failing rank ends the job with its error; packing, offloaded
-checkpoints and merged micro-batches; Gemma 3 vision with ranks whose micro-batch has no image."""
+2-rank checkpoint on 1 rank and back; an FSDP2 full fine-tune's sharded (DCP) checkpoints resumed on
+1 process and 2 ranks; a failing rank ends the job with its error; packing, offloaded checkpoints and
+merged micro-batches; Gemma 3 vision with ranks whose micro-batch has no image."""
 
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -38,17 +40,19 @@ def result(tmp: Path, name: str, proc: subprocess.CompletedProcess) -> dict:
     return json.loads((tmp / name / "RESULT.json").read_text())
 
 
-def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The saved result: the adapter, or a full fine-tune's model.safetensors."""
+    adapter = run_dir / "final" / "adapter_model.safetensors"
+    return load_file(str(adapter if adapter.is_file() else run_dir / "final" / "model.safetensors"))
 
 
-def assert_same_run(dir_a: Path, dir_b: Path, ra: dict, rb: dict, tol: float = 1e-6) -> None:
-    """Same tokens, losses and final adapter (fp32, <= tol relative)."""
+def assert_same_run(dir_a: Path, dir_b: Path, ra: dict, rb: dict, tol: float = 1e-6, loss_tol: float = 1e-6) -> None:
+    """Same tokens, losses (<= loss_tol relative) and final adapter or weights (<= tol relative)."""
     assert ra["tokens"] == rb["tokens"]
     assert len(ra["losses"]) == len(rb["losses"])
     for x, y in zip(ra["losses"], rb["losses"]):
-        assert abs(x - y) <= 1e-6 * max(1.0, abs(y)), (ra["losses"], rb["losses"])
-    wa, wb = adapter(dir_a), adapter(dir_b)
+        assert abs(x - y) <= loss_tol * max(1.0, abs(y)), (ra["losses"], rb["losses"])
+    wa, wb = final_weights(dir_a), final_weights(dir_b)
     assert wa.keys() == wb.keys()
     for k in wa:
         assert ((wa[k] - wb[k]).norm() / wb[k].norm().clamp_min(1e-12)).item() <= tol, k
@@ -172,6 +176,116 @@ def test_resume_across_world_sizes(model, reference, tmp_path):
     two = result(tmp_path, "s", run(tmp_path, "s", 2, model, dict(BASE, batch_size=2, distributed="ddp",
                                                                    save_steps=2, resume_from="latest")))
     assert two["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+
+
+def test_fsdp_full_fine_tune_writes_sharded_checkpoints_that_resume_on_any_world_size(model, tmp_path):
+    """A full fine-tune under FSDP2: save_steps writes each rank's shards (torch.distributed.checkpoint,
+    nothing gathered); one process (no process group) and 2 FSDP2 ranks resume them to the losses
+    and final weights of the uninterrupted one-process run; broken copies raise CheckpointError."""
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ref = result(tmp_path, "one", run(tmp_path, "one", 1, model, dict(BASE, batch_size=4, distributed=None),
+                                      full=True))
+    fsdp = dict(BASE, batch_size=2, distributed="fsdp", save_steps=2)
+    first = result(tmp_path, "f", run(tmp_path, "f", 2, model, fsdp, full=True, stop_after=2))
+    assert first["losses"] == pytest.approx(ref["losses"][:2], rel=1e-6)
+    saved = tmp_path / "f" / "checkpoint-2"
+    assert not (saved / "trainable.safetensors").exists() and not (saved / "optimizer.pt").exists()
+    # all ranks wrote into rank 0's one temporary directory, renamed into place whole
+    assert json.loads((saved / ".minift-files.json").read_text())["files"] == [
+        "optimizer.json", "rng.safetensors", "scheduler.json", "sharded", "trainer_state.json"]
+    assert [p.name for p in (tmp_path / "f").iterdir() if p.name.startswith(".")] == []
+    shards = saved / "sharded"
+    assert sorted(p.name for p in shards.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    meta = FileSystemReader(shards).read_metadata()
+    files: dict[str, set[str]] = {}
+    for index, info in meta.storage_data.items():
+        files.setdefault(index.fqn, set()).add(info.relative_path)
+    params = {k: md for k, md in meta.state_dict_metadata.items() if k.startswith("model.")}
+    assert sum(md.size.numel() for md in params.values()) == first["params"]  # every weight, once
+    for key, md in meta.state_dict_metadata.items():
+        if md.size.numel() > 1:  # a weight or an Adam moment (not a step count): half on each rank
+            assert all(c.sizes[0] < md.size[0] for c in md.chunks), key  # no whole copy anywhere
+            assert files[key] == {"__0_0.distcp", "__1_0.distcp"}, key
+    assert len(params) > 0 and any(k.endswith(".exp_avg_sq") for k in meta.state_dict_metadata)
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken / "checkpoint-2")
+
+    one = result(tmp_path, "f1", run(tmp_path, "f1", 1, model, dict(BASE, batch_size=4, distributed=None,
+                                                                      resume_from=str(saved)), full=True))
+    assert_same_run(tmp_path / "f1", tmp_path / "one", one, ref)
+    two = result(tmp_path, "f", run(tmp_path, "f", 2, model, dict(fsdp, resume_from="latest"), full=True))
+    assert_same_run(tmp_path / "f", tmp_path / "one", two, ref)
+    assert (tmp_path / "f" / "checkpoint-4" / "sharded" / ".metadata").is_file()
+
+    _broken_sharded_checkpoints_raise(model, broken)
+
+
+def test_shards_round_trip_without_a_process_group_and_stateless_parameters_stay_stateless(tmp_path):
+    """save_shards / load_shards in one process (DCP without a process group): weights, AdamW state
+    and param groups come back exactly; a parameter that never had a gradient (no AdamW state)
+    has none after loading either, rather than a refused checkpoint or a made-up step count."""
+    from minift.train import distributed
+
+    def make() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        m = torch.nn.ModuleDict({"used": torch.nn.Linear(4, 4), "unused": torch.nn.Linear(4, 4)})
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2, betas=(0.8, 0.9), foreach=True)
+
+    torch.manual_seed(0)
+    model, opt = make()
+    for _ in range(2):
+        model["used"](torch.randn(3, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    (tmp_path / "groups.json").write_text(distributed.save_shards(model, opt, tmp_path / "s"))
+    model2, opt2 = make()
+    distributed.load_shards(model2, opt2, tmp_path / "s", tmp_path / "groups.json")
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    want, got = opt.state_dict(), opt2.state_dict()
+    assert got["param_groups"] == want["param_groups"] and got["param_groups"][0]["betas"] == (0.8, 0.9)
+    assert sorted(got["state"]) == sorted(want["state"]) == [0, 1]  # "unused" has none
+    assert all(torch.equal(got["state"][i][k], v) for i, st in want["state"].items() for k, v in st.items())
+
+
+def _broken_sharded_checkpoints_raise(model: Path, good: Path) -> None:
+    """Resuming a copy of the sharded checkpoint with a rank's file missing or truncated, its index
+    cut, or on another model (adapters) raises CheckpointError naming the file or what differs."""
+    import shutil
+
+    import minift
+    from minift.errors import CheckpointError
+    from minift.train import TrainConfig, Trainer
+    from train_utils import text_rows
+
+    def resume(name: str, break_it, match: str, lora: bool = False) -> None:
+        out = good.parent / name
+        shutil.copytree(good, out)
+        target = break_it(out / "checkpoint-2" / "sharded")
+        m, tok = minift.load(model, full_finetuning=not lora)
+        if lora:
+            minift.add_lora(m, r=4, alpha=8, dropout=0.0, seed=5)
+        cfg = TrainConfig(output_dir=str(out), resume_from="latest", progress_bar=False, plot=False, seed=11,
+                          gradient_checkpointing=False, **dict(BASE, batch_size=4))
+        trainer = Trainer(m, tok, text_rows(13, seed=3, max_words=12), config=cfg)
+        with pytest.raises(CheckpointError, match=match.format(target=re.escape(target))):
+            trainer.train()
+
+    def truncate(d: Path) -> str:
+        f = d / "__1_0.distcp"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        return str(f)
+
+    def cut_index(d: Path) -> str:
+        f = d / ".metadata"
+        f.write_bytes(f.read_bytes()[:100])
+        return str(f)
+
+    resume("missing", lambda d: (d / "__1_0.distcp").unlink() or str(d / "__1_0.distcp"), "{target}: missing")
+    resume("truncated", truncate, "{target}: truncated")
+    resume("index", cut_index, "{target}: unreadable")
+    resume("lora", lambda d: str(d), "{target}: holds other tensors than this model", lora=True)
 
 
 def test_a_failing_rank_ends_the_job_with_its_error(model, tmp_path):

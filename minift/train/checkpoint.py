@@ -8,6 +8,14 @@ complete, and the next save (or `clean_partial`) removes what a killed writer le
 checkpoints past save_total_limit are renamed away before they are deleted.
 Tensors go to safetensors and everything else to JSON; only the optimizer state uses torch.save,
 and it is read back with `weights_only=True` (no arbitrary pickle).
+
+An FSDP2 full fine-tune (`distributed.shards_checkpoints`) writes its trainable parameters and
+optimizer state as shards instead: every rank writes its own file into `sharded/` (through
+torch.distributed.checkpoint, see distributed.py) inside the one temporary directory that rank 0's
+atomic writer made, whose path rank 0 shares with them; after the collective save rank 0 writes
+the rest (optimizer.json: the param groups; scheduler, RNG, trainer state) and renames it into
+place, so checkpoint-N is still complete or absent. It resumes on any world size, one process
+included. DCP's index, `sharded/.metadata`, is a pickle that torch writes and reads itself.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -32,11 +40,13 @@ from ..errors import CheckpointError, TrainConfigError
 from ..io.files import atomic_dir, pid_alive, remove_dir, remove_stale, write_tokenizer_files
 from ..lora import has_adapters
 from ..lora.targets import hf_path
+from . import distributed
 from .optim import trainable_parameters
 
 logger = logging.getLogger("minift.train")
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+SHARDED_OPTIMIZER = "optimizer.json"  # beside sharded/: the param groups (the shards hold tensors only)
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -145,21 +155,27 @@ def save_checkpoint(
     tokenizer: Any = None,
     total_limit: int | None = None,
     gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    write_shards: Callable[[Path], str] | None = None,
 ) -> Path:
     """Writes output_dir/checkpoint-{step} atomically and applies save_total_limit. `gathered`:
     the trainable parameters and optimizer state dict already gathered whole (FSDP2), written
-    in place of the model's and optimizer's own (the same files as one process writes)."""
+    in place of the model's and optimizer's own (the same files as one process writes).
+    `write_shards(tmp)`: FSDP2's sharded format instead; called with the temporary directory, it
+    has every rank write its shards there and returns the optimizer's param groups as JSON."""
     from safetensors.torch import save_file
 
     final = Path(output_dir) / f"checkpoint-{step}"
-    params, optim_state = gathered if gathered is not None else (None, optimizer.state_dict())
+    params, optim_state = gathered if gathered is not None else (None, None)
     # re-saving a step (after a resume) replaces it; a checkpoint-N holding foreign files is refused
     with atomic_dir(final, overwrite=True, what=f"checkpoint-{step}", error=CheckpointError) as tmp:
-        save_trainable(model, tmp / "trainable.safetensors", params)
-        if has_lora(model):
-            with parameters_replaced(model, params) if params is not None else contextlib.nullcontext():
-                model.save_adapter(tmp / "adapter")
-        torch.save(optim_state, tmp / "optimizer.pt")
+        if write_shards is not None:
+            (tmp / SHARDED_OPTIMIZER).write_text(write_shards(tmp))
+        else:
+            save_trainable(model, tmp / "trainable.safetensors", params)
+            if has_lora(model):
+                with parameters_replaced(model, params) if params is not None else contextlib.nullcontext():
+                    model.save_adapter(tmp / "adapter")
+            torch.save(optim_state if optim_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         rng_t, rng_js = rng_state()
         save_file(rng_t, str(tmp / "rng.safetensors"))
@@ -196,8 +212,9 @@ def _saved_config(model: nn.Module, dtype: torch.dtype) -> dict[str, Any] | None
     return cfg
 
 
-def full_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every persistent tensor of the model (tied ones once), on the CPU, under transformers' names."""
+def full_state_tensors(model: nn.Module, gathered: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Every persistent tensor of the model (tied ones once), on the CPU, under transformers' names
+    (`gathered`: the model's state dict already gathered whole onto this CPU, under FSDP2)."""
     seen: set[int] = set()
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
@@ -206,18 +223,20 @@ def full_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         seen.add(id(t))
         mod, _, attr = name.rpartition(".")
         key = f"{hf_path(model, mod)}.{attr}" if mod else attr
-        out[key] = t.detach().to("cpu", copy=True).contiguous()
+        src = gathered[name] if gathered is not None else t
+        out[key] = src.detach().to("cpu", copy=gathered is None).contiguous()
     return out
 
 
 def save_full(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, trainable_only: bool = False,
-              overwrite: bool = True) -> Path:
+              overwrite: bool = True, gathered: dict[str, torch.Tensor] | None = None) -> Path:
     """The result of full fine-tuning as a checkpoint `minift.load` and transformers read:
     model.safetensors (every weight), config.json (the source's, see `_saved_config`),
     generation_config.json (the source's) and the tokenizer / processor, written atomically (the
     same writer as every save). `trainable_only` writes only trainable.safetensors (the trained
     parameters of a partly frozen model, not loadable alone). A tokenizer that cannot save is
-    replaced by the source checkpoint's tokenizer files, with a warning."""
+    replaced by the source checkpoint's tokenizer files, with a warning. `gathered`: the model's
+    state dict gathered whole (FSDP2, `distributed.gather_full_state`), saved in place of its own."""
     from safetensors.torch import save_file
 
     if has_lora(model):
@@ -227,9 +246,9 @@ def save_full(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, train
     src = model.load_info.source_path
     with atomic_dir(out, overwrite=overwrite, what="fine-tuned model", error=CheckpointError) as tmp:
         if trainable_only:
-            save_trainable(model, tmp / "trainable.safetensors")
+            save_trainable(model, tmp / "trainable.safetensors", gathered)
         else:
-            tensors = full_state_tensors(model)
+            tensors = full_state_tensors(model, gathered)
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             dtype = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
             del tensors
@@ -294,7 +313,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
                     load_sharded: Any = None) -> dict[str, Any]:
     """Restores weights, optimizer, scheduler and RNG states; returns the trainer state.
     `load_sharded(model, optimizer, params, optimizer_state)`: hands the whole tensors to FSDP2
-    (distributed.load_train_state) instead of copying them into the parameters."""
+    (distributed.load_train_state) instead of copying them into the parameters. A sharded
+    checkpoint (sharded/, an FSDP2 full fine-tune's) is read by every rank through
+    torch.distributed.checkpoint, in any mode (`distributed.load_shards`)."""
     from safetensors.torch import load_file
 
     try:
@@ -305,7 +326,12 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     # counters on the CPU unless fused, avoiding a sync per step); bitsandbytes' do not.
     dev = next((p.device for _, p in trainable_parameters(model)), torch.device("cpu"))
     bnb = type(optimizer).__module__.startswith("bitsandbytes")
-    if load_sharded is not None:
+    if (path / distributed.SHARDED_DIR).is_dir():
+        distributed.load_shards(model, optimizer, path / distributed.SHARDED_DIR, path / SHARDED_OPTIMIZER)
+    elif not (path / "trainable.safetensors").is_file():
+        raise CheckpointError(f"{path}: holds neither trainable.safetensors (the weights as one process saves them) "
+                              f"nor {distributed.SHARDED_DIR}/ (an FSDP2 full fine-tune's shards)")
+    elif load_sharded is not None:
         params = read_trainable(model, path / "trainable.safetensors")
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         load_sharded(model, optimizer, params, opt)

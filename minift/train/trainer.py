@@ -556,21 +556,33 @@ class Trainer:
         }
 
     def save_checkpoint(self) -> Path:
-        """output_dir/checkpoint-{step}: weights, optimizer, scheduler, RNG and data position
-        (written by rank 0; under DDP every rank holds the same weights and optimizer state; under
-        FSDP2 the trainable parameters and optimizer state are gathered whole onto rank 0 first, so
-        the files are those one process writes)."""
+        """output_dir/checkpoint-{step}: weights, optimizer, scheduler, RNG and data position,
+        written by rank 0 (under DDP every rank holds the same weights and optimizer state).
+        FSDP2 (`distributed.shards_checkpoints`): an adapter run's trainable parameters and
+        optimizer state are gathered whole onto rank 0 first, so the files are those one process
+        writes; a full fine-tune's are written as shards, each rank its own, into the temporary
+        directory rank 0 then completes and renames into place (a collective either way)."""
         path = self.output_dir / f"checkpoint-{self.step}"
+        sharded = distributed.shards_checkpoints(self.model, self.world)
         gathered = (distributed.gather_train_state(self.model, self.optimizer, self.world)
-                    if self.world.mode == "fsdp" else None)
+                    if self.world.mode == "fsdp" and not sharded else None)
         if self.world.main:
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.lr_scheduler,
-                                        self._state(), total_limit=self.cfg.save_total_limit, gathered=gathered)
+                                        self._state(), total_limit=self.cfg.save_total_limit, gathered=gathered,
+                                        write_shards=self._write_shards if sharded else None)
+        elif sharded:
+            self._write_shards(None)  # with rank 0, inside its checkpoint writer
         self.world.barrier()
         self.last_checkpoint = path
         self.checkpoints = [str(p) for _, p in ckpt.list_checkpoints(self.output_dir)]
         log.info("saved %s", path)
         return path
+
+    def _write_shards(self, tmp: Path | None) -> str:
+        """Every rank's shards into sharded/ of rank 0's temporary checkpoint directory `tmp`
+        (shared with the others, which pass None); the optimizer's param groups as JSON."""
+        shared = self.world.share_path(tmp)
+        return distributed.save_shards(self.model, self.optimizer, shared / distributed.SHARDED_DIR)
 
     def _maybe_resume(self) -> Path | None:
         if self.world.main:
@@ -611,18 +623,24 @@ class Trainer:
     def save_final(self) -> Path | None:
         """The trained result in output_dir/final: the adapter (LoRA, PEFT format) or, for full
         fine-tuning, the trainable weights as safetensors with config and tokenizer. Rank 0
-        writes it (under FSDP from the gathered weights)."""
+        writes it (under FSDP2 an adapter from its unsharded modules, a full fine-tune from its
+        state dict gathered onto rank 0's CPU one tensor at a time)."""
         out = self.output_dir / "final"
-        with distributed.unsharded(self.model, self.world):
+        if self.world.mode == "fsdp" and not ckpt.has_lora(self.model):
+            whole = distributed.gather_full_state(self.model, self.world)
             if self.world.main:
-                self._write_final(out)
+                self._write_final(out, whole)
+        else:
+            with distributed.unsharded(self.model, self.world):
+                if self.world.main:
+                    self._write_final(out)
         self.world.barrier()
         return out
 
-    def _write_final(self, out: Path) -> None:
+    def _write_final(self, out: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
         if ckpt.has_lora(self.model):
             self.model.save_adapter(out, overwrite=True, tokenizer=self.tokenizer)
         else:  # full fine-tuning (a partly frozen model: its trained parameters only), atomically
             full = all(p.requires_grad for p in self.model.parameters() if p.is_floating_point())
-            ckpt.save_full(self.model, self.tokenizer, out, trainable_only=not full)
+            ckpt.save_full(self.model, self.tokenizer, out, trainable_only=not full, gathered=gathered)
         log.info("saved the result to %s", out)
