@@ -94,6 +94,9 @@ def main(spec_path: str) -> None:
     sharded = all(hasattr(w, "to_local") and w.to_local().numel() < w.numel() for w in packed) if packed else None
     extra["sharded_4bit"] = sharded
     extra["fsdp_4bit"] = all(hasattr(w, "to_local") for w in packed) if packed else None  # DTensors, any world
+    # torch 2.11's FSDP2 re-makes each sharded parameter with requires_grad=True before freezing it:
+    # the packed bytes must sit in a dtype that allows that (a 1-byte float view, not uint8)
+    extra["packed_params_floating"] = all(w.is_floating_point() for w in packed) if packed else None
     lm = getattr(model, "language_model", None)
     extra["compiled"] = lm is not None and all(getattr(m, "_compiled_call_impl", None) is not None for m in lm.layers)
     if trainer.world.main:

@@ -19,6 +19,15 @@ from ..ops.nf4 import NF4Weight
 
 BLOCKSIZE = 64  # bitsandbytes' NF4 block, what minift writes and what its checkpoints use
 NESTED_BLOCKSIZE = 256  # what bitsandbytes' double quantisation uses
+# The dtype packed bytes (uint8 codes, double-quantised uint8 scales) are viewed as where they must be
+# parameters: FSDP2 (torch < 2.13) makes every sharded parameter with requires_grad=True first, which
+# integer tensors refuse. A 1-byte float view moves the same bytes; `as_bytes` views them back.
+BYTE_VIEW = torch.float8_e4m3fn
+
+
+def as_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t`'s bytes as uint8 where it is a BYTE_VIEW (a packed tensor held as a parameter), else `t`."""
+    return t.view(torch.uint8) if t is not None and t.dtype == BYTE_VIEW else t
 # Inputs of at most this many rows (all dims but the last, flattened) without an input gradient run
 # `ops.nf4_matmul`, which reads the packed weight once (~0.52 bytes a weight) where dequantise + GEMM
 # moves ~4.5: decoding's one token a sequence. Its kernel pads x to 16 rows (the MMA's smallest
@@ -79,7 +88,7 @@ class Linear4bit(nn.Module):
     @property
     def nf4(self) -> NF4Weight:
         return NF4Weight(
-            self.weight, self.absmax, self.quant_map, torch.Size((self.out_features, self.in_features)),
+            as_bytes(self.weight), as_bytes(self.absmax), self.quant_map, torch.Size((self.out_features, self.in_features)),
             self.compute_dtype, self.blocksize, self.nested_absmax, self.nested_quant_map,
             self.nested_blocksize, self.offset,
         )

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainConfigError
+from ..quant.linear4bit import BYTE_VIEW
 
 log = logging.getLogger("minift.train")
 
@@ -60,7 +61,7 @@ def _clean(v: Any) -> Any:
 
 def _packed_4bit(mod: nn.Module) -> bool:
     w = getattr(mod, "weight", None)
-    return (isinstance(w, torch.Tensor) and w.dtype == torch.uint8
+    return (isinstance(w, torch.Tensor) and w.dtype in (torch.uint8, BYTE_VIEW)
             and hasattr(mod, "in_features") and hasattr(mod, "out_features"))
 
 
