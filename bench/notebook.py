@@ -4,9 +4,12 @@ Gemma-3-4B vision checkpoint, 4-bit (or bf16) base, LoRA r=16 on vision and lang
 of one image and a short LaTeX answer, batch 1 x grad accumulation 4, max_grad_norm 0.3, cosine,
 fused AdamW. Prints one JSON line a run: samples/s over the steps after the first two, peak GiB,
 the first two steps' time (compilation), and with --profile one profiled optimizer step: GPU busy
-time against wall time, kernel launches, the top kernels and host ops.
+time against wall time, kernel launches, the top kernels and host ops; with --phases the peak
+GiB of each phase of a step (where the memory goes).
 
   python bench/notebook.py --quant 4bit,none --steps 12 --profile
+  python bench/notebook.py --phases --set merge_micro_batches=False
+  python bench/notebook.py --phases --answer 2500 --set batch_size=4 --set grad_accum=1   # W + images
   python bench/notebook.py --set merge_micro_batches=False      # a TrainConfig field, as a variant
 """
 
@@ -25,8 +28,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def dataset(n: int, size: int, seed: int = 0) -> list[dict]:
-    """LaTeX_OCR-shaped rows: one random image (size/4 x size/2) and 8-30 LaTeX symbols each."""
+def dataset(n: int, size: int, seed: int = 0, answer: int | None = None) -> list[dict]:
+    """LaTeX_OCR-shaped rows: one random image (size/4 x size/2) and 8-30 LaTeX symbols each (or
+    `answer` symbols: long rows, cut to max_seq_length)."""
     import numpy as np
     from PIL import Image
 
@@ -35,7 +39,7 @@ def dataset(n: int, size: int, seed: int = 0) -> list[dict]:
     rows = []
     for _ in range(n):
         img = Image.fromarray(r.integers(0, 255, (size // 4, size // 2, 3), dtype=np.uint8))
-        text = " ".join(rng.choice(syms) for _ in range(rng.randint(8, 30)))
+        text = " ".join(rng.choice(syms) for _ in range(answer or rng.randint(8, 30)))
         rows.append({"messages": [
             {"role": "user", "content": [{"type": "text", "text": "Write the LaTeX representation for this image."},
                                          {"type": "image", "image": img}]},
@@ -77,7 +81,39 @@ def _profiled(trainer, at: int) -> dict:
                  for e in sorted(host, key=lambda e: -e.self_cpu_time_total)[:12]])
 
 
-def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool) -> dict:
+def _phases(trainer) -> dict:
+    """Peak allocated GiB of each phase of the steps (max over steps), read through module,
+    tensor and optimizer hooks: "vision_forward" (embeddings and the tower), "decoder_forward"
+    (the decoder and the loss), "decoder_backward" (down to the image features' gradient),
+    "vision_backward" (the tower's backward, to the optimizer step) and "optimizer"; "at" holds
+    the GiB allocated when each phase ended. The phases' peaks reset the CUDA peak counter: the
+    run's peak is their max."""
+    import torch
+
+    gib, peaks, at = 2**30, {}, {}
+
+    def mark(name: str) -> None:
+        peaks[name] = round(max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / gib), 3)
+        at[name] = round(torch.cuda.memory_allocated() / gib, 3)
+        torch.cuda.reset_peak_memory_stats()
+
+    model = trainer.model
+
+    def after_projector(mod, args, out):
+        mark("vision_forward")
+        if out.requires_grad:
+            out.register_hook(lambda g: mark("decoder_backward"))
+
+    model.register_forward_pre_hook(lambda *a: mark("vision_backward"))  # unmerged: the last micro-batch's
+    model.register_forward_hook(lambda *a: mark("decoder_forward"))
+    model.model.multi_modal_projector.register_forward_hook(after_projector)
+    trainer.optimizer.register_step_pre_hook(lambda *a: mark("vision_backward"))
+    trainer.optimizer.register_step_post_hook(lambda *a: mark("optimizer"))
+    return {"peak_gib": peaks, "allocated_gib_after": at}
+
+
+def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: bool = False,
+            answer: int | None = None) -> dict:
     import torch
 
     import minift
@@ -88,12 +124,16 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool) -> dict:
     processor = minift.get_chat_template(processor, "gemma-3")  # the notebook's step
     minift.add_lora(model, r=16, alpha=16, dropout=0.0, vision=True, language=True, attention=True, mlp=True,
                     seed=3407)
-    cfg = TrainConfig(batch_size=1, grad_accum=4, max_steps=steps, lr=2e-4, max_grad_norm=0.3, warmup_ratio=0.03,
-                      scheduler="cosine", weight_decay=0.01, optimizer="adamw", seed=3407, max_seq_length=2048,
-                      output_dir=tempfile.mkdtemp(), logging_steps=1, progress_bar=False, plot=False, **sets)
-    tr = Trainer(model, processor, dataset(4 * steps + 8, 896), config=cfg)
+    job = dict(batch_size=1, grad_accum=4, max_steps=steps, lr=2e-4, max_grad_norm=0.3, warmup_ratio=0.03,
+               scheduler="cosine", weight_decay=0.01, optimizer="adamw", seed=3407, max_seq_length=2048,
+               output_dir=tempfile.mkdtemp(), logging_steps=1, progress_bar=False, plot=False)
+    cfg = TrainConfig(**{**job, **sets})
+    tr = Trainer(model, processor, dataset(4 * steps + 8, 896, answer=answer), config=cfg)
     setup = time.time() - t0
     extra = {}
+    phases = phases and torch.cuda.is_available()
+    if phases:
+        extra["phases"] = _phases(tr)
     if prof:
         s, extra["profile"] = _profiled(tr, steps - 1)
     else:
@@ -104,7 +144,8 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool) -> dict:
     if prof:  # the profiled step is slower: time the steps before it
         (s1, e1) = el[-3]
     return dict(impl="minift", quant=quant, sets=sets, samples_per_s=4 * (s1 - s0) / (e1 - e0),
-                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None, setup_s=round(setup, 1),
+                peak_gib=(max(extra["phases"]["peak_gib"].values()) if phases else
+                          torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None, setup_s=round(setup, 1),
                 first_steps_s=round(e0, 1), steps=s.steps, last_loss=s.losses[-1], **extra)
 
 
@@ -115,6 +156,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--set", action="append", default=[], help="FIELD=VALUE: a TrainConfig field (a variant)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="the peak of each phase of a step (CUDA)")
+    ap.add_argument("--answer", type=int, default=None,
+                    help="symbols an answer (default 8-30); with --set batch_size=4 --set grad_accum=1, 2500 "
+                         "gives workload W's 4 x 2048 tokens with an image a row (cut at max_seq_length)")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--child", nargs=2, metavar=("PATH", "QUANT"), help=argparse.SUPPRESS)
@@ -124,7 +169,7 @@ def main() -> None:
         k, v = item.split("=", 1)
         sets[k] = json.loads(v.lower()) if v.lower() in ("true", "false", "null") or v[:1].isdigit() else v
     if a.child:
-        print("RESULT " + json.dumps(run_one(a.child[0], a.child[1], a.steps, sets, a.profile)), flush=True)
+        print("RESULT " + json.dumps(run_one(a.child[0], a.child[1], a.steps, sets, a.profile, a.phases, a.answer)), flush=True)
         return
     from common import environment, write_random_checkpoint
 
@@ -133,7 +178,7 @@ def main() -> None:
         write_random_checkpoint(a.shape, path)
     for quant in a.quant.split(","):
         cmd = [sys.executable, __file__, "--child", str(path), quant, "--steps", str(a.steps)]
-        cmd += [x for s in a.set for x in ("--set", s)] + (["--profile"] if a.profile else [])
+        cmd += [x for s in a.set for x in ("--set", s)] + (["--profile"] if a.profile else []) + (["--phases"] if a.phases else []) + (["--answer", str(a.answer)] if a.answer else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             out = p.stdout + p.stderr

@@ -37,6 +37,35 @@ def test_estimate_terms_match_info(llama):  # noqa: F811
     assert est["total"] == sum(v for k, v in est.items() if k != "total")
 
 
+def test_vision_terms_one_image_at_a_time():
+    """Gemma 3's checkpointed tower as the Trainer runs it (one image a pass, its saved inputs
+    offloaded): (images + 2) image-layer inputs stay on the device and the backward recomputes one
+    image's layer, so a merged step of 4 images adds 3 pooling inputs, not 3 x (L_v + 2) inputs and
+    3 recomputed layers; all images a pass (FSDP2) or no offload keep the old terms."""
+    from types import SimpleNamespace as NS
+
+    text = NS(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, vocab_size=262208,
+              num_attention_heads=8, num_key_value_heads=4, head_dim=256)
+    vis = NS(num_patches=4096, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_channels=3,
+             image_size=896)
+    unit = 4096 * 1152 * 2  # one image's input to one encoder layer
+    layer = 4096 * (13 * 1152 + 5 * 4304) * 2  # one image's recomputed encoder layer
+
+    def terms(batch, **kw):
+        """(what stays through the decoder's backward, what the tower's backward peaks at beyond
+        it = max(the decoder's saved inputs + layer + logits chunk, the recomputed layer))"""
+        t = memory.activation_bytes(text, vis, batch=batch, seq=316, **kw)
+        decoder = t["checkpointed_inputs"] + t["one_layer"] + t["logits_chunk"]
+        return t["vision_activations"], decoder + t["vision_backward"], decoder
+
+    (act1, back1, _), (act4, back4, dec4) = terms(1), terms(4)
+    assert (act1, act4) == (3 * unit, 6 * unit)
+    assert back1 == layer and back4 == max(dec4, layer)
+    assert terms(4, vision_offload=False)[0] == 4 * 29 * unit  # before: every layer's input of every image
+    act, back, _ = terms(4, vision_per_image=False)  # FSDP2: 4 images a pass
+    assert (act, back) == (12 * unit, 4 * layer)
+
+
 @pytest.fixture(scope="module")
 def deep(tmp_path_factory):
     """A tiny Llama of 6 layers: room for partial plans."""

@@ -145,15 +145,33 @@ class VisionEncoderLayer(nn.Module):
 
 
 class VisionEncoder(nn.Module):
+    """The encoder layers. With gradient checkpointing, each image runs through them on its own
+    (`per_image`, every layer checkpointed): the backward then recomputes one image's layer at a
+    time however many images the batch holds (on Gemma 3's 4096-patch tower one image's layer is
+    ~0.3 GB of activations, four images' at once ~1.2 GB), and each saved layer input is one
+    image's, which the Trainer moves to the host (train/offload.py). The images never meet in
+    the tower, so this is the same function; each GEMM takes one image's rows, as in a batch of
+    one image. per_image=False runs all images at once (FSDP2 sets it: every rank must call each
+    sharded layer as often as the others, whatever its image count)."""
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False
+        self.per_image = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ckpt = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            for layer in self.layers:
+                x = layer(x)
+            return x
+        if self.per_image and x.shape[0] > 1:
+            return torch.cat([self._checkpointed(x[i:i + 1]) for i in range(x.shape[0])])
+        return self._checkpointed(x)
+
+    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False) if ckpt else layer(x)
+            x = checkpoint(layer, x, use_reentrant=False)
         return x
 
 

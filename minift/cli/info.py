@@ -70,8 +70,10 @@ def meta_model(cfg: dict[str, Any]) -> Any:
 
 
 def describe(cfg: dict[str, Any], *, r: int = 16, seq: int = 2048, batch: int = 2, checkpointing: bool | str = True,
-             optim: str = "adamw", dora: bool = False, vision_lora: bool = True, images: int = 1) -> dict[str, Any]:
-    """Everything `minift info` prints, as a dict (bytes and counts)."""
+             optim: str = "adamw", dora: bool = False, vision_lora: bool = True, images: int = 1,
+             vision_offload: bool = True) -> dict[str, Any]:
+    """Everything `minift info` prints, as a dict (bytes and counts). vision_offload=False: the
+    vision tower's checkpointed inputs kept on the device (a loop without the Trainer's hooks)."""
     from ..lora.targets import linear_modules, select_targets
     from ..train.report import count_parameters
 
@@ -88,7 +90,8 @@ def describe(cfg: dict[str, Any], *, r: int = 16, seq: int = 2048, batch: int = 
     lora_vision = sum(r * (lin[t].in_features + lin[t].out_features) for t in targets if ".vision_tower." in f".{t}")
 
     act = {four_bit: activation_bytes(text, vis, batch=batch, seq=seq, checkpointing=checkpointing, images=images,
-                                      vision_lora=bool(lora_vision), max_linear=max_lin, four_bit=four_bit)
+                                      vision_lora=bool(lora_vision), max_linear=max_lin, four_bit=four_bit,
+                                      vision_offload=vision_offload)
            for four_bit in (False, True)}
     adapters = adapter_bytes(lora, optim)
     L, H, I, V = text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.vocab_size

@@ -20,20 +20,26 @@ Hq = heads * head_dim, KV = kv_heads * head_dim, V vocabulary, s = 2 (16-bit com
                plus the final norm's input / output and the hidden gradient, 3 * N * H * s
   4-bit        NF4 only: one linear dequantised in the forward and one in the backward, 2 * max(in*out) * s
   pixels       vision models: the batch's float32 images, n_img * C * side^2 * 4
-  vision       with adapters on the vision tower. It is checkpointed whenever the decoder is (the
-               offload hooks move only the decoder's inputs): each of its L_v encoder layers keeps
-               its input, plus the post-LayerNorm's and the projector's pooling input,
-               (L_v + 2) * n_img * P * H_v * s. Its backward recomputes one encoder layer,
-               n_img * P * (13 H_v + 5 I_v) * s, after the decoder's checkpoints, layer and logits
-               are freed: it adds only what exceeds them. Without checkpointing, every encoder
-               layer's activations, n_img * P * (L_v * (8 H_v + 2 I_v) + 2 H_v) * s.
+  vision       with adapters on the vision tower. It is checkpointed whenever the decoder is, one
+               image at a time (k = 1 image a pass; all n_img under FSDP2, `vision_per_image`),
+               and the Trainer offloads what its L_v encoder layers and post-LayerNorm save to the
+               host: on the device stay the projector's pooling inputs and ~2 passes' layer inputs
+               in flight, (n_img + 2k) * P * H_v * s. Its backward recomputes one encoder layer
+               of one pass, k * P * (13 H_v + 5 I_v) * s, after the decoder's checkpoints, layer
+               and logits are freed: it adds only what exceeds them. (Before, all images' layer
+               inputs stayed, (L_v + 2) * n_img * P * H_v * s, and the recompute took all images
+               at once: Gemma 3's notebook job, four 896px images a merged step, peaked 1.36 GiB
+               over its unmerged micro-batches.) Without checkpointing, every encoder layer's
+               activations, n_img * P * (L_v * (8 H_v + 2 I_v) + 2 H_v) * s.
 
 Checked on an H200 (2026-12-01; batch 4 x 2048, r = 16 on all-linear incl. the vision tower,
 AdamW) against measured peaks: Gemma-3-4B vision NF4 7.63 GiB estimated vs 7.61 measured, with
 offloaded checkpoints 6.38 vs 6.45, bf16 12.54 vs 12.48; Llama-3.1-8B NF4 10.36 vs 10.31; and on
 an H100, Llama-3.2-1B 4.27 / 2.99 vs 4.20 / 2.94 (bf16 / NF4), Gemma-3-4B text 10.57 / 6.23 vs
-10.53 / 6.24 (tests/test_cli.py keeps these within 10%). Not checked against a measurement: partial
-and no checkpointing, several images per row, DoRA, adamw_8bit.
+10.53 / 6.24 (tests/test_cli.py keeps these within 10%). The vision rows ran with the tower's inputs
+on the device (vision_offload=False); the offloaded tower's terms are not yet checked against a
+measurement (`bench/notebook.py --phases`), nor are partial and no checkpointing, several images
+per row, DoRA, adamw_8bit.
 """
 
 from __future__ import annotations
@@ -60,10 +66,14 @@ def adapter_bytes(trainable: int, optim: str = "adamw") -> int:
 
 def activation_bytes(text: Any, vision: Any = None, *, batch: int, seq: int, checkpointing: bool | str = True,
                      checkpoint_layers: int | None = None, images: int = 1, vision_lora: bool = True,
-                     max_linear: int = 0, four_bit: bool = False) -> dict[str, float]:
+                     max_linear: int = 0, four_bit: bool = False, vision_per_image: bool = True,
+                     vision_offload: bool = True) -> dict[str, float]:
     """Every term but the weights and adapters (module docstring), from the decoder's config `text`
     (and the vision tower's `vision`): checkpointed inputs, one layer, logits chunk, the dequantised
-    NF4 weight (`max_linear` = the largest in * out), pixel values, vision activations and backward."""
+    NF4 weight (`max_linear` = the largest in * out), pixel values, vision activations and backward
+    (`vision_per_image`: the checkpointed tower runs one image at a time, as the Trainer has it
+    except under FSDP2; `vision_offload=False`: its saved inputs stay on the device, as in a loop
+    without the Trainer's offloading hooks)."""
     s, n = 2, batch * seq
     H, I, L, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
     Hq, KV = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
@@ -85,8 +95,9 @@ def activation_bytes(text: Any, vision: Any = None, *, batch: int, seq: int, che
         if vision_lora:
             P, Hv, Iv, Lv = vision.num_patches, vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers
             if checkpointing:
-                vision_act = (Lv + 2) * n_img * P * Hv * s
-                vision_layer = n_img * P * (13 * Hv + 5 * Iv) * s
+                k = 1 if vision_per_image else n_img
+                vision_act = ((n_img + 2 * k) if vision_offload else (Lv + 2) * n_img) * P * Hv * s
+                vision_layer = k * P * (13 * Hv + 5 * Iv) * s
             else:
                 vision_act = n_img * P * (Lv * (8 * Hv + 2 * Iv) + 2 * Hv) * s
     return {"checkpointed_inputs": saved, "one_layer": layer, "logits_chunk": logits,
@@ -109,9 +120,10 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | str = True,
-             checkpoint_layers: int | None = None, optim: str = "adamw", images: int = 1) -> dict[str, float]:
+             checkpoint_layers: int | None = None, optim: str = "adamw", images: int = 1,
+             vision_per_image: bool = True) -> dict[str, float]:
     """The estimated peak of one training step of this loaded model (LoRA applied, or full fine-tuning
-    with everything trainable), by term, plus "total"."""
+    with everything trainable), by term, plus "total" (`vision_per_image`: see activation_bytes)."""
     from ..lora.targets import linear_modules
     from ..quant import Linear4bit
 
@@ -125,7 +137,7 @@ def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | st
     parts = {"weights": model_bytes(model), "adapters_and_optimizer": adapter_bytes(trainable, optim)}
     parts.update(activation_bytes(text, vision, batch=batch, seq=seq, checkpointing=checkpointing,
                                   checkpoint_layers=checkpoint_layers, images=images, vision_lora=vision_lora,
-                                  max_linear=max_lin, four_bit=four_bit))
+                                  max_linear=max_lin, four_bit=four_bit, vision_per_image=vision_per_image))
     parts["total"] = sum(parts.values())
     return parts
 
@@ -165,7 +177,7 @@ def device_budget(device: torch.device) -> int | None:
 
 
 def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: str = "adamw",
-         images: int = 1) -> MemoryPlan:
+         images: int = 1, vision_per_image: bool = True) -> MemoryPlan:
     """The fastest plan whose estimate fits (1 - PLAN_MARGIN) of `budget_bytes`: no checkpointing,
     else the fewest checkpointed layers (recomputing as little as fits), else their inputs offloaded
     to the CPU (the leanest; taken even when it does not fit). At most L - 1 of L layers are
@@ -177,7 +189,7 @@ def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: st
 
     def total(ckpt: bool | str, k: int | None) -> int:
         return int(estimate(model, batch=batch, seq=seq, checkpointing=ckpt, checkpoint_layers=k, optim=optim,
-                            images=images)["total"])
+                            images=images, vision_per_image=vision_per_image)["total"])
 
     none = total(False, None)
     if none <= limit:

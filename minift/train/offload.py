@@ -1,10 +1,11 @@
-"""Activation offloading for gradient checkpointing ("offload").
+"""Activation offloading for gradient checkpointing: the decoder's with "offload", a vision
+tower's whenever it is checkpointed (the Trainer installs both).
 
 With checkpointing, each decoder layer keeps only its input for the backward (the rest is
 recomputed). Those inputs are (batch, seq, hidden) per layer, which still adds up for long
-sequences; here they go to pinned CPU memory during the forward, on a side stream (overlapping
-compute), and come back asynchronously during the backward, each layer's input prefetched while
-the layer after it recomputes. torch's non-reentrant checkpoint saves a layer's inputs through
+sequences (and for a vision tower's thousands of patches an image); here they go to pinned CPU
+memory during the forward, on a side stream (overlapping compute), and come back asynchronously
+during the backward, each layer's input prefetched while the layer after it recomputes. torch's non-reentrant checkpoint saves a layer's inputs through
 the saved-tensor hooks active around it, so hooks installed around the decoder see exactly the
 checkpointed layer inputs (the hooks are switched off again at the final norm); everything saved
 inside a checkpointed layer goes to the checkpoint's own hooks. On CPU the tensors are already in host memory and are
@@ -31,7 +32,8 @@ class _Handle:
 
 
 class ActivationOffloader:
-    """Saved-tensor hooks that offload (batch, seq, hidden) float tensors of a TextModel."""
+    """Saved-tensor hooks that offload (batch, seq, hidden_size) float tensors saved inside one
+    module's forward (a TextModel, or a vision tower of that width)."""
 
     def __init__(self, hidden_size: int):
         self.hidden_size = hidden_size
@@ -106,14 +108,15 @@ class ActivationOffloader:
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)
 
-    def install(self, decoder: nn.Module) -> "ActivationOffloader":
-        """Hooks around `decoder`'s layers (a TextModel, whose layers are checkpointed): on from
-        the start of its forward until its final norm, so exactly the layer inputs are caught."""
+    def install(self, module: nn.Module) -> "ActivationOffloader":
+        """Hooks around `module`'s forward: on from its start until its end or, for a TextModel
+        (whose layers are checkpointed), its final norm, so exactly the layer inputs are caught.
+        A vision tower's (its encoder layers checkpointed) also catch the post-LayerNorm's input."""
         self._removables = [
-            decoder.register_forward_pre_hook(self._enter),
-            decoder.register_forward_hook(self._exit, always_call=True),
+            module.register_forward_pre_hook(self._enter),
+            module.register_forward_hook(self._exit, always_call=True),
         ]
-        norm = getattr(decoder, "norm", None)
+        norm = getattr(module, "norm", None)
         if isinstance(norm, nn.Module):
             self._removables.append(norm.register_forward_pre_hook(self._exit))
         return self

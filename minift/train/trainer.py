@@ -233,10 +233,11 @@ class Trainer:
         images = max((u.pixel_values.shape[0] for u in self.train_units if u.pixel_values is not None), default=1)
         rows = cfg.batch_size * cfg.grad_accum
         auto_ckpt = cfg.gradient_checkpointing == "auto" and budget is not None
+        per_image = self.world.mode != "fsdp"  # as _set_checkpointing sets the vision encoder
 
         def plan_for(batch: int) -> memory.MemoryPlan:
             return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
-                               images=images)
+                               images=images, vision_per_image=per_image)
 
         plan = None
         if cfg.grad_accum == 1:  # one micro-batch: nothing to merge
@@ -250,7 +251,7 @@ class Trainer:
             merge = plan.fits and plan.checkpointing != "offload"
         else:
             est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
-                                  optim=cfg.optimizer, images=images)["total"]
+                                  optim=cfg.optimizer, images=images, vision_per_image=per_image)["total"]
             merge = est <= budget * (1 - memory.PLAN_MARGIN)
         batch = rows if merge else cfg.batch_size
         if auto_ckpt and (plan is None or not merge):
@@ -263,25 +264,44 @@ class Trainer:
                 log.info("memory plan for batch %d x %d tokens: %s", batch, seq, plan.describe())
         return merge, plan
 
-    def _set_checkpointing(self) -> tuple[Any, ActivationOffloader | None]:
+    def _vision_encoder(self) -> VisionEncoder | None:
+        tower = getattr(getattr(self.model, "model", None), "vision_tower", None)
+        return tower.vision_model.encoder if tower is not None else None
+
+    def _set_checkpointing(self) -> tuple[Any, list[ActivationOffloader]]:
         """Sets the configured (or planned) checkpointing on the model; returns what to restore after
-        training (None when the model has no such switch) and the offloading hooks, if any."""
+        training (None when the model has no such switch) and the offloading hooks.
+
+        A checkpointed vision tower always offloads its saved layer inputs (one image each, see
+        VisionEncoder): they are large (Gemma 3: 9.4 MB an image and layer, 27 layers), the tower
+        does ~20k FLOPs per byte copied while the copies run on a side stream, and a step's images
+        would otherwise all keep them on the device through the decoder's backward (merged
+        micro-batches: ~1 GB for four images)."""
         inner = getattr(self.model, "model", None)
         lm = getattr(self.model, "language_model", inner)
         if inner is None or getattr(inner, "gradient_checkpointing", None) is None:
-            return None, None
-        old = (inner.gradient_checkpointing, lm.checkpoint_layers)
+            return None, []
+        enc = self._vision_encoder()
+        old = (inner.gradient_checkpointing, lm.checkpoint_layers, enc.per_image if enc is not None else None)
         mode, layers = self.cfg.gradient_checkpointing, None
         if mode == "auto":
             plan = self.memory_plan
             mode, layers = (plan.checkpointing, plan.checkpoint_layers) if plan is not None else (True, None)
         inner.gradient_checkpointing, lm.checkpoint_layers = mode, layers
-        off = ActivationOffloader(self.model.config.hidden_size).install(lm) if mode == "offload" else None
-        return old, off
+        offloaders = [ActivationOffloader(self.model.config.hidden_size).install(lm)] if mode == "offload" else []
+        if enc is not None:
+            enc.per_image = self.world.mode != "fsdp"  # FSDP2: every rank calls each layer once a forward
+            if mode:
+                tower = inner.vision_tower
+                offloaders.append(ActivationOffloader(tower.vision_model.cfg.hidden_size).install(tower))
+        return old, offloaders
 
-    def _restore_checkpointing(self, old: tuple[Any, int | None]) -> None:
+    def _restore_checkpointing(self, old: tuple[Any, int | None, bool | None]) -> None:
         inner = self.model.model
-        inner.gradient_checkpointing, getattr(self.model, "language_model", inner).checkpoint_layers = old
+        inner.gradient_checkpointing, getattr(self.model, "language_model", inner).checkpoint_layers = old[:2]
+        enc = self._vision_encoder()
+        if enc is not None:
+            enc.per_image = old[2]
 
     def _maybe_compile(self) -> None:
         """Compiles each decoder layer once (dynamic shapes, so dynamic padding does not recompile
@@ -340,7 +360,7 @@ class Trainer:
 
         was_training = model.training
         model.train()
-        old_ckpt, offloader = self._set_checkpointing()
+        old_ckpt, offloaders = self._set_checkpointing()
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress_bar and self.world.main),
                    desc="training",
                    dynamic_ncols=True)
@@ -408,8 +428,8 @@ class Trainer:
             bar.close()
             if gc_frozen:
                 gc.unfreeze()
-            if offloader is not None:
-                offloader.remove()
+            for off in offloaders:
+                off.remove()
             if old_ckpt is not None:
                 self._restore_checkpointing(old_ckpt)
             model.train(was_training)
