@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..errors import ConfigError
+from .model import layer_input
 
 
 @dataclass
@@ -159,8 +160,10 @@ class VisionEncoder(nn.Module):
         self.layers = nn.ModuleList(VisionEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False
         self.per_image = True
+        self.input_requires_grad = False  # as TextModel's: compiled layers then share one graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = layer_input(x, self.input_requires_grad and self.training)
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             for layer in self.layers:
                 x = layer(x)

@@ -320,8 +320,10 @@ class Trainer:
         # A vision tower's encoder layers see fixed-size images: automatic dynamic shapes (a new
         # image count per forward recompiles once, to a dynamic image dimension). Eager, its many
         # small ops (LoRA, 4-bit dequantisation) cost more host time than the decoder's.
-        towers = [(enc.layers, None) for enc in self.model.modules() if isinstance(enc, VisionEncoder)]
-        lm.input_requires_grad = True  # layer 0 shares the other layers' graph (TextModel's comment)
+        encoders = [enc for enc in self.model.modules() if isinstance(enc, VisionEncoder)]
+        towers = [(enc.layers, None) for enc in encoders]
+        for stack in [lm, *encoders]:  # layer 0 shares the other layers' graph (TextModel's comment)
+            stack.input_requires_grad = True
         for layers, dyn in [(lm.layers, dynamic), *towers]:
             for layer in layers:
                 if getattr(layer, "_compiled_call_impl", None) is None:
