@@ -282,7 +282,7 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
 def test_fused_decode_matches_unfused(device, family, tmp_path, monkeypatch):
     """Greedy generation with decode steps fused (forced on CPU with backend "triton": q/k/v with the
     pre-attention norm, gate/up with the activation and the pre-MLP norm, and for pre-norm
