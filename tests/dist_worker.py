@@ -60,7 +60,7 @@ def main(spec_path: str) -> None:
                              dtype=spec.get("dtype"))
     vision = bool(spec.get("vision"))
     if not full:
-        minift.add_lora(model, r=4, alpha=8, dropout=0.0, seed=5,
+        minift.add_lora(model, r=4, alpha=8, dropout=spec.get("dropout", 0.0), seed=5,
                         **({"vision": True, "language": True} if vision else {}))
     cfg = TrainConfig(**{"output_dir": spec["out"], "progress_bar": False, "plot": False,
                          "gradient_checkpointing": False, "lr": 2e-3, "warmup_steps": 1, "seed": 11,

@@ -1,6 +1,6 @@
 """Data-parallel training under torchrun on CPU (gloo): N ranks x batch b give the loss sequence
 and final adapter of 1 process x N*b, with DDP and FSDP2; a 4-bit base under DDP and FSDP2; resuming a
-2-rank checkpoint on 1 rank and back; an FSDP2 full fine-tune's sharded (DCP) checkpoints resumed on
+2-rank checkpoint on 1 rank and back; each rank's RNG resumed (LoRA dropout); an FSDP2 full fine-tune's sharded (DCP) checkpoints resumed on
 1 process and 2 ranks; a failing rank ends the job with its error; packing, offloaded checkpoints and
 merged micro-batches; Gemma 3 vision with ranks whose micro-batch has no image."""
 
@@ -177,6 +177,20 @@ def test_resume_across_world_sizes(model, reference, tmp_path):
     two = result(tmp_path, "s", run(tmp_path, "s", 2, model, dict(BASE, batch_size=2, distributed="ddp",
                                                                    save_steps=2, resume_from="latest")))
     assert two["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+
+
+def test_resume_with_dropout_gives_each_rank_its_own_rng(model, tmp_path):
+    """LoRA dropout under DDP: every rank's RNG states go into the checkpoint, so 2 ranks resumed
+    from step 2 draw the masks the uninterrupted 2-rank run drew (same losses and adapter); ranks
+    restarted from rank 0's state would draw rank 0's masks on both ranks."""
+    cfg = dict(BASE, batch_size=2, distributed="ddp", save_steps=2)
+    whole = result(tmp_path, "w", run(tmp_path, "w", 2, model, cfg, dropout=0.3))
+    first = result(tmp_path, "d", run(tmp_path, "d", 2, model, cfg, dropout=0.3, stop_after=2))
+    assert first["losses"] == pytest.approx(whole["losses"][:2], rel=1e-6)
+    rng = load_file(str(tmp_path / "d" / "checkpoint-2" / "rng.safetensors"))
+    assert {"rank.0.torch", "rank.1.torch"} <= rng.keys() and not torch.equal(rng["rank.0.torch"], rng["rank.1.torch"])
+    again = result(tmp_path, "d", run(tmp_path, "d", 2, model, dict(cfg, resume_from="latest"), dropout=0.3))
+    assert_same_run(tmp_path / "d", tmp_path / "w", again, whole)
 
 
 def test_fsdp_full_fine_tune_writes_sharded_checkpoints_that_resume_on_any_world_size(model, tmp_path):

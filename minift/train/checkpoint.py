@@ -134,11 +134,19 @@ def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, js
 
 
-def set_rng_state(tensors: dict[str, torch.Tensor], js: dict[str, Any]) -> None:
+def set_rng_state(tensors: dict[str, torch.Tensor], js: dict[str, Any], rank: int = 0,
+                  device: torch.device | None = None) -> None:
+    """Restores rank 0's states (the process that wrote them), then, for rank `rank` of a
+    data-parallel job, that rank's own torch states if the checkpoint holds them (same world
+    size); a rank it holds none for continues from rank 0's."""
     torch.set_rng_state(tensors["torch"])
     cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("cuda.")), key=lambda k: int(k[5:]))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+    if rank and f"rank.{rank}.torch" in tensors:
+        torch.set_rng_state(tensors[f"rank.{rank}.torch"])
+        if f"rank.{rank}.cuda" in tensors and device is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(tensors[f"rank.{rank}.cuda"], device)
     v, st, g = js["python"]
     random.setstate((v, tuple(st), g))
     n = js["numpy"]
@@ -156,12 +164,14 @@ def save_checkpoint(
     total_limit: int | None = None,
     gathered: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
     write_shards: Callable[[Path], str] | None = None,
+    rank_rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Writes output_dir/checkpoint-{step} atomically and applies save_total_limit. `gathered`:
     the trainable parameters and optimizer state dict already gathered whole (FSDP2), written
     in place of the model's and optimizer's own (the same files as one process writes).
     `write_shards(tmp)`: FSDP2's sharded format instead; called with the temporary directory, it
-    has every rank write its shards there and returns the optimizer's param groups as JSON."""
+    has every rank write its shards there and returns the optimizer's param groups as JSON.
+    `rank_rng`: every rank's RNG states (distributed.gather_rng), saved beside rank 0's."""
     from safetensors.torch import save_file
 
     final = Path(output_dir) / f"checkpoint-{step}"
@@ -178,7 +188,7 @@ def save_checkpoint(
             torch.save(optim_state if optim_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
         rng_t, rng_js = rng_state()
-        save_file(rng_t, str(tmp / "rng.safetensors"))
+        save_file({**rng_t, **(rank_rng or {})}, str(tmp / "rng.safetensors"))
         before_commit(output_dir, step)
         full_state = dict(state, step=step, rng=rng_js, saved_at=time.time())
         (tmp / STATE_FILE).write_text(json.dumps(full_state, indent=1))
@@ -310,7 +320,7 @@ def resolve_resume(resume_from: str | os.PathLike, output_dir: Path) -> Path | N
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    load_sharded: Any = None) -> dict[str, Any]:
+                    load_sharded: Any = None, rank: int = 0) -> dict[str, Any]:
     """Restores weights, optimizer, scheduler and RNG states; returns the trainer state.
     `load_sharded(model, optimizer, params, optimizer_state)`: hands the whole tensors to FSDP2
     (distributed.load_train_state) instead of copying them into the parameters. A sharded
@@ -341,5 +351,5 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         optimizer.load_state_dict(opt)
     sched = json.loads((path / "scheduler.json").read_text())
     scheduler.load_state_dict(sched)
-    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"], rank, dev)
     return state

@@ -166,6 +166,29 @@ def _packed_as_parameters(model: nn.Module) -> None:
                     mod.register_parameter(name, nn.Parameter(t, requires_grad=False))
 
 
+def gather_rng(world: World) -> dict[str, torch.Tensor] | None:
+    """Every rank's torch RNG states (CPU, and its CUDA device's) on rank 0, as tensors named
+    `rank.<r>.torch` / `rank.<r>.cuda`, so a checkpoint resumed on the same world size gives each
+    rank back its own dropout stream; a collective (None on the other ranks, {} in one process)."""
+    if world.mode is None:
+        return {}
+    cpu = torch.get_rng_state()
+    on_cuda = world.device is not None and world.device.type == "cuda"
+    dev = torch.cuda.get_rng_state(world.device) if on_cuda else cpu.new_empty(0)
+    mine = torch.cat([cpu, dev]).to(world.device if on_cuda else "cpu")
+    every = [torch.empty_like(mine) for _ in range(world.size)]
+    dist.all_gather(every, mine)
+    if not world.main:
+        return None
+    out: dict[str, torch.Tensor] = {}
+    for r, t in enumerate(every):
+        t = t.cpu()
+        out[f"rank.{r}.torch"] = t[: cpu.numel()].clone()
+        if dev.numel():
+            out[f"rank.{r}.cuda"] = t[cpu.numel():].clone()
+    return out
+
+
 def no_sync(module: nn.Module, world: World, last: bool) -> Any:
     """A context in which a non-last micro-batch's backward skips the gradient reduction."""
     if world.mode == "ddp" and not last:

@@ -588,10 +588,11 @@ class Trainer:
         sharded = distributed.shards_checkpoints(self.model, self.world)
         gathered = (distributed.gather_train_state(self.model, self.optimizer, self.world)
                     if self.world.mode == "fsdp" and not sharded else None)
+        rngs = distributed.gather_rng(self.world)
         if self.world.main:
             path = ckpt.save_checkpoint(self.output_dir, self.step, self.model, self.optimizer, self.lr_scheduler,
                                         self._state(), total_limit=self.cfg.save_total_limit, gathered=gathered,
-                                        write_shards=self._write_shards if sharded else None)
+                                        write_shards=self._write_shards if sharded else None, rank_rng=rngs)
         elif sharded:
             self._write_shards(None)  # with rank 0, inside its checkpoint writer
         self.world.barrier()
@@ -633,7 +634,8 @@ class Trainer:
                 "order would not continue where it stopped"
             )
         state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.lr_scheduler,
-                                     load_sharded=distributed.load_train_state if self.world.mode == "fsdp" else None)
+                                     load_sharded=distributed.load_train_state if self.world.mode == "fsdp" else None,
+                                     rank=self.world.rank)
         self.step = int(state["step"])
         self.losses = [float(v) for v in state["losses"]][: self.step]
         self.tokens = int(state["tokens"])
