@@ -1,8 +1,9 @@
 """Data-parallel training under torchrun on CPU (gloo): N ranks x batch b give the loss sequence
 and final adapter of 1 process x N*b, with DDP and FSDP2; a 4-bit base under DDP and FSDP2; resuming a
-2-rank checkpoint on 1 rank and back; each rank's RNG resumed (LoRA dropout); an FSDP2 full fine-tune's sharded (DCP) checkpoints resumed on
-1 process and 2 ranks; a failing rank ends the job with its error; packing, offloaded checkpoints and
-merged micro-batches; Gemma 3 vision with ranks whose micro-batch has no image."""
+2-rank checkpoint on 1 rank and back; each rank's RNG resumed (LoRA dropout); an FSDP2 full
+fine-tune's sharded (DCP) checkpoints resumed on 1 process and 2 ranks; a failing rank ends the job
+with its error; packing, offloaded checkpoints and merged micro-batches; Gemma 3 vision with ranks
+whose micro-batch has no image."""
 
 from __future__ import annotations
 
