@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One lent-GPU session: install carried wheels (.whl), then run the stages named as arguments,
-# each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, gen, peers.
-#   bash bench/gpu_session.sh env gputests ops
+# each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, gen, peers, and the
+# open issues' pending GPU work: dist (issue 19's NCCL tests), notebook (issue 14 target 0: the
+# notebook job merged / unmerged / decoder offloaded, peak by phase), decode (issue 15's rows).
+#   bash bench/gpu_session.sh env dist notebook decode
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -22,5 +24,10 @@ for stage in "$@"; do
     train) timeout ${TRAIN_TIMEOUT:-400} python3 bench/train.py ${TRAIN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/train.err" | tee "$OUT/train.jsonl" | cut -c1-600 ;;
     gen) timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py ${GEN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/gen.err" | tee -a "$OUT/gen.jsonl" | cut -c1-700 ;;
     peers) timeout ${PEERS_TIMEOUT:-500} python3 .peer/peer_bench.py --out "$OUT" ${PEER_ARGS:---shapes llama-3.2-1b --impls hf,unsloth} 2>&1 | tail -12 ;;
+    dist) MINIFT_EAGER_FAILURES=1 timeout ${DIST_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed_gpu.py --durations=0 2>&1 | tee "$OUT/dist.log" | tail -15 ;;
+    notebook) for v in "" "--set merge_micro_batches=False" "--set gradient_checkpointing=offload"; do
+        timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps 12 --phases $v 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2; done ;;
+    decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
+      timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac
 done
