@@ -127,6 +127,8 @@ class Linear4bit(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Linear4bit":
         before = dict(self._buffers)
+        # the packed codes and scales, parameters under FSDP2 (train/distributed.py): moved, never cast
+        packed = {k: self._parameters[k].detach() for k in ("weight", "absmax") if self._parameters.get(k) is not None}
         super()._apply(fn, recurse)
         for k, old in before.items():
             new = self._buffers[k]
@@ -134,6 +136,10 @@ class Linear4bit(nn.Module):
                 if k == "quant_map":
                     self.compute_dtype = new.dtype
                 self._buffers[k] = old.to(new.device)
+        for k, old in packed.items():
+            new = self._parameters[k]
+            if new.dtype != old.dtype:
+                self._parameters[k] = nn.Parameter(old.to(new.device), requires_grad=False)
         return self
 
     def extra_repr(self) -> str:
