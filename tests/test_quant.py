@@ -467,17 +467,15 @@ def test_linear4bit_input_grad_without_dense_weight_saved():
 @pytest.mark.parametrize("nested", [True, False])
 def test_packed_parameters_survive_a_dtype_cast(nested):
     """Under FSDP2 a Linear4bit's packed codes and scales are parameters (codes in a 1-byte float
-    view, train/distributed.py): `.to(bfloat16)` moves the compute dtype but never casts them."""
+    view, `hold_packed_as_parameters`): `.to(bfloat16)` moves the compute dtype but never casts them."""
     import bitsandbytes.functional as bnbf
 
     from minift.ops import NF4Weight
     from minift.quant.linear4bit import BYTE_VIEW, Linear4bit
-    from minift.train.distributed import _packed_as_parameters
-
     data, qs = bnbf.quantize_4bit(torch.randn(32, 64), blocksize=64, compress_statistics=nested, quant_type="nf4")
     m = Linear4bit.from_nf4(NF4Weight.from_bnb(data, qs))
     want = m.dequantize(torch.float32)
-    _packed_as_parameters(m)
+    m.hold_packed_as_parameters()
     assert isinstance(m.weight, torch.nn.Parameter) and m.weight.dtype == BYTE_VIEW and not m.weight.requires_grad
     m.to(torch.bfloat16)
     assert m.compute_dtype == torch.bfloat16 and m.weight.dtype == BYTE_VIEW

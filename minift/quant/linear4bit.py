@@ -19,15 +19,11 @@ from ..ops.nf4 import NF4Weight
 
 BLOCKSIZE = 64  # bitsandbytes' NF4 block, what minift writes and what its checkpoints use
 NESTED_BLOCKSIZE = 256  # what bitsandbytes' double quantisation uses
-# The dtype packed bytes (uint8 codes, double-quantised uint8 scales) are viewed as where they must be
-# parameters: FSDP2 (torch < 2.13) makes every sharded parameter with requires_grad=True first, which
-# integer tensors refuse. A 1-byte float view moves the same bytes; `as_bytes` views them back.
+# The large packed tensors (codes, block scales): what FSDP2 must shard, so `hold_packed_as_parameters`
+# makes them parameters. Their uint8 bytes are then held in a 1-byte float view, since torch < 2.13's
+# fully_shard makes every sharded parameter with requires_grad=True first, which integer tensors refuse.
+PACKED = ("weight", "absmax")
 BYTE_VIEW = torch.float8_e4m3fn
-
-
-def as_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
-    """`t`'s bytes as uint8 where it is a BYTE_VIEW (a packed tensor held as a parameter), else `t`."""
-    return t.view(torch.uint8) if t is not None and t.dtype == BYTE_VIEW else t
 # Inputs of at most this many rows (all dims but the last, flattened) without an input gradient run
 # `ops.nf4_matmul`, which reads the packed weight once (~0.52 bytes a weight) where dequantise + GEMM
 # moves ~4.5: decoding's one token a sequence. Its kernel pads x to 16 rows (the MMA's smallest
@@ -35,10 +31,16 @@ def as_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
 NF4_MATMUL_MAX_ROWS = 16
 
 
+def as_bytes(t: torch.Tensor | None) -> torch.Tensor | None:
+    """`t`'s bytes as uint8 where it is a BYTE_VIEW (a packed tensor held as a parameter), else `t`."""
+    return t.view(torch.uint8) if t is not None and t.dtype == BYTE_VIEW else t
+
+
 class Linear4bit(nn.Module):
     """A frozen linear layer whose weight is one NF4 tensor in bitsandbytes' layout.
 
-    Everything lives in buffers (so `.to(device)` and `state_dict` carry it): `weight` (packed
+    Everything lives in buffers (so `.to(device)` and `state_dict` carry it; under FSDP2 the
+    packed two are parameters, `hold_packed_as_parameters`): `weight` (packed
     uint8, two codes a byte, shape (numel/2, 1) like bitsandbytes' Params4bit), `absmax`,
     `quant_map` (the 16 NF4 levels) and, when double-quantised, `nested_absmax`,
     `nested_quant_map` and `offset`. The public surface LoRA builds on: `nf4`, `bias`,
@@ -125,10 +127,20 @@ class Linear4bit(nn.Module):
             return ops.nf4_matmul(x, self.nf4, bias)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
+    def hold_packed_as_parameters(self) -> None:
+        """The PACKED tensors become frozen parameters (uint8 ones in the BYTE_VIEW), for FSDP2,
+        which shards parameters and replicates buffers; `nf4` views them back, `_apply` never casts
+        them. The small tables (code maps, nested scales, offset) stay buffers. Idempotent."""
+        for name in PACKED:
+            if name in self._buffers:
+                t = self._buffers.pop(name)
+                t = t.view(BYTE_VIEW) if t.dtype == torch.uint8 else t
+                self.register_parameter(name, nn.Parameter(t, requires_grad=False))
+
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> "Linear4bit":
         before = dict(self._buffers)
-        # the packed codes and scales, parameters under FSDP2 (train/distributed.py): moved, never cast
-        packed = {k: self._parameters[k].detach() for k in ("weight", "absmax") if self._parameters.get(k) is not None}
+        # packed tensors held as parameters (hold_packed_as_parameters): moved, never cast
+        packed = {k: self._parameters[k].detach() for k in PACKED if self._parameters.get(k) is not None}
         super()._apply(fn, recurse)
         for k, old in before.items():
             new = self._buffers[k]

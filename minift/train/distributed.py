@@ -145,25 +145,16 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> nn.Module:
     return model
 
 
-SHARDED_4BIT = ("weight", "absmax")  # a Linear4bit's large buffers (the packed codes, the block scales)
-
-
 def _packed_as_parameters(model: nn.Module) -> None:
-    """Each 4-bit layer's packed weight and block scales become frozen parameters (the uint8 bytes
-    viewed as a 1-byte float, `linear4bit.BYTE_VIEW`, since torch 2.11's FSDP2 cannot make an
-    integer parameter; or fp32 scales without double quantisation), since FSDP2 shards parameters
-    and replicates buffers; a MixedPrecisionPolicy without param_dtype leaves their dtypes alone,
-    the all-gather moves them as bytes. The small tables (code maps, nested scales, offset) stay
-    buffers. Forward and backward read them between FSDP2's unshard and reshard, whole."""
-    from ..quant.linear4bit import BYTE_VIEW, Linear4bit
+    """Each 4-bit layer's packed weight and block scales become frozen parameters
+    (`Linear4bit.hold_packed_as_parameters`), so FSDP2 shards them; a MixedPrecisionPolicy without
+    param_dtype leaves their dtypes alone, the all-gather moves them as bytes. Forward and backward
+    read them between FSDP2's unshard and reshard, whole."""
+    from ..quant.linear4bit import Linear4bit
 
     for mod in model.modules():
         if isinstance(mod, Linear4bit):
-            for name in SHARDED_4BIT:
-                if name in mod._buffers:  # (a second Trainer on the same model finds parameters)
-                    t = mod._buffers.pop(name)
-                    t = t.view(BYTE_VIEW) if t.dtype == torch.uint8 else t
-                    mod.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            mod.hold_packed_as_parameters()
 
 
 def gather_rng(world: World) -> dict[str, torch.Tensor] | None:

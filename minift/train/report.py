@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import TrainConfigError
-from ..quant.linear4bit import BYTE_VIEW
+from ..quant.linear4bit import BYTE_VIEW, PACKED
 
 log = logging.getLogger("minift.train")
 
@@ -70,7 +70,7 @@ def count_parameters(model: nn.Module) -> int:
     (in_features x out_features, not their packed bytes), LoRA adapters included. (Under FSDP2 a
     4-bit layer's packed weight and block scales are parameters: they are not counted as such.)"""
     packed = [m for m in model.modules() if _packed_4bit(m)]
-    skip = {id(getattr(m, k, None)) for m in packed for k in ("weight", "absmax")}
+    skip = {id(getattr(m, k, None)) for m in packed for k in PACKED}
     n = sum(p.numel() for p in model.parameters() if id(p) not in skip)
     return n + sum(m.in_features * m.out_features for m in packed)
 
