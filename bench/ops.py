@@ -14,6 +14,7 @@ allocated before the call, `grads_gib` the part of it that is the returned gradi
   python bench/ops.py --backward          # the norm and activation backward ops alone (GPU time)
   python bench/ops.py --nf4-matmul        # decoding's NF4 matmul vs dequantize_nf4 + F.linear
   python bench/ops.py --nf4-sweep         # every candidate tile config of nf4_matmul on the key shapes
+  python bench/ops.py --nf4-gemv-sweep    # the same for its one-row (decode at batch 1) kernel
 """
 
 from __future__ import annotations
@@ -306,13 +307,16 @@ def _time_each(fn, ws) -> dict:
     return dict(us=round(eager, 2), graph_us=round(graph, 2))
 
 
-def nf4_matmul_bench(bw: float, sweep: bool = False, rows: tuple[int, ...] = (1, 4, 8, 16)) -> None:
+def nf4_matmul_bench(bw: float, sweep: bool = False, rows: tuple[int, ...] = (1, 4, 8, 16),
+                     gemv_sweep: bool = False) -> None:
     """ops.nf4_matmul on each projection of Llama-3.2-1B, Llama-3.1-8B and Gemma-3-4B at M = 1, 4, 8,
     16 rows (bf16), beside dequantize_nf4 + F.linear (what Linear4bit ran before). `gb_s` counts the
     bytes the op must read (packed weight + absmax + nested statistics) over the CUDA-graph time;
     `hbm_frac` is that over the device's nominal HBM bandwidth (the target: >= 0.70 at M = 1 on the
     4096 x 14336 weights), `copy_frac` over the copy bandwidth measured in this run. One row per case,
-    then a per-layer total. `sweep`: instead, every candidate tile config on the key shapes."""
+    then a per-layer total; at M = 1 also the tensor-core kernel (what one row took before the
+    one-row kernel) and bitsandbytes' gemv_4bit. `sweep` / `gemv_sweep`: instead, every candidate
+    tile config of the tensor-core / one-row kernel on the key shapes."""
     import importlib
 
     import torch.nn.functional as F
@@ -324,6 +328,8 @@ def nf4_matmul_bench(bw: float, sweep: bool = False, rows: tuple[int, ...] = (1,
     nominal = next((v for k, v in HBM_TB_S.items() if k in name), None)
     if sweep:
         return _nf4_sweep(nm, bw, nominal)
+    if gemv_sweep:
+        return _nf4_gemv_sweep(nm, bw, nominal)
     for model in ("llama-3.2-1b", "llama-3.1-8b", "gemma-3-4b"):
         totals: dict[int, dict] = {}
         for proj, (n, k) in _nf4_projections(model).items():
@@ -343,6 +349,15 @@ def nf4_matmul_bench(bw: float, sweep: bool = False, rows: tuple[int, ...] = (1,
                            copy_frac=round(gbs * 1e9 / bw, 3), rel_err_vs_dequant_linear=float(f"{err:.2e}"))
                 if nominal:
                     row["hbm_frac"] = round(gbs / (nominal * 1e3), 3)
+                if m == 1:  # the one-row kernel's tiles; the tensor-core kernel on the same row (before it)
+                    row["gemv_config"] = nm._gemv_config(n, k)
+                    nm.GEMV_ROWS = 0
+                    try:
+                        with torch.no_grad():
+                            tc = _time_each(lambda w: mo.nf4_matmul(x, w), ws)
+                    finally:
+                        nm.GEMV_ROWS = 1
+                    row["tensor_core_kernel"] = dict(**tc, gb_s=round(nbytes / (tc["graph_us"] * 1e-6) / 1e9, 1))
                 if m == 1:  # bitsandbytes' CUDA GEMV for one row (what transformers' 4-bit decode runs)
                     import bitsandbytes.functional as bnbf
 
@@ -362,6 +377,41 @@ def nf4_matmul_bench(bw: float, sweep: bool = False, rows: tuple[int, ...] = (1,
                                   dequant_linear_us=round(tot["dequant_linear_us"], 1),
                                   speedup=round(tot["dequant_linear_us"] / tot["nf4_matmul_us"], 2),
                                   gb_s=round(tot["bytes"] / (tot["nf4_matmul_us"] * 1e-6) / 1e9, 1))), flush=True)
+
+
+def _nf4_gemv_sweep(nm, bw: float, nominal: float | None) -> None:
+    """The one-row kernel's candidate tiles (nf4_matmul.GEMV_CONFIG_OVERRIDE) on the decode shapes:
+    a row per (shape, config), then the best per shape beside the rules' choice."""
+    import minift.ops as mo
+
+    cands = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw) for bn in (1, 2, 4, 8) for bk in (1024, 2048) for nw in (4, 8)
+             if bn * bk // (32 * nw) >= 8]
+    for n, k in ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (4096, 14336), (14336, 4096)):
+        ws, nbytes, _ = _nf4_weights(n, k)
+        x = torch.randn(1, k, device="cuda", dtype=DT)
+        best = None
+        for cfg in cands:
+            nm.GEMV_CONFIG_OVERRIDE = cfg
+            try:
+                with torch.no_grad():
+                    t = _time_each(lambda w: mo.nf4_matmul(x, w), ws)
+            except Exception as e:  # a config that does not compile or fit
+                print(json.dumps(dict(kind="nf4_gemv_sweep", N=n, K=k, config=cfg,
+                                      error=f"{type(e).__name__}: {str(e)[:160]}")), flush=True)
+                continue
+            finally:
+                nm.GEMV_CONFIG_OVERRIDE = None
+            gbs = nbytes / (t["graph_us"] * 1e-6) / 1e9
+            row = dict(kind="nf4_gemv_sweep", N=n, K=k, config=cfg, graph_us=t["graph_us"], gb_s=round(gbs, 1),
+                       copy_frac=round(gbs * 1e9 / bw, 3))
+            if nominal:
+                row["hbm_frac"] = round(gbs / (nominal * 1e3), 3)
+            print(json.dumps(row), flush=True)
+            if best is None or t["graph_us"] < best["graph_us"]:
+                best = row
+        print(json.dumps(dict(kind="nf4_gemv_sweep_best", N=n, K=k, best=best, rules=nm._gemv_config(n, k))), flush=True)
+        del ws
+        torch.cuda.empty_cache()
 
 
 def _nf4_sweep(nm, bw: float, nominal: float | None) -> None:
@@ -522,6 +572,7 @@ def main() -> None:
     ap.add_argument("--backward", action="store_true", help="only the norm and activation backward ops")
     ap.add_argument("--nf4-matmul", action="store_true", help="only nf4_matmul vs dequantize_nf4 + F.linear")
     ap.add_argument("--nf4-sweep", action="store_true", help="nf4_matmul's candidate tile configs")
+    ap.add_argument("--nf4-gemv-sweep", action="store_true", help="nf4_matmul's one-row kernel's tile configs")
     ap.add_argument("--nf4-rows", default="1,4,8,16", help="--nf4-matmul's row counts of x")
     ap.add_argument("--gemv", action="store_true", help="only gemv vs F.linear (cuBLAS) at decoding's row counts")
     ap.add_argument("--gemv-sweep", action="store_true", help="gemv's candidate tile configs")
@@ -534,8 +585,9 @@ def main() -> None:
     if a.backward:
         norm_backward(bw)
         return glu_backward(bw)
-    if a.nf4_matmul or a.nf4_sweep:
-        return nf4_matmul_bench(bw, sweep=a.nf4_sweep, rows=tuple(int(r) for r in a.nf4_rows.split(",")))
+    if a.nf4_matmul or a.nf4_sweep or a.nf4_gemv_sweep:
+        return nf4_matmul_bench(bw, sweep=a.nf4_sweep, rows=tuple(int(r) for r in a.nf4_rows.split(",")),
+                                gemv_sweep=a.nf4_gemv_sweep)
     if a.gemv or a.gemv_sweep:
         return gemv_bench(bw, sweep=a.gemv_sweep)
     wanted = set(a.ops.split(",")) if a.ops else None

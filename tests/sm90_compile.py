@@ -103,6 +103,28 @@ def _drive() -> None:
             for act in ("swiglu", "geglu", "geglu_tanh"):
                 projs = ((nf4, rnd(4, 64), rnd(96, 4)), (wt, None, None), (down, rnd(4, 96), rnd(64, 4)))
                 back(ops.lora_mlp(rnd(3, 64, dtype=dt), *projs, activation=act))
+    # Decoding's kernels (one row of x, no gradient): the GEMVs with and without the fused norm,
+    # residual and bias, even and ragged K / N; the NF4 GEMV at one and several rows, split K.
+    with torch.no_grad():
+        for dt in (torch.bfloat16, torch.float16, torch.float32):
+            for n, k in ((96, 64), (64, 2048), (4160, 64), (32, 2560), (100, 200)):  # each tile rule; small
+                x, ws = rnd(1, k, dtype=dt), [rnd(n, k, dtype=dt), rnd(n // 2, k, dtype=dt), rnd(n // 2, k, dtype=dt)]
+                nw = rnd(k, dtype=dt)
+                ops.gemv(x, ws[0], residual=rnd(1, n, dtype=dt))
+                ops.gemv(x, ws[0], rnd(n, dtype=dt))
+                ops.gemv_cat(x, ws, norm_weight=nw, eps=1e-6, norm_offset=1.0)
+                ops.gemv_cat(x, ws, [rnd(w.shape[0], dtype=dt) for w in ws])
+                for act in ("silu", "gelu_tanh"):
+                    ops.gemv_glu(x, ws[1], ws[2], act, norm_weight=nw)
+                    ops.gemv_glu(x, ws[1], ws[2], act)
+        for dt in (torch.bfloat16, torch.float32):
+            for nested in (True, False):
+                for n, k in ((256, 4096), (64, 1024), (96, 320)):  # split K 8, 2, 1
+                    data, qs = bnbf.quantize_4bit(torch.randn(n, k, generator=g).to(dt), blocksize=64,
+                                                  quant_type="nf4", compress_statistics=nested)
+                    nf4 = NF4Weight.from_bnb(data, qs)
+                    for rows in (1, 5, 20):
+                        ops.nf4_matmul(rnd(rows, k, dtype=dt), nf4, rnd(n, dtype=dt) if rows == 5 else None)
 
 
 def record(path: str) -> None:

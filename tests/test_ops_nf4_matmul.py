@@ -30,6 +30,9 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # Kernel paths the default rules may not pick for small test shapes: split K (ticket reduction),
 # batched K slices (S > 1), narrow K slices.
 CONFIGS = [None, dict(SPLIT=3), dict(S=2, BLOCK_N=32, num_warps=2), dict(BLOCK_N=16, S=4, KS=128, SPLIT=2, num_warps=4)]
+# The one-row kernel's tiles: the rules, one row a program, a K tile narrower than K (several
+# iterations, a masked tail), wide programs; None: one row takes the tensor-core kernel instead.
+GEMV_CONFIGS = [{}, dict(BLOCK_N=1, BLOCK_K=256, num_warps=1), dict(BLOCK_N=8, BLOCK_K=512, num_warps=4), None]
 
 
 def quantize(n: int, k: int, dtype: torch.dtype, nested: bool, device: str, seed: int = 0, blocksize: int = 64):
@@ -45,14 +48,17 @@ def ref64(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> torch.Ten
     return y if bias is None else y + bias.to(x.dtype).double()
 
 
-def run(x, w, bias=None, cfg=None, backend="triton"):
-    old = nm.CONFIG_OVERRIDE
+def run(x, w, bias=None, cfg=None, backend="triton", gemv_cfg=None):
+    """The op with `cfg` as the tensor-core kernel's override and `gemv_cfg` the one-row kernel's
+    (None: one row takes the tensor-core kernel)."""
+    old = nm.CONFIG_OVERRIDE, nm.GEMV_CONFIG_OVERRIDE, nm.GEMV_ROWS
     nm.CONFIG_OVERRIDE = cfg
+    nm.GEMV_CONFIG_OVERRIDE, nm.GEMV_ROWS = (None, 0) if gemv_cfg is None and cfg is not None else (gemv_cfg, 1)
     try:
         with ops.backend(backend):
             return ops.nf4_matmul(x, w, bias)
     finally:
-        nm.CONFIG_OVERRIDE = old
+        nm.CONFIG_OVERRIDE, nm.GEMV_CONFIG_OVERRIDE, nm.GEMV_ROWS = old
 
 
 def spy(name):
@@ -71,19 +77,23 @@ def spy(name):
     has_bias=st.booleans(),
     layout=st.sampled_from(["contiguous", "strided", "sliced", "expanded", "batched"]),
     cfg=st.sampled_from(CONFIGS),
+    gemv_cfg=st.sampled_from(GEMV_CONFIGS),
     seed=st.integers(0, 2**16),
 )
-def test_matches_float64_reference(device, m, n, k64, dtype, w_dtype, nested, has_bias, layout, cfg, seed):
+def test_matches_float64_reference(device, m, n, k64, dtype, w_dtype, nested, has_bias, layout, cfg, gemv_cfg, seed):
     k = 64 * k64
     w = quantize(n, k, w_dtype or dtype, nested, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     x = make_x(m, k, dtype, layout, device, gen)
     bias = torch.randn(n, generator=gen).to(dtype).to(device) if has_bias else None
-    with spy("_launch") as launched:
-        y = run(x, w, bias, cfg)
+    if gemv_cfg is None:
+        cfg = cfg or dict(SPLIT=1)  # one row through the tensor-core kernel
+    with spy("_launch") as launched, spy("_launch_gemv") as one_row:
+        y = run(x, w, bias, cfg, gemv_cfg=gemv_cfg)
     assert launched.call_count == 1
+    assert one_row.call_count == (x.numel() == k and gemv_cfg is not None)
     assert y.dtype == dtype and y.shape == (*x.shape[:-1], n)
-    assert_no_worse(y, ref.nf4_matmul(x, w, bias), ref64(x, w, bias), dtype, f"nf4_matmul {layout} {cfg}",
+    assert_no_worse(y, ref.nf4_matmul(x, w, bias), ref64(x, w, bias), dtype, f"nf4_matmul {layout} {cfg} {gemv_cfg}",
                     factor=max(1.0, (32 / y.numel()) ** 0.5))
 
 
@@ -94,7 +104,7 @@ def test_matches_float64_reference(device, m, n, k64, dtype, w_dtype, nested, ha
 def test_weight_dequantised_exactly(device, dtype, w_dtype, nested, blocksize):
     """x = rows of the identity: y = W^T exactly, so the kernel's in-register dequantisation (nested
     absmax, rounding to w.dtype then x's dtype) is dequantize_nf4's bit for bit; 64 rows take
-    two x-row tiles of 32."""
+    two x-row tiles of 32; single rows take the one-row kernel (K in one tile and in two)."""
     n, k = 70, 256
     w = quantize(n, k, w_dtype or dtype, nested, device, seed=blocksize, blocksize=blocksize)
     want = ref.dequantize_nf4(w).to(dtype).T
@@ -102,6 +112,9 @@ def test_weight_dequantised_exactly(device, dtype, w_dtype, nested, blocksize):
     for cfg in (None, dict(SPLIT=2, S=2, BLOCK_N=32, num_warps=2)):
         got = torch.cat([run(eye[i:i + 64], w, cfg=cfg) for i in range(0, k, 64)])
         assert torch.equal(got, want), cfg
+    for gemv_cfg in ({}, dict(BLOCK_K=128 if blocksize <= 64 else 256)):
+        for i in (0, 1, 62, 63, 64, 129, k - 1):
+            assert torch.equal(run(eye[i:i + 1], w, gemv_cfg=gemv_cfg), want[i:i + 1]), (i, gemv_cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)

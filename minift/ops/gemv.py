@@ -60,32 +60,43 @@ if HAS_TRITON:
         return 1.0 / tl.sqrt(tl.sum(ssq, axis=0) / K + eps)
 
     @triton.jit
-    def _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NORM: tl.constexpr):
-        """float32 (BLOCK_N,) = W[rn, :] @ x, x first RMS-normalised (NORM: x * rstd * (offset + nw),
-        rounded to x's dtype as the separate norm op's output is)."""
-        rk = tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * sw + rk[None, :]
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                if EVEN_N:
-                    w = tl.load(w_ptrs, eviction_policy="evict_first")
-                else:
-                    w = tl.load(w_ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptr + k0 + rk)
-                if NORM:
-                    nw = tl.load(nw_ptr + k0 + rk)
+    def _w_tile(w_ptr, sw, rn, nmask, k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        """W[rn, k0:k0 + BLOCK_K], read once (`evict_first`); masked rows and columns read 0."""
+        rk = k0 + tl.arange(0, BLOCK_K)
+        ptrs = w_ptr + rn[:, None].to(tl.int64) * sw + rk[None, :]
+        if EVEN_K:
+            if EVEN_N:
+                return tl.load(ptrs, eviction_policy="evict_first")
             else:
-                kmask = (k0 + rk) < K
-                w = tl.load(w_ptrs, mask=nmask[:, None] & kmask[None, :], other=0.0, eviction_policy="evict_first")
-                x = tl.load(x_ptr + k0 + rk, mask=kmask, other=0.0)
-                if NORM:
-                    nw = tl.load(nw_ptr + k0 + rk, mask=kmask, other=0.0)
+                return tl.load(ptrs, mask=nmask[:, None], other=0.0, eviction_policy="evict_first")
+        else:
+            return tl.load(ptrs, mask=nmask[:, None] & (rk < K)[None, :], other=0.0, eviction_policy="evict_first")
+
+    @triton.jit
+    def _tile_dot(w, x_ptr, k0, K, nw_ptr, rstd, offset, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  NORM: tl.constexpr):
+        """float32 (BLOCK_N,) = w @ x[k0:k0 + BLOCK_K], x first RMS-normalised (NORM: x * rstd * (offset +
+        nw), rounded to x's dtype as the separate norm op's output is)."""
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            x = tl.load(x_ptr + rk)
             if NORM:
-                x = (x.to(tl.float32) * rstd * (offset + nw.to(tl.float32))).to(x.dtype)
-            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-            w_ptrs += BLOCK_K
+                nw = tl.load(nw_ptr + rk)
+        else:
+            x = tl.load(x_ptr + rk, mask=rk < K, other=0.0)
+            if NORM:
+                nw = tl.load(nw_ptr + rk, mask=rk < K, other=0.0)
+        if NORM:
+            x = (x.to(tl.float32) * rstd * (offset + nw.to(tl.float32))).to(x.dtype)
+        return tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+
+    @triton.jit
+    def _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, nw_ptr, rstd, offset, acc, k_start, BLOCK_K: tl.constexpr,
+                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, NORM: tl.constexpr):
+        """acc + W[rn, k_start:] @ x[k_start:] in float32, a (BLOCK_N, BLOCK_K) tile an iteration."""
+        for k0 in range(k_start, K, BLOCK_K):
+            w = _w_tile(w_ptr, sw, rn, nmask, k0, K, BLOCK_K, EVEN_K, EVEN_N)
+            acc += _tile_dot(w, x_ptr, k0, K, nw_ptr, rstd, offset, BLOCK_K, EVEN_K, NORM)
         return acc
 
     @triton.jit
@@ -96,32 +107,49 @@ if HAS_TRITON:
     ):
         pid = tl.program_id(0)
         odt = out_ptr.dtype.element_ty
-        if NORM:  # every program: x is 2-16 KB, read from L2
-            rstd = _rstd(x_ptr, K, eps, BLOCK_K)
-        else:
-            rstd = 1.0
         if GLU:  # gate (w0) and up (w1) rows together, act(gate) * up out
             rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             nmask = rn < N0
-            g = _dot_rows(x_ptr, w0, sw0, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, NORM)
-            u = _dot_rows(x_ptr, w1, sw1, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N, NORM)
+            wa, swa, wb, swb = w0, sw0, w1, sw1
+        else:  # segment s of [W0 | W1 | W2]: NB0, NB1 programs for the first two
+            if pid < NB0:
+                wa, swa, b_ptr, n, r0, col = w0, sw0, b0, N0, pid * BLOCK_N, N0 * 0
+            elif pid < NB0 + NB1:
+                wa, swa, b_ptr, n, r0, col = w1, sw1, b1, N1, (pid - NB0) * BLOCK_N, N0
+            else:
+                wa, swa, b_ptr, n, r0, col = w2, sw2, b2, N2, (pid - NB0 - NB1) * BLOCK_N, N0 + N1
+            rn = r0 + tl.arange(0, BLOCK_N)
+            nmask = rn < n
+        acc_a = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc_b = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if NORM:
+            # The first tile's weights are requested before the norm's statistic (a loop over x, 2-16 KB
+            # from L2, in every program), so their latency hides behind it instead of after it.
+            ta = _w_tile(wa, swa, rn, nmask, 0, K, BLOCK_K, EVEN_K, EVEN_N)
+            if GLU:
+                tb = _w_tile(wb, swb, rn, nmask, 0, K, BLOCK_K, EVEN_K, EVEN_N)
+            rstd = _rstd(x_ptr, K, eps, BLOCK_K)
+            acc_a += _tile_dot(ta, x_ptr, 0, K, nw_ptr, rstd, offset, BLOCK_K, EVEN_K, NORM)
+            if GLU:
+                acc_b += _tile_dot(tb, x_ptr, 0, K, nw_ptr, rstd, offset, BLOCK_K, EVEN_K, NORM)
+            k_start = BLOCK_K
+        else:
+            rstd = 1.0
+            k_start = 0
+        acc_a = _dot_rows(x_ptr, wa, swa, rn, nmask, K, nw_ptr, rstd, offset, acc_a, k_start, BLOCK_K, EVEN_K,
+                          EVEN_N, NORM)
+        if GLU:
+            g = acc_a
+            u = _dot_rows(x_ptr, wb, swb, rn, nmask, K, nw_ptr, rstd, offset, acc_b, k_start, BLOCK_K, EVEN_K,
+                          EVEN_N, NORM)
             if HAS_BIAS:
                 g += tl.load(b0 + rn, mask=nmask, other=0.0).to(tl.float32)
                 u += tl.load(b1 + rn, mask=nmask, other=0.0).to(tl.float32)
             g = g.to(odt).to(tl.float32)  # each projection rounded, as the separate modules
             u = u.to(odt).to(tl.float32)
             tl.store(out_ptr + rn, (_act_fwd(g, ACT) * u).to(odt), mask=nmask)
-        else:  # segment s of [W0 | W1 | W2]: NB0, NB1 programs for the first two
-            if pid < NB0:
-                w_ptr, b_ptr, sw, n, r0, col = w0, b0, sw0, N0, pid * BLOCK_N, N0 * 0
-            elif pid < NB0 + NB1:
-                w_ptr, b_ptr, sw, n, r0, col = w1, b1, sw1, N1, (pid - NB0) * BLOCK_N, N0
-            else:
-                w_ptr, b_ptr, sw, n, r0, col = w2, b2, sw2, N2, (pid - NB0 - NB1) * BLOCK_N, N0 + N1
-            rn = r0 + tl.arange(0, BLOCK_N)
-            nmask = rn < n
-            acc = _dot_rows(x_ptr, w_ptr, sw, rn, nmask, K, nw_ptr, rstd, offset, BLOCK_N, BLOCK_K, EVEN_K, EVEN_N,
-                            NORM)
+        else:
+            acc = acc_a
             if HAS_BIAS:
                 acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)
             if RESID:  # the projection rounded, then the residual added and rounded, as `x + proj(a)`

@@ -33,6 +33,15 @@ Kernel (one program: BLOCK_N rows of W x up to BLOCK_M rows of x x one K range):
   * S > 1 (an alternative kept for the sweep): the K range is also split across warps inside the
     program, as a batched dot (mma.sync); it measured ~30% more instructions a weight than wgmma.
 
+One row (decoding at batch 1, `GEMV_ROWS`): padding x to 16 rows wastes nothing on a memory-bound
+op, but the tensor-core kernel measured 6-12% of the H200's HBM rate at M = 1 (bench/RESULTS.md):
+64-row tiles leave few programs, each a long serial chain of loads, shuffles and MMAs, plus the
+split-K tail. `_nf4_gemv_kernel` is the 16-bit GEMV's shape instead (`ops.gemv`, 65-87% of HBM):
+many small programs (2-4 rows of W, all of K, 16 packed bytes a thread an iteration), each weight
+dequantised exactly as above and multiplied by x in float32 FMAs, summed in registers, no split,
+no atomics. `_gemv_config` holds its tiles, `GEMV_CONFIG_OVERRIDE` replaces them
+(`bench/ops.py --nf4-gemv-sweep`).
+
 Tile rules (`_config`): BLOCK_N = 64, S = 1, KS = 256 weights an iteration (128 bytes, one 128-byte
 line, of each row), 4 warps, 3 stages; SPLIT = the largest split that keeps the grid within one wave
 of 2 programs an SM (the tile's occupancy), at most 16 and leaving >= 2 iterations a split
@@ -69,6 +78,8 @@ BLOCK_M = 16  # x rows a program takes at least: the MMA's smallest side; x is p
 # Beyond this many rows of x the op dequantises and runs a GEMM: the kernel dequantises W again for
 # every 32 rows of x, and from a few dozen rows on cuBLAS on a dequantised weight wins.
 MAX_ROWS = 64
+# Rows of x the one-row kernel takes (0: the tensor-core kernel takes them too, for the bench).
+GEMV_ROWS = 1
 _KS = 256  # weights a K slice covers per iteration (128 bytes of a row)
 
 if HAS_TRITON:
@@ -261,6 +272,74 @@ if HAS_TRITON:
                 tl.atomic_xchg(ticket_ptr + tile, 0)  # ready for the next call
 
 
+    @triton.jit
+    def _nf4_gemv_kernel(
+        x_ptr, data_ptr, absmax_ptr, code_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, bias_ptr, out_ptr,
+        N, K, half_k, blocks_per_row,
+        BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, W_DT: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BF16_BITS: tl.constexpr,
+    ):
+        """One row of x: BLOCK_N rows of W a program, all of K, float32 FMAs on the CUDA cores (module
+        docstring, "One row")."""
+        GW: tl.constexpr = 64 if BS >= 64 else BS
+        GB: tl.constexpr = GW // 2
+        NG: tl.constexpr = BLOCK_K // GW
+        WD: tl.constexpr = tl.float32 if W_DT == 0 else (tl.bfloat16 if W_DT == 1 else tl.float16)
+        XD: tl.constexpr = x_ptr.dtype.element_ty
+        SHFL: tl.constexpr = not _INTERP
+        RNE_BY_HAND: tl.constexpr = _INTERP
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rmask = rows < N
+        rows = tl.where(rmask, rows, 0).to(tl.int64)  # rows past N read row 0; their results are dropped
+        g = tl.arange(0, NG)
+        i = tl.arange(0, GB)
+        kk = tl.arange(0, BLOCK_K)
+        row_byte = rows * half_k
+        row_blk = rows * blocks_per_row
+        if NESTED:
+            off = tl.load(offset_ptr)
+        if SHFL:
+            creg = _lane_code(code_ptr)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kg = k0 + g * GW  # (NG,): first k of each scale group
+            bidx = row_blk[:, None] + (kg // BS)[None, :]  # (BLOCK_N, NG)
+            byte = row_byte[:, None, None] + (kg // 2)[None, :, None] + i[None, None, :]
+            if EVEN_K:
+                if NESTED:
+                    q = tl.load(absmax_ptr + bidx).to(tl.int32)
+                    s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS) + off
+                else:
+                    s = tl.load(absmax_ptr + bidx)
+                b = tl.load(data_ptr + byte, eviction_policy="evict_first")
+                xx = tl.load(x_ptr + k0 + kk)
+            else:
+                gm = (kg < K)[None, :]
+                if NESTED:
+                    q = tl.load(absmax_ptr + bidx, mask=gm, other=0).to(tl.int32)
+                    s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS, mask=gm, other=0.0) + off
+                else:
+                    s = tl.load(absmax_ptr + bidx, mask=gm, other=0.0)
+                s = tl.where(gm, s, 0.0)  # groups past K: weights 0 (x is 0 there too)
+                b = tl.load(data_ptr + byte, mask=gm[:, :, None], other=0, eviction_policy="evict_first")
+                xx = tl.load(x_ptr + k0 + kk, mask=(k0 + kk) < K, other=0.0)
+            if SHFL:
+                hi, lo = _lookup_shfl(b, creg)
+            else:
+                hi = tl.load(code_ptr + (b >> 4).to(tl.int32))
+                lo = tl.load(code_ptr + (b & 15).to(tl.int32))
+            sc = s[:, :, None]
+            hi = _round_to(_round_to(hi * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+            lo = _round_to(_round_to(lo * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+            w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))  # high nibble first: the earlier k
+            # an explicit FMA: the launch turns contraction off (the nested scale rounds twice)
+            acc = tl.fma(w, xx.to(tl.float32)[None, :], acc)
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:  # rounded to x's dtype first, as F.linear's bias is
+            y += _round_to(tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+        store_cast(out_ptr, rows, y, rmask, BF16_BITS)
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -332,6 +411,36 @@ def _kernel_ok(x: torch.Tensor, meta: list[int]) -> bool:
     return meta[4] % meta[0] == 0 and 0 < m <= MAX_ROWS
 
 
+def _gemv_config(n: int, k: int) -> dict:
+    """The one-row kernel's tiles: all of K up to 2048 weights an iteration (1 KB of a row), 2 rows a
+    program up to N = 4096 and 4 beyond (as the 16-bit GEMV's H200 sweep chose: many small programs
+    keep the most loads in flight), 32 weights a thread (16 packed bytes, one vector load).
+    `GEMV_CONFIG_OVERRIDE` replaces them (the bench sweep's hook)."""
+    bk = max(256, min(2048, triton.next_power_of_2(k)))
+    bn = 2 if n <= 4096 else 4
+    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=max(1, min(8, bn * bk // 1024)), num_stages=1)
+    if GEMV_CONFIG_OVERRIDE:
+        cfg.update(GEMV_CONFIG_OVERRIDE)
+    return cfg
+
+
+GEMV_CONFIG_OVERRIDE: dict | None = None  # e.g. dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)
+
+
+def _launch_gemv(x2: torch.Tensor, data, absmax, code, nabsmax, ncode, offset, meta: list[int], nested: bool,
+                 bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    n, k = meta[3], meta[4]
+    cfg = _gemv_config(n, k)
+    _nf4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+        x2, data, absmax, code, nabsmax, ncode, offset, bias if bias is not None else code, out_arg(out),
+        n, k, k // 2, k // meta[0],
+        BS=meta[0], NBS=meta[1] or 1, NESTED=nested, HAS_BIAS=bias is not None, W_DT=meta[2],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, BF16_BITS=bf16_bits(out),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        enable_fp_fusion=False,  # nested `code * absmax + offset` rounds twice, as bitsandbytes does
+    )
+
+
 def _launch(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int], bias: torch.Tensor | None) -> torch.Tensor:
     blocksize, nested_bs = meta[0], meta[1]
     n, k = meta[3], meta[4]
@@ -342,6 +451,9 @@ def _launch(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int], bias: torc
     c = lambda t: t if t.is_contiguous() else t.contiguous()  # noqa: E731
     data, absmax, code = c(ts[0]), c(ts[1]), c(ts[2])
     nabsmax, ncode, offset = (c(t) for t in ts[3:]) if nested else (code, code, code)
+    if m <= GEMV_ROWS:
+        _launch_gemv(c(x2), data, absmax, code, nabsmax, ncode, offset, meta, nested, bias, out)
+        return out.view(*x.shape[:-1], n)
     cfg = _config(m, n, k, x.device, x.dtype)
     bm = _block_m(m, x.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, bm), cfg["SPLIT"])
