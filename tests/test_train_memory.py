@@ -197,3 +197,113 @@ def test_peak_stays_within_the_budget(tmp_path, budget_gb):
     tr.train()
     assert tr.memory_plan is not None
     assert torch.cuda.max_memory_allocated() <= budget_gb * memory.GIB, tr.memory_plan.describe()
+
+
+@pytest.mark.parametrize("ckpt", [False, True, "offload"])
+def test_chunked_mlp_is_the_same_function(deep, ckpt):
+    """Long context: each MLP over 5 tokens at a time (48 tokens: 10 chunks, the last short), each chunk
+    recomputed in the backward, gives the unchunked loss and gradients (fp32; the GEMMs over fewer
+    rows may round differently in the last bits)."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (2, 24))
+    results = []
+    for chunk in (None, 5):
+        model, _ = lora_model(deep)
+        model.train()
+        model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = ckpt, chunk
+        calls = []
+        model.model.layers[1].mlp.gate_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        if chunk:  # the forward + each chunk's recompute (+ the layer's, which may stop early), 5 rows at a time
+            assert set(calls) == {5, 48 % 5} and len(calls) >= 20
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+
+
+def test_chunked_mlp_recompute_replays_dropout(deep):
+    """With LoRA dropout, the chunks' recomputes (inside a checkpointed layer's recompute) draw the
+    same masks as the forward: checkpointed and plain runs of the chunked model agree exactly."""
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for ckpt in (False, True):
+        model, _ = minift.load(deep)
+        minift.add_lora(model, r=4, alpha=8, dropout=0.3, seed=1)
+        model.train()
+        model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = ckpt, 7
+        torch.manual_seed(5)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=0, atol=0)
+
+
+def test_chunked_mlp_estimate_and_plan(deep):
+    """Chunking drops the intermediate-sized activations to one chunk's; the planner takes it only
+    once offloaded checkpoints do not fit, and only for batches longer than a chunk."""
+    model, _ = lora_model(deep)
+    cfg = model.config
+    kw = dict(batch=2, seq=8192)
+    n = 2 * 8192
+    est = lambda **k: memory.estimate(model, **kw, **k)  # noqa: E731
+    plain, chunked = est(checkpointing="offload"), est(checkpointing="offload", mlp_chunk=memory.MLP_CHUNK)
+    assert plain["one_layer"] - chunked["one_layer"] == (n - memory.MLP_CHUNK) * 5 * cfg.intermediate_size * 2
+    room = lambda b: int(b / (1 - memory.PLAN_MARGIN)) + 2  # noqa: E731
+    p = memory.plan(model, budget_bytes=room(plain["total"]), **kw)
+    assert (p.checkpointing, p.mlp_chunk_tokens, p.fits) == ("offload", None, True)
+    p = memory.plan(model, budget_bytes=room(chunked["total"]), **kw)
+    assert (p.checkpointing, p.mlp_chunk_tokens, p.fits) == ("offload", memory.MLP_CHUNK, True)
+    assert p.estimate == chunked["total"] and "chunks of 8192 tokens" in p.describe()
+    assert memory.plan(model, budget_bytes=1, batch=1, seq=8192).mlp_chunk_tokens is None  # one chunk: no gain
+
+
+def test_trainer_mlp_chunk_tokens(deep, tmp_path):
+    """TrainConfig(mlp_chunk_tokens=...) is set on the model while it trains (and restored), and
+    trains as the unchunked run does."""
+    rows = text_rows(8, seed=3)
+    losses = {}
+    for chunk in (None, 6):
+        model, tok = lora_model(deep)
+        seen = []
+        model.model.layers[0].register_forward_pre_hook(lambda m, a: seen.append(model.model.mlp_chunk_tokens))
+        tr = Trainer(model, tok, rows, config=TrainConfig(output_dir=str(tmp_path / str(chunk)), max_steps=3,
+                                                          batch_size=2, progress_bar=False, plot=False, seed=4,
+                                                          mlp_chunk_tokens=chunk))
+        losses[chunk] = tr.train().losses
+        assert seen and set(seen) == {chunk}
+        assert model.model.mlp_chunk_tokens is None
+    assert losses[6] == pytest.approx(losses[None], rel=1e-6)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(TrainConfigError, match="mlp_chunk_tokens"):
+            TrainConfig(mlp_chunk_tokens=bad).validate()
+
+
+def test_chunked_mlp_inside_compiled_layers(deep):
+    """The Trainer compiles each decoder layer: the chunk loop runs eagerly inside it (a graph break,
+    not a graph per length), with the same loss and gradients as the eager model."""
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
+    results = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, _ = lora_model(deep)
+        model.train()
+        model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = True, 16
+        if compiled:
+            for layer in model.model.layers:
+                layer.compile(dynamic=True)
+        losses = []
+        for n in (24, 20):  # a second length: no recompile of the chunk loop
+            out = model(ids[:, :n], labels=ids[:, :n])
+            out.loss.backward()
+            losses.append(out.loss.detach())
+        results.append((losses, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
+    for k in g0:
+        torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)

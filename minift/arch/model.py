@@ -120,17 +120,37 @@ class MLP(nn.Module):
         self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
+        # Long context (TextModel.mlp_chunk_tokens): with gradients on, the MLP runs over this many
+        # tokens at a time, each chunk checkpointed, so its intermediate-sized activations (gate, up,
+        # the product and their gradients: 5 x intermediate_size a token, ~60% of a Llama layer's)
+        # exist for one chunk instead of the whole sequence. Costs one more MLP forward.
+        self.chunk_tokens: int | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj, self.up_proj
         if _fusable(x, [gate, up]):  # decoding: gate, up and the activation in one launch
             return self.down_proj(ops.gemv_glu(x, gate.weight, up.weight, _glu(self.act), [gate.bias, up.bias]))
-        return self.down_proj(self.activation(gate(x), up(x)))
+        if self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]:
+            return _chunked(self._project, x, self.chunk_tokens)
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
 
     def activation(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         name = _glu(self.act)
         if name == "silu":
             return ops.swiglu(gate, up)
         return ops.geglu(gate, up, "tanh" if name == "gelu_tanh" else "none")
+
+
+@torch.compiler.disable  # a loop over a dynamic token count: eager (the GEMMs dominate), not a graph a length
+def _chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """fn over x's tokens `chunk` at a time, each chunk checkpointed (only its input, a view of x, is
+    kept for the backward): the same values as fn(x) for a token-wise fn."""
+    flat = x.reshape(-1, x.shape[-1])
+    outs = [checkpoint(fn, flat[i:i + chunk], use_reentrant=False) for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(outs).view(*x.shape[:-1], -1)
 
 
 class DecoderLayer(nn.Module):
@@ -225,6 +245,17 @@ class TextModel(nn.Module):
         # and backward: a third of the first step's compile time on CPU); the added work is layer 0's
         # input gradient through q/k/v, ~0.1% of a step.
         self.input_requires_grad = False
+
+    @property
+    def mlp_chunk_tokens(self) -> int | None:
+        """Tokens each decoder layer's MLP takes at a time when gradients are on (MLP.chunk_tokens;
+        None: all at once): the long-context setting of a memory plan or TrainConfig."""
+        return self.layers[0].mlp.chunk_tokens if len(self.layers) else None
+
+    @mlp_chunk_tokens.setter
+    def mlp_chunk_tokens(self, tokens: int | None) -> None:
+        for layer in self.layers:
+            layer.mlp.chunk_tokens = tokens
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

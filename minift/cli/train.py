@@ -98,6 +98,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
          "fitting --memory_budget_gb or the GPU)")
     _add(g, "memory_budget_gb", None, "with --use_gradient_checkpointing auto: the peak GPU memory to plan for "
                                       "(GiB; default: what the GPU has)", type=float)
+    _add(g, "mlp_chunk_tokens", None, "long context: each MLP over this many tokens at a time, each chunk "
+                                      "recomputed in the backward (default: off, or 8192 when an auto plan needs it)",
+         type=int)
     _add(g, "random_state", 3407, "seed of the adapters' initialisation", type=int)
     _add(g, "use_rslora", False, "rank-stabilised LoRA", flag=True)
     _add(g, "loftq_config", None, "LoftQ initialisation: not implemented in minift (refused)")
@@ -342,6 +345,8 @@ def check(v: dict[str, Any], given: set[str]) -> dict[str, Any]:
             raise UsageError("--memory_budget_gb", f"must be > 0 GiB, got {budget!r}")
         if d["checkpointing"] != "auto":
             raise UsageError("--memory_budget_gb", "is the budget of --use_gradient_checkpointing auto; set that too")
+    if v["mlp_chunk_tokens"] is not None and v["mlp_chunk_tokens"] < 1:
+        raise UsageError("--mlp_chunk_tokens", f"must be a number of tokens >= 1, got {v['mlp_chunk_tokens']!r}")
     key = str(v["optim"]).strip().lower()
     if key not in OPTIMS:
         raise UsageError("--optim", f"{v['optim']!r} is not supported; supported: {', '.join(OPTIMS)}")
@@ -554,6 +559,7 @@ def _train_config(v: dict[str, Any], d: dict[str, Any]) -> Any:
         max_seq_length=v["max_seq_length"], packing=bool(v["packing"]),
         train_on_responses_only=bool(v["train_on_responses_only"]), gradient_checkpointing=d["checkpointing"],
         memory_budget_gb=None if v["memory_budget_gb"] is None else float(v["memory_budget_gb"]),
+        mlp_chunk_tokens=v["mlp_chunk_tokens"],
         seed=v["seed"], logging_steps=v["logging_steps"], logging_first_step=True, report_to=d["report_to"],
         logging_dir=v["logging_dir"], run_name=v["run_name"], peak_tflops=v["peak_tflops"],
         eval_steps=v["eval_steps"], save_steps=v["save_steps"], save_total_limit=v["save_total_limit"],

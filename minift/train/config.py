@@ -73,6 +73,11 @@ class TrainConfig:
     memory_budget_gb: float | None = None
     """With gradient_checkpointing="auto": the peak GPU memory (GiB, as torch.cuda.max_memory_allocated
     counts it) the plan must fit in, 10% of it kept as margin. None: what the GPU has (free + held)."""
+    mlp_chunk_tokens: int | None = None
+    """Long context: each decoder layer's MLP runs over this many tokens at a time, each chunk
+    checkpointed, so its intermediate-sized activations (~60% of a Llama layer's) exist for one chunk
+    instead of the whole batch; costs one more MLP forward a step. None: off, unless
+    gradient_checkpointing="auto" finds that even offloaded checkpoints do not fit (then 8192)."""
     merge_micro_batches: bool | str = "auto"
     """Run the grad_accum micro-batches of an optimizer step as one forward and backward over all
     their rows (padded to the longest): the same gradient (the loss is normalised by the step's
@@ -184,6 +189,9 @@ class TrainConfig:
             bad("distributed", 'must be "auto", "ddp", "fsdp" or None')
         if self.gradient_checkpointing not in (False, True, "offload", "auto"):
             bad("gradient_checkpointing", 'must be False, True, "offload" or "auto"')
+        m = self.mlp_chunk_tokens
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            bad("mlp_chunk_tokens", f"must be None or a number of tokens >= 1, got {m!r}")
         if self.merge_micro_batches not in (False, True, "auto"):
             bad("merge_micro_batches", 'must be False, True or "auto"')
         if self.memory_budget_gb is not None:

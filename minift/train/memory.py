@@ -15,7 +15,9 @@ Hq = heads * head_dim, KV = kv_heads * head_dim, V vocabulary, s = 2 (16-bit com
                inputs go to CPU and ~2 layers' stay on the device, 2 * N * H * s
   one layer    the activations a decoder layer's recomputed forward saves plus its backward's
                transient gradients: N * (8H + 2Hq + 3KV + 5I) * s (counted once when k = L: the
-               layer being recomputed; within the L - k term otherwise)
+               layer being recomputed; within the L - k term otherwise). With the MLP in chunks of
+               C tokens (long context, TextModel.mlp_chunk_tokens) the 5I part is min(N, C) * 5I * s,
+               once: each layer keeps N * (8H + 2Hq + 3KV) * s
   logits       linear_cross_entropy's one token chunk of logits: min(N, 256 MiB / (V * s)) * V * s,
                plus the final norm's input / output and the hidden gradient, 3 * N * H * s
   4-bit        NF4 only: one linear dequantised in the forward and one in the backward, 2 * max(in*out) * s
@@ -57,6 +59,9 @@ CHUNK_BYTES = 256 << 20  # minift.ops._ce_common.CHUNK_BYTES
 # What the planner keeps free of its budget: the estimate's error (within ~1-2% where measured, up
 # to 10% allowed by the tests) and the allocator's fragmentation.
 PLAN_MARGIN = 0.10
+# Tokens an MLP takes at a time in a long-context plan: GEMMs of 8192 rows still run at full speed,
+# and Llama-3.1-8B's 5 intermediate-sized activations of a chunk are 1.1 GiB.
+MLP_CHUNK = 8192
 
 
 def adapter_bytes(trainable: int, optim: str = "adamw") -> int:
@@ -67,26 +72,30 @@ def adapter_bytes(trainable: int, optim: str = "adamw") -> int:
 def activation_bytes(text: Any, vision: Any = None, *, batch: int, seq: int, checkpointing: bool | str = True,
                      checkpoint_layers: int | None = None, images: int = 1, vision_lora: bool = True,
                      max_linear: int = 0, four_bit: bool = False, vision_per_image: bool = True,
-                     vision_offload: bool = True) -> dict[str, float]:
+                     vision_offload: bool = True, mlp_chunk: int | None = None) -> dict[str, float]:
     """Every term but the weights and adapters (module docstring), from the decoder's config `text`
     (and the vision tower's `vision`): checkpointed inputs, one layer, logits chunk, the dequantised
     NF4 weight (`max_linear` = the largest in * out), pixel values, vision activations and backward
     (`vision_per_image`: the checkpointed tower runs one image at a time, as the Trainer has it
     except under FSDP2; `vision_offload=False`: its saved inputs stay on the device, as in a loop
-    without the Trainer's offloading hooks)."""
+    without the Trainer's offloading hooks; `mlp_chunk`: TextModel.mlp_chunk_tokens)."""
     s, n = 2, batch * seq
     H, I, L, V = text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size
     Hq, KV = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
-    one = n * (8 * H + 2 * Hq + 3 * KV + 5 * I) * s
+    if mlp_chunk:  # each MLP keeps only its input; one chunk's 5 I a token exist at a time
+        kept, transient = n * (8 * H + 2 * Hq + 3 * KV) * s, min(n, int(mlp_chunk)) * 5 * I * s
+    else:
+        kept, transient = n * (8 * H + 2 * Hq + 3 * KV + 5 * I) * s, 0
+    one = kept + transient
     k = L if checkpoint_layers is None else max(0, min(L, int(checkpoint_layers)))
     if checkpointing == "offload":
         saved, layer = 2 * n * H * s, one
     elif checkpointing and k == L:
         saved, layer = L * n * H * s, one
     elif checkpointing and k > 0:
-        saved, layer = k * n * H * s + (L - k) * one, 0
+        saved, layer = k * n * H * s + (L - k) * kept + transient, 0
     else:
-        saved, layer = L * one, 0
+        saved, layer = L * kept + transient, 0
     logits = min(n, max(1, CHUNK_BYTES // (V * s))) * V * s + 3 * n * H * s
     pixels = vision_act = vision_layer = 0
     if vision is not None:
@@ -121,9 +130,10 @@ def model_bytes(model: nn.Module) -> int:
 
 def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | str = True,
              checkpoint_layers: int | None = None, optim: str = "adamw", images: int = 1,
-             vision_per_image: bool = True) -> dict[str, float]:
+             vision_per_image: bool = True, mlp_chunk: int | None = None) -> dict[str, float]:
     """The estimated peak of one training step of this loaded model (LoRA applied, or full fine-tuning
-    with everything trainable), by term, plus "total" (`vision_per_image`: see activation_bytes)."""
+    with everything trainable), by term, plus "total" (`vision_per_image`, `mlp_chunk`: see
+    activation_bytes)."""
     from ..lora.targets import linear_modules
     from ..quant import Linear4bit
 
@@ -137,7 +147,8 @@ def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | st
     parts = {"weights": model_bytes(model), "adapters_and_optimizer": adapter_bytes(trainable, optim)}
     parts.update(activation_bytes(text, vision, batch=batch, seq=seq, checkpointing=checkpointing,
                                   checkpoint_layers=checkpoint_layers, images=images, vision_lora=vision_lora,
-                                  max_linear=max_lin, four_bit=four_bit, vision_per_image=vision_per_image))
+                                  max_linear=max_lin, four_bit=four_bit, vision_per_image=vision_per_image,
+                                  mlp_chunk=mlp_chunk))
     parts["total"] = sum(parts.values())
     return parts
 
@@ -153,10 +164,13 @@ class MemoryPlan:
     estimate: int
     budget: int
     fits: bool
+    mlp_chunk_tokens: int | None = None  # long context: each MLP over this many tokens at a time
 
     def describe(self) -> str:
         if self.checkpointing == "offload":
             what = "every decoder layer checkpointed, inputs offloaded to the CPU"
+            if self.mlp_chunk_tokens:
+                what += f", MLPs in chunks of {self.mlp_chunk_tokens} tokens"
         elif not self.checkpointing:
             what = "no gradient checkpointing"
         elif self.checkpoint_layers is None:
@@ -180,16 +194,17 @@ def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: st
          images: int = 1, vision_per_image: bool = True) -> MemoryPlan:
     """The fastest plan whose estimate fits (1 - PLAN_MARGIN) of `budget_bytes`: no checkpointing,
     else the fewest checkpointed layers (recomputing as little as fits), else their inputs offloaded
-    to the CPU (the leanest; taken even when it does not fit). At most L - 1 of L layers are
+    to the CPU, else that with each MLP run in chunks of MLP_CHUNK tokens (long context: one more
+    MLP forward a step; the leanest, taken even when it does not fit). At most L - 1 of L layers are
     checkpointed: the last layer's backward comes right after its forward, so checkpointing it
     would keep its input and recompute it at once - more memory and more time than keeping it."""
     text, _ = _configs(model)
     limit = budget_bytes * (1 - PLAN_MARGIN)
     layers = text.num_hidden_layers
 
-    def total(ckpt: bool | str, k: int | None) -> int:
+    def total(ckpt: bool | str, k: int | None, chunk: int | None = None) -> int:
         return int(estimate(model, batch=batch, seq=seq, checkpointing=ckpt, checkpoint_layers=k, optim=optim,
-                            images=images, vision_per_image=vision_per_image)["total"])
+                            images=images, vision_per_image=vision_per_image, mlp_chunk=chunk)["total"])
 
     none = total(False, None)
     if none <= limit:
@@ -206,7 +221,10 @@ def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: st
         k = None if lo >= layers else lo
         return MemoryPlan(True, k, total(True, k), budget_bytes, True)
     off = total("offload", None)
-    return MemoryPlan("offload", None, off, budget_bytes, off <= limit)
+    if off <= limit or batch * seq <= MLP_CHUNK:
+        return MemoryPlan("offload", None, off, budget_bytes, off <= limit)
+    chunked = total("offload", None, MLP_CHUNK)
+    return MemoryPlan("offload", None, chunked, budget_bytes, chunked <= limit, MLP_CHUNK)
 
 
 def gib(value: float) -> int:

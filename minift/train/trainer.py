@@ -251,7 +251,8 @@ class Trainer:
             merge = plan.fits and plan.checkpointing != "offload"
         else:
             est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
-                                  optim=cfg.optimizer, images=images, vision_per_image=per_image)["total"]
+                                  optim=cfg.optimizer, images=images, vision_per_image=per_image,
+                                  mlp_chunk=cfg.mlp_chunk_tokens)["total"]
             merge = est <= budget * (1 - memory.PLAN_MARGIN)
         batch = rows if merge else cfg.batch_size
         if auto_ckpt and (plan is None or not merge):
@@ -282,12 +283,17 @@ class Trainer:
         if inner is None or getattr(inner, "gradient_checkpointing", None) is None:
             return None, []
         enc = self._vision_encoder()
-        old = (inner.gradient_checkpointing, lm.checkpoint_layers, enc.per_image if enc is not None else None)
-        mode, layers = self.cfg.gradient_checkpointing, None
+        old = (inner.gradient_checkpointing, lm.checkpoint_layers, enc.per_image if enc is not None else None,
+               getattr(lm, "mlp_chunk_tokens", None))
+        mode, layers, chunk = self.cfg.gradient_checkpointing, None, self.cfg.mlp_chunk_tokens
         if mode == "auto":
             plan = self.memory_plan
             mode, layers = (plan.checkpointing, plan.checkpoint_layers) if plan is not None else (True, None)
+            if chunk is None and plan is not None:
+                chunk = plan.mlp_chunk_tokens
         inner.gradient_checkpointing, lm.checkpoint_layers = mode, layers
+        if hasattr(lm, "mlp_chunk_tokens"):
+            lm.mlp_chunk_tokens = chunk
         offloaders = [ActivationOffloader(self.model.config.hidden_size).install(lm)] if mode == "offload" else []
         if enc is not None:
             enc.per_image = self.world.mode != "fsdp"  # FSDP2: every rank calls each layer once a forward
@@ -296,9 +302,12 @@ class Trainer:
                 offloaders.append(ActivationOffloader(tower.vision_model.cfg.hidden_size).install(tower))
         return old, offloaders
 
-    def _restore_checkpointing(self, old: tuple[Any, int | None, bool | None]) -> None:
+    def _restore_checkpointing(self, old: tuple[Any, int | None, bool | None, int | None]) -> None:
         inner = self.model.model
-        inner.gradient_checkpointing, getattr(self.model, "language_model", inner).checkpoint_layers = old[:2]
+        lm = getattr(self.model, "language_model", inner)
+        inner.gradient_checkpointing, lm.checkpoint_layers = old[:2]
+        if hasattr(lm, "mlp_chunk_tokens"):
+            lm.mlp_chunk_tokens = old[3]
         enc = self._vision_encoder()
         if enc is not None:
             enc.per_image = old[2]
