@@ -22,6 +22,14 @@ def lora_model(path, four_bit=False):
     return model, tok
 
 
+def loss_and_grads(model, ids) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward on `ids` (labels = ids): the loss and the trainable grads."""
+    model.train()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
 def test_estimate_terms_match_info(llama):  # noqa: F811
     """A loaded model's activation terms are minift info's; weights and adapters are counted from the
     model's own tensors (the LoRA the user added, not info's rank-r all-linear)."""
@@ -116,11 +124,8 @@ def test_partial_checkpointing_is_the_same_function(deep, k):
     results = []
     for ckpt, layers in ((False, None), (True, k)):
         model, _ = lora_model(deep)
-        model.train()
         model.model.gradient_checkpointing, model.model.checkpoint_layers = ckpt, layers
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(loss_and_grads(model, ids))
     (l0, g0), (l1, g1) = results
     assert torch.equal(l0, l1)
     for n in g0:
@@ -209,13 +214,10 @@ def test_chunked_mlp_is_the_same_function(deep, ckpt):
     results = []
     for chunk in (None, 5):
         model, _ = lora_model(deep)
-        model.train()
         model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = ckpt, chunk
         calls = []
         model.model.layers[1].mlp.gate_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(loss_and_grads(model, ids))
         if chunk:  # the forward + each chunk's recompute (+ the layer's, which may stop early), 5 rows at a time
             assert set(calls) == {5, 48 % 5} and len(calls) >= 20
     (l0, g0), (l1, g1) = results
@@ -232,12 +234,9 @@ def test_chunked_mlp_recompute_replays_dropout(deep):
     for ckpt in (False, True):
         model, _ = minift.load(deep)
         minift.add_lora(model, r=4, alpha=8, dropout=0.3, seed=1)
-        model.train()
         model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = ckpt, 7
         torch.manual_seed(5)
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        results.append((out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        results.append(loss_and_grads(model, ids))
     (l0, g0), (l1, g1) = results
     assert torch.equal(l0, l1)
     for n in g0:
