@@ -6,7 +6,7 @@ same session and compare as ratios. Each (shape, quant, variant) runs in its own
 
   python bench/train.py --shapes llama-3.2-1b,gemma-3-4b --quant none,4bit
   python bench/train.py --shapes llama-3.1-8b --quant 4bit --variants auto@8,auto@16,auto@24+compile
-  python bench/train.py --shapes llama-3.1-8b --quant 4bit --max-context 80 --variants ckpt+compile
+  python bench/train.py --shapes llama-3.1-8b --quant 4bit --max-context 80 --variants offload+compile,offload+compile+mlpchunk
   python bench/train.py --shapes gemma-3-4b-vision --quant 4bit --first-step
 
 `auto@G`: TrainConfig(gradient_checkpointing="auto")'s plan for a G GiB budget (minift.train.memory),
@@ -82,8 +82,11 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         plan = memory.plan(model, batch=bs, seq=seq, budget_bytes=memory.gib(float(base_variant[5:])))
         ckpt_mode = plan.checkpointing
         lm.checkpoint_layers = plan.checkpoint_layers
+        lm.mlp_chunk_tokens = plan.mlp_chunk_tokens
     else:
         ckpt_mode = {"ckpt": True, "offload": "offload", "nockpt": False}.get(base_variant, True)
+    if "mlpchunk" in variant:  # long context: each MLP over 8192 tokens at a time (TrainConfig.mlp_chunk_tokens)
+        lm.mlp_chunk_tokens = 8192
     if hasattr(model, "vision_tower"):
         model.model.gradient_checkpointing = ckpt_mode  # the decoder and the vision encoder
     else:
@@ -178,7 +181,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up)")
+    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
