@@ -18,7 +18,8 @@ import sys
 import tempfile
 import time
 
-IMPLS = ("minift", "hf", "hf-static", "unsloth")  # also minift-nofuse: decode layers unfused (norms, adds apart)
+# also minift-nofuse (decode layers unfused: norms, adds apart) and minift-lora (r=16 adapters, unmerged)
+IMPLS = ("minift", "hf", "hf-static", "unsloth")
 
 
 def _timed(fn) -> float:
@@ -60,6 +61,8 @@ def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int,
 
         model, _ = minift.load(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=quant == "4bit",
                                use_name_map=False)
+        if impl == "minift-lora":  # right after training: r=16 adapters on every linear, not merged
+            minift.add_lora(model, r=16, alpha=16, seed=0)
         vocab = model.config.vocab_size
         ids = torch.randint(10, vocab - 10, (batch, prompt), generator=g).cuda()
 

@@ -28,6 +28,6 @@ for stage in "$@"; do
     notebook) for v in "" "--set merge_micro_batches=False" "--set gradient_checkpointing=offload"; do
         timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps 12 --phases $v 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2; done ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
-      timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
+      timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac
 done
