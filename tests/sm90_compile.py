@@ -117,6 +117,10 @@ def _drive() -> None:
                 for act in ("silu", "gelu_tanh"):
                     ops.gemv_glu(x, ws[1], ws[2], act, norm_weight=nw)
                     ops.gemv_glu(x, ws[1], ws[2], act)
+                lora = [(rnd(r, k, grad=False), rnd(w.shape[0], r, grad=False), 2.0) for r, w in zip((16, 1, 3), ws)]
+                ops.gemv_cat(x, ws, lora=lora, norm_weight=nw)
+                ops.gemv(x, ws[0], residual=rnd(1, n, dtype=dt), lora=lora[0])
+                ops.gemv_glu(x, ws[1], ws[2], "silu", lora=[lora[1], None], norm_weight=nw)
         for dt in (torch.bfloat16, torch.float32):
             for nested in (True, False):
                 for n, k in ((256, 4096), (64, 1024), (96, 320)):  # split K 8, 2, 1

@@ -1,8 +1,9 @@
 """ops.gemv / gemv_cat / gemv_glu and ops.linear / linear_cat: decoding's 16-bit x @ W^T for one row
 of x. Against a float64 reference (no worse than F.linear / the activation op in the same dtype)
 over odd shapes, strided / expanded x, strided W, every tile path (masked N and K tails, concatenated
-segments, gated pairs), the fallbacks, gradients, opcheck, compile, the model's routing (only when
-decoding, only plain Linears) and greedy decoding unchanged with the fused projections."""
+segments, gated pairs), unmerged LoRA adapters in the epilogue, the fallbacks, gradients, opcheck,
+compile, the model's routing (only when decoding, only 16-bit Linears and adapters over them) and
+greedy decoding unchanged with the fused projections."""
 
 from __future__ import annotations
 
@@ -217,14 +218,18 @@ def test_opcheck():
     x, w, b = torch.randn(1, 128, requires_grad=True), torch.randn(40, 128, requires_grad=True), torch.randn(40, requires_grad=True)
     w2 = torch.randn(40, 128, requires_grad=True)
     nw, r = torch.randn(128, requires_grad=True), torch.randn(1, 40, requires_grad=True)
+    la, lb = torch.randn(4, 128, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+    no_lora = (None,) * 6 + (0.0,) * 3
+    cat, glu = torch.ops.minift.gemv_cat.default, torch.ops.minift.gemv_glu.default
     with ops.backend("triton"):
-        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, w2, None, b, b, None, None, 0.0, 0.0, None))
-        torch.library.opcheck(torch.ops.minift.gemv_cat.default,
-                              (x.detach(), w.detach(), None, None, None, None, None, None, 0.0, 0.0, None))
-        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, None, None, b, None, None, nw, 1e-6, 1.0, None))
-        torch.library.opcheck(torch.ops.minift.gemv_cat.default, (x, w, None, None, None, None, None, None, 0.0, 0.0, r))
-        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, None, None, 0, None, 0.0, 0.0))
-        torch.library.opcheck(torch.ops.minift.gemv_glu.default, (x, w, w2, b, b, 1, nw, 1e-5, 0.0))
+        torch.library.opcheck(cat, (x, w, w2, None, b, b, None, None, 0.0, 0.0, None, *no_lora))
+        torch.library.opcheck(cat, (x.detach(), w.detach(), None, None, None, None, None, None, 0.0, 0.0, None, *no_lora))
+        torch.library.opcheck(cat, (x, w, None, None, b, None, None, nw, 1e-6, 1.0, None, *no_lora))
+        torch.library.opcheck(cat, (x, w, None, None, None, None, None, None, 0.0, 0.0, r, *no_lora))
+        torch.library.opcheck(cat, (x, w, w2, None, b, b, None, nw, 1e-6, 0.0, None, la, None, None, lb, None, None,
+                                    2.0, 0.0, 0.0))
+        torch.library.opcheck(glu, (x, w, w2, None, None, 0, None, 0.0, 0.0, None, None, None, None, 0.0, 0.0))
+        torch.library.opcheck(glu, (x, w, w2, b, b, 1, nw, 1e-5, 0.0, la, la, lb, lb, 0.5, 2.0))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -282,25 +287,170 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
-def test_fused_decode_matches_unfused(device, family, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, adapters", [("llama", False), ("gemma2", False), ("gemma3_text", False),
+                                              ("llama", True), ("gemma3_text", True)])
+def test_fused_decode_matches_unfused(device, family, adapters, tmp_path, monkeypatch):
     """Greedy generation with decode steps fused (forced on CPU with backend "triton": q/k/v with the
     pre-attention norm, gate/up with the activation and the pre-MLP norm, and for pre-norm
-    layers o_proj / down_proj with the skip connection) gives the unfused tokens."""
+    layers o_proj / down_proj with the skip connection) gives the unfused tokens; with unmerged
+    adapters (non-zero B; k_proj and up_proj without one) in the kernels' epilogues too."""
     import minift
     from minift.testing import write_tiny_checkpoint
 
     path = write_tiny_checkpoint(tmp_path, family)
     model, _ = minift.load(path, dtype=torch.float32, device=device)
+    if adapters:
+        minift.add_lora(model, r=4, alpha=8, seed=1, targets=["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"])
+        gen = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
     ids = torch.randint(3, 90, (1, 7), generator=torch.Generator().manual_seed(0)).to(device)
     with ops.backend("torch"):
         plain = model.generate(ids, max_new_tokens=6, eos_token_id=[], compile=False)
     launched = []
     real = gm._launch
-    monkeypatch.setattr(gm, "_launch", lambda *a: launched.append(len(a[1])) or real(*a))
+    monkeypatch.setattr(gm, "_launch", lambda *a, **k: launched.append(len(a[1])) or real(*a, **k))
     with ops.backend("triton"):
         fused = model.generate(ids, max_new_tokens=6, eos_token_id=[], compile=False)
     assert torch.equal(fused, plain)
     layers = model.config.num_hidden_layers
     assert launched.count(3) == 5 * layers and launched.count(2) == 5 * layers  # 5 decode steps
     assert launched.count(1) >= 5 * 2 * layers  # o_proj and down_proj (+ the LM head)
+
+
+def _adapters(gen, ranks, ws, k, device, a_dtype=torch.float32):
+    """(A, B, scaling) per weight, None where the rank is 0 (a projection without an adapter)."""
+    return [None if r == 0 else (torch.randn(r, k, generator=gen).to(a_dtype).to(device),
+                                 torch.randn(w.shape[0], r, generator=gen).to(a_dtype).to(device) * 0.5, 0.5 + r / 4)
+            for r, w in zip(ranks, ws)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=min(settings.default.max_examples, 40))
+@given(
+    n=st.integers(1, 40),
+    k=st.integers(1, 200),
+    dtype=st.sampled_from(DTYPES),
+    mode=st.sampled_from(["single", "cat", "glu"]),
+    ranks=st.lists(st.sampled_from([0, 1, 3, 8, 16]), min_size=3, max_size=3),
+    fused=st.booleans(),
+    has_bias=st.booleans(),
+    a_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    cfg=st.sampled_from(CONFIGS),
+    seed=st.integers(0, 2**16),
+)
+def test_lora_epilogue_matches_reference(device, n, k, dtype, mode, ranks, fused, has_bias, a_dtype, cfg, seed):
+    """Unmerged adapters in the GEMVs (A x' in a small launch, scaling * B (A x') in the epilogue, some
+    projections without one): no worse than the torch path against float64, with the norm prologue
+    or the residual epilogue, biases, odd ranks, bf16 adapters."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, k, generator=gen).to(dtype).to(device)
+    rows = {"single": [n], "cat": [n, n + 3, 1 + n // 2], "glu": [n, n]}[mode]
+    ws = [torch.randn(r, k, generator=gen).to(dtype).to(device) for r in rows]
+    lora = _adapters(gen, ranks[:len(ws)], ws, k, device, a_dtype)
+    bs = [torch.randn(r, generator=gen).to(dtype).to(device) for r in rows] if has_bias else None
+    nw = torch.randn(k, generator=gen).to(dtype).to(device)
+    res = torch.randn(1, 1, n, generator=gen).to(dtype).to(device) if fused and mode == "single" else None
+    nkw = dict(norm_weight=nw, eps=1e-6, norm_offset=1.0) if fused and mode != "single" else {}
+
+    def call(backend):
+        old = gm.CONFIG_OVERRIDE
+        gm.CONFIG_OVERRIDE = cfg
+        try:
+            with ops.backend(backend):
+                if mode == "single":
+                    return ops.gemv(x, ws[0], bs[0] if bs else None, residual=res, lora=lora[0])
+                if mode == "cat":
+                    return ops.gemv_cat(x, ws, bs, lora=lora, **nkw)
+                return ops.gemv_glu(x, ws[0], ws[1], "silu", bs, lora=lora, **nkw)
+        finally:
+            gm.CONFIG_OVERRIDE = old
+
+    with spy() as launched:
+        y = call("triton")
+    assert launched.call_count == 1
+    plain = call("torch")
+    x64 = ref.rms_norm(x.double(), nw.double(), 1e-6, 1.0) if nkw else x.double()
+    parts = []
+    for i, w in enumerate(ws):
+        p = x64 @ w.double().T + (bs[i].double() if bs else 0)
+        if lora[i] is not None:
+            a, b, sc = lora[i]
+            p = p + sc * (x64 @ a.double().T) @ b.double().T
+        parts.append(p)
+    if mode == "glu":
+        want64 = F.silu(parts[0]) * parts[1]
+    else:
+        want64 = torch.cat(parts, -1) + (res.double() if res is not None else 0)
+    assert y.shape == want64.shape and y.dtype == dtype
+    assert_no_worse(y, plain, want64, dtype, f"lora gemv {mode} {ranks} {cfg}", factor=max(1.0, (32 / y.numel()) ** 0.5))
+
+
+@pytest.mark.parametrize("mode", ["single", "cat", "glu"])
+def test_lora_gradients(mode):
+    """The ops' backward with adapters (x, W, bias, residual, A and B) against finite differences in
+    float64; with the norm prologue and the gated activation (whose references compute in float32),
+    against autograd through the reference norm, plain matmuls and the activation."""
+    gen = torch.Generator().manual_seed(11)
+    k, n = 7, 5
+    d = dict(dtype=torch.float64)
+    count = {"single": 1, "cat": 3, "glu": 2}[mode]
+    x = torch.randn(2, k, generator=gen, **d).requires_grad_()
+    ws = [torch.randn(n + (i if mode == "cat" else 0), k, generator=gen, **d).requires_grad_() for i in range(count)]
+    lora = [None if r == 0 else (torch.randn(r, k, generator=gen, **d).requires_grad_(),
+                                 torch.randn(w.shape[0], r, generator=gen, **d).requires_grad_(), 1.5)
+            for r, w in zip([2, 0, 3][:count], ws)]
+    bs = [torch.randn(w.shape[0], generator=gen, **d).requires_grad_() for w in ws]
+    nw = torch.randn(k, generator=gen, **d).requires_grad_()
+    res = torch.randn(2, n, generator=gen, **d).requires_grad_()
+    flat = [t for spec in lora if spec is not None for t in spec[:2]]
+
+    def unpack(tensors):
+        it = iter(tensors[2 * count + 2:])
+        lo = [None if spec is None else (next(it), next(it), spec[2]) for spec in lora]
+        return list(tensors[:count]), list(tensors[count:2 * count]), tensors[2 * count], tensors[2 * count + 1], lo
+
+    def op(x, *tensors, norm=False):
+        wl, bl, nwt, rt, lo = unpack(tensors)
+        nkw = dict(norm_weight=nwt, eps=1e-6, norm_offset=1.0) if norm else {}
+        if mode == "single":
+            return ops.gemv(x, wl[0], bl[0], residual=rt, lora=lo[0])
+        if mode == "cat":
+            return ops.gemv_cat(x, wl, bl, lora=lo, **nkw)
+        return ops.gemv_glu(x, wl[0], wl[1], "gelu_tanh", bl, lora=lo, **nkw)
+
+    def plain(x, *tensors):
+        wl, bl, nwt, rt, lo = unpack(tensors)
+        xn = ref.rms_norm(x, nwt, 1e-6, 1.0)
+        parts = [xn @ w.T + b + (0 if spec is None else spec[2] * (xn @ spec[0].T) @ spec[1].T)
+                 for w, b, spec in zip(wl, bl, lo)]
+        if mode == "cat":
+            return torch.cat(parts, -1)
+        return F.gelu(parts[0], approximate="tanh") * parts[1]
+
+    inputs = (x, *ws, *bs, nw, res, *flat)
+    with ops.backend("torch"):
+        if mode != "glu":  # (the gated activation's reference computes in float32)
+            torch.autograd.gradcheck(op, inputs)
+        if mode != "single":
+            y = op(*inputs, norm=True)
+            go = torch.randn(y.shape, generator=gen, **d)
+            got = torch.autograd.grad(y, inputs, go, allow_unused=True)
+            want = torch.autograd.grad(plain(*inputs), inputs, go, allow_unused=True)
+            for i, (g1, g2) in enumerate(zip(got, want)):
+                if g2 is None:
+                    assert g1 is None or not g1.abs().any(), i
+                else:
+                    torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_input_errors():
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    for bad in [(torch.randn(2, 9), torch.randn(4, 2), 1.0), (torch.randn(2, 8), torch.randn(4, 3), 1.0),
+                (torch.randn(2, 8), torch.randn(4, 2), "1"), (torch.randn(2, 8),)]:
+        with pytest.raises(InputError, match=r"lora\[0\]"):
+            ops.gemv(x, w, lora=bad)
+    with pytest.raises(InputError, match="lora: expected a list of 2"):
+        ops.gemv_glu(x, w, w, lora=[None])

@@ -49,12 +49,36 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.linear(x, self.weight, self.bias)
 
+    def decode_parts(self) -> tuple | None:
+        """(weight, bias, adapter) for the fused decoding kernels; None for a subclass (whose forward
+        may differ). A projection module offering this method (an unmerged LoRA layer over this
+        Linear returns its adapter (A, B, scaling) as the third part) can be fused."""
+        return (self.weight, self.bias, None) if type(self) is Linear else None
+
+
+def _decode_parts(x: torch.Tensor, mods: list[nn.Module]) -> list[tuple] | None:
+    """Each projection's (weight, bias, adapter or None) when projections of one input can run as one
+    decoding kernel: every module offers `decode_parts` (this module's Linear, or an adapter layer
+    over one; not 4-bit, not replaced by a later stage) and x is a single row that `ops.gemv`
+    takes; None otherwise (then each module runs, hooks included)."""
+    parts = []
+    for m in mods:
+        get = getattr(m, "decode_parts", None)
+        part = get() if get is not None else None
+        if part is None:
+            return None
+        parts.append(part)
+    return parts if ops.takes_gemv(x, [p[0] for p in parts]) else None
+
 
 def _fusable(x: torch.Tensor, mods: list[nn.Module]) -> bool:
-    """Whether projections of one input can run as one decoding kernel: all exactly this module's
-    Linear (not wrapped or replaced by a later stage, not 4-bit) and a single row that `ops.gemv`
-    takes; otherwise each module runs (hooks included)."""
-    return all(type(m) is Linear for m in mods) and ops.takes_gemv(x, [m.weight for m in mods])
+    return _decode_parts(x, mods) is not None
+
+
+def _lora(parts: list[tuple]) -> list | None:
+    """The adapters of fused projections as the GEMV ops' `lora` argument (None when there are none)."""
+    specs = [p[2] for p in parts]
+    return specs if any(spec is not None for spec in specs) else None
 
 
 def _glu(hidden_act: str) -> str:
@@ -88,14 +112,12 @@ class Attention(nn.Module):
         b, s, _ = x.shape
         d = cfg.head_dim
         proj = [self.q_proj, self.k_proj, self.v_proj]
-        if _fusable(x, proj):  # decoding: q, k and v from one launch
-            ws, bs = [m.weight for m in proj], [m.bias for m in proj]
-            if norm is not None:
-                qkv = ops.gemv_cat(x, ws, None if bs[0] is None else bs, norm_weight=norm.weight, eps=norm.eps,
-                                   norm_offset=norm.offset)
-                q, k, v = qkv.split([w.shape[0] for w in ws], dim=-1)
-            else:
-                q, k, v = ops.linear_cat(x, ws, bs)
+        parts = _decode_parts(x, proj)
+        if parts is not None:  # decoding: q, k and v (and their adapters) from one launch
+            ws, bs = [p[0] for p in parts], [p[1] for p in parts]
+            nkw = {} if norm is None else dict(norm_weight=norm.weight, eps=norm.eps, norm_offset=norm.offset)
+            qkv = ops.gemv_cat(x, ws, None if bs[0] is None else bs, lora=_lora(parts), **nkw)
+            q, k, v = qkv.split([w.shape[0] for w in ws], dim=-1)
         else:
             if norm is not None:
                 x = norm(x)
@@ -127,12 +149,19 @@ class MLP(nn.Module):
         self.chunk_tokens: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj, self.up_proj
-        if _fusable(x, [gate, up]):  # decoding: gate, up and the activation in one launch
-            return self.down_proj(ops.gemv_glu(x, gate.weight, up.weight, _glu(self.act), [gate.bias, up.bias]))
+        parts = _decode_parts(x, [self.gate_proj, self.up_proj])
+        if parts is not None:  # decoding: gate, up (their adapters) and the activation in one launch
+            return self.down_proj(self.gated(x, parts))
         if self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]:
             return _chunked(self._project, x, self.chunk_tokens)
         return self._project(x)
+
+    def gated(self, x: torch.Tensor, parts: list[tuple], norm: "RMSNorm | None" = None) -> torch.Tensor:
+        """act(gate(x')) * up(x') from one decoding launch (`parts`: `_decode_parts` of gate and up;
+        x' = norm(x), in the kernel's prologue, when `norm` is given)."""
+        biases = None if parts[0][1] is None else [parts[0][1], parts[1][1]]
+        nkw = {} if norm is None else dict(norm_weight=norm.weight, eps=norm.eps, norm_offset=norm.offset)
+        return ops.gemv_glu(x, parts[0][0], parts[1][0], _glu(self.act), biases, lora=_lora(parts), **nkw)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
@@ -199,13 +228,13 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(a.o_proj(heads))
         else:
-            x = ops.gemv(heads, a.o_proj.weight, a.o_proj.bias, residual=x)
-        biases = None if m.gate_proj.bias is None else [m.gate_proj.bias, m.up_proj.bias]
-        h = ops.gemv_glu(x, m.gate_proj.weight, m.up_proj.weight, _glu(m.act), biases, norm_weight=pre_mlp.weight,
-                         eps=pre_mlp.eps, norm_offset=pre_mlp.offset)
+            (w, b, lora), = _decode_parts(heads, [a.o_proj])
+            x = ops.gemv(heads, w, b, residual=x, lora=lora)
+        h = m.gated(x, _decode_parts(x, [m.gate_proj, m.up_proj]), norm=pre_mlp)
         if self.sandwich:
             return x + self.post_feedforward_layernorm(m.down_proj(h))
-        return ops.gemv(h, m.down_proj.weight, m.down_proj.bias, residual=x)
+        (w, b, lora), = _decode_parts(h, [m.down_proj])
+        return ops.gemv(h, w, b, residual=x, lora=lora)
 
 
 def layer_input(x: torch.Tensor, want_grad: bool) -> torch.Tensor:

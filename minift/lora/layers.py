@@ -109,6 +109,19 @@ class LoraLinear(nn.Module):
         y = frozen_linear(x, self.base_layer)  # (a 4-bit W is not kept for backward)
         return (y if bias is None else y + bias.to(x.dtype)) + self.scaling * lora
 
+    def decode_parts(self) -> tuple | None:
+        """(weight, bias, (A, B, scaling)) for the model's fused decoding kernels, which compute this
+        layer's forward for one row in the base's GEMV (`ops.gemv(lora=)`); the base's own parts when
+        the adapter is off or merged; None for a base those kernels do not take (4-bit) or while
+        dropout is active."""
+        get = getattr(self.base_layer, "decode_parts", None)
+        base = get() if get is not None else None
+        if base is None or self.disabled or self.merged:
+            return base
+        if self._dropping():
+            return None
+        return base[0], base[1], (self.lora_A.weight, self.lora_B.weight, self.scaling)
+
     def _fusable_base(self, x: torch.Tensor) -> bool:
         """The fused ops take a frozen base in x's dtype, or an NF4 one."""
         base = self.base_weight()
@@ -193,6 +206,11 @@ class DoraLinear(LoraLinear):
 
     def fused_parts(self, x: torch.Tensor) -> None:
         return None
+
+    def decode_parts(self) -> tuple | None:
+        """The base's parts while the adapter is off or merged; else None (the kernels hold no
+        magnitude rescaling)."""
+        return super().decode_parts() if self.disabled or self.merged else None
 
     def merged_weight(self) -> torch.Tensor:
         w = super().merged_weight()
