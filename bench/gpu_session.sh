@@ -2,7 +2,8 @@
 # One lent-GPU session: install carried wheels (.whl), then run the stages named as arguments,
 # each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, gen, peers, and the
 # open issues' pending GPU work: dist (issue 19's NCCL tests), notebook (issue 14 target 0: the
-# notebook job merged / unmerged / decoder offloaded, peak by phase), decode (issue 15's rows).
+# notebook job merged / unmerged / decoder offloaded, peak by phase), decode (issue 15's rows),
+# longctx (issue 14 target 4: Llama-3.1-8B NF4 at 32k tokens, MLPs whole and in chunks).
 #   bash bench/gpu_session.sh env dist notebook decode
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -27,6 +28,8 @@ for stage in "$@"; do
     dist) MINIFT_EAGER_FAILURES=1 timeout ${DIST_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed_gpu.py --durations=0 2>&1 | tee "$OUT/dist.log" | tail -15 ;;
     notebook) for v in "" "--set merge_micro_batches=False" "--set gradient_checkpointing=offload"; do
         timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps 12 --phases $v 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2; done ;;
+    longctx) for v in offload+compile offload+compile+mlpchunk; do  # issue 14 target 4: the per-token peak, unchunked vs chunked MLPs
+        timeout ${LONGCTX_TIMEOUT:-240} python3 bench/train.py --shapes llama-3.1-8b --quant 4bit --bs 1 --seq ${LONGCTX_SEQ:-32768} --warmup 1 --steps 1 --variants $v 2>>"$OUT/longctx.err" | tee -a "$OUT/longctx.jsonl" | cut -c1-400; done ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
       timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac

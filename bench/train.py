@@ -170,6 +170,12 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     if plan is not None:
         extra.update(plan=plan.describe(), plan_estimate_gib=round(plan.estimate / 2**30, 3),
                      plan_budget_gib=round(plan.budget / 2**30, 3))
+    from minift.train import memory
+
+    # minift.train.memory's estimate of this very setting, beside the measured peak
+    extra["estimate_gib"] = round(memory.estimate(
+        model, batch=bs, seq=seq, checkpointing=ckpt_mode, checkpoint_layers=lm.checkpoint_layers,
+        mlp_chunk=lm.mlp_chunk_tokens)["total"] / 2**30, 3)
     return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
                 tokens_per_s=sum(batches[(first + i) % len(batches)].numel() for i in range(steps)) / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
