@@ -104,10 +104,11 @@ def _drive() -> None:
                 projs = ((nf4, rnd(4, 64), rnd(96, 4)), (wt, None, None), (down, rnd(4, 96), rnd(64, 4)))
                 back(ops.lora_mlp(rnd(3, 64, dtype=dt), *projs, activation=act))
     # Decoding's kernels (one row of x, no gradient): the GEMVs with and without the fused norm,
-    # residual and bias, even and ragged K / N; the NF4 GEMV at one and several rows, split K.
+    # residual, bias and low-rank (LoRA) epilogue, even and ragged K / N; the NF4 GEMV at one row
+    # (its own kernel) and 20 rows (split K). Small shapes: the interpreter runs every program.
     with torch.no_grad():
-        for dt in (torch.bfloat16, torch.float16, torch.float32):
-            for n, k in ((96, 64), (64, 2048), (4160, 64), (32, 2560), (100, 200)):  # each tile rule; small
+        for dt in (torch.bfloat16, torch.float32):
+            for n, k in ((96, 64), (100, 200), (32, 2560)):  # small, ragged, BLOCK_K 2048 with a tail
                 x, ws = rnd(1, k, dtype=dt), [rnd(n, k, dtype=dt), rnd(n // 2, k, dtype=dt), rnd(n // 2, k, dtype=dt)]
                 nw = rnd(k, dtype=dt)
                 ops.gemv(x, ws[0], residual=rnd(1, n, dtype=dt))
@@ -116,19 +117,20 @@ def _drive() -> None:
                 ops.gemv_cat(x, ws, [rnd(w.shape[0], dtype=dt) for w in ws])
                 for act in ("silu", "gelu_tanh"):
                     ops.gemv_glu(x, ws[1], ws[2], act, norm_weight=nw)
-                    ops.gemv_glu(x, ws[1], ws[2], act)
+                ops.gemv_glu(x, ws[1], ws[2], "silu")
                 lora = [(rnd(r, k, grad=False), rnd(w.shape[0], r, grad=False), 2.0) for r, w in zip((16, 1, 3), ws)]
-                ops.gemv_cat(x, ws, lora=lora, norm_weight=nw)
-                ops.gemv(x, ws[0], residual=rnd(1, n, dtype=dt), lora=lora[0])
-                ops.gemv_glu(x, ws[1], ws[2], "silu", lora=[lora[1], None], norm_weight=nw)
-        for dt in (torch.bfloat16, torch.float32):
+                ops.gemv_cat(x, ws, low_rank=lora, norm_weight=nw)
+                ops.gemv(x, ws[0], residual=rnd(1, n, dtype=dt), low_rank=lora[0])
+                ops.gemv_glu(x, ws[1], ws[2], "silu", low_rank=[lora[1], None], norm_weight=nw)
+            ops.gemv(rnd(1, 64, dtype=dt), rnd(4160, 64, dtype=dt))  # 8 rows a program
+            ops.gemv(rnd(1, 2048, dtype=dt), rnd(16, 2048, dtype=dt))  # all of K in one even tile
             for nested in (True, False):
-                for n, k in ((256, 4096), (64, 1024), (96, 320)):  # split K 8, 2, 1
+                for n, k in ((128, 2048), (96, 320)):  # split K 4 at 20 rows; 1
                     data, qs = bnbf.quantize_4bit(torch.randn(n, k, generator=g).to(dt), blocksize=64,
                                                   quant_type="nf4", compress_statistics=nested)
                     nf4 = NF4Weight.from_bnb(data, qs)
-                    for rows in (1, 5, 20):
-                        ops.nf4_matmul(rnd(rows, k, dtype=dt), nf4, rnd(n, dtype=dt) if rows == 5 else None)
+                    for rows in (1, 20):
+                        ops.nf4_matmul(rnd(rows, k, dtype=dt), nf4, None if nested else rnd(n, dtype=dt))
 
 
 def record(path: str) -> None:

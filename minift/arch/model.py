@@ -50,15 +50,15 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias)
 
     def decode_parts(self) -> tuple | None:
-        """(weight, bias, adapter) for the fused decoding kernels; None for a subclass (whose forward
-        may differ). A projection module offering this method (an unmerged LoRA layer over this
-        Linear returns its adapter (A, B, scaling) as the third part) can be fused."""
+        """(weight, bias, low_rank) for the fused decoding kernels; None for a subclass (whose forward
+        may differ). Any projection module offering this method can be fused: a wrapper over this
+        Linear that adds `scaling * B (A x)` returns (A, B, scaling) as low_rank."""
         return (self.weight, self.bias, None) if type(self) is Linear else None
 
 
 def _decode_parts(x: torch.Tensor, mods: list[nn.Module]) -> list[tuple] | None:
-    """Each projection's (weight, bias, adapter or None) when projections of one input can run as one
-    decoding kernel: every module offers `decode_parts` (this module's Linear, or an adapter layer
+    """Each projection's (weight, bias, low_rank or None) when projections of one input can run as one
+    decoding kernel: every module offers `decode_parts` (this module's Linear, or a wrapper
     over one; not 4-bit, not replaced by a later stage) and x is a single row that `ops.gemv`
     takes; None otherwise (then each module runs, hooks included)."""
     parts = []
@@ -75,8 +75,8 @@ def _fusable(x: torch.Tensor, mods: list[nn.Module]) -> bool:
     return _decode_parts(x, mods) is not None
 
 
-def _lora(parts: list[tuple]) -> list | None:
-    """The adapters of fused projections as the GEMV ops' `lora` argument (None when there are none)."""
+def _low_rank(parts: list[tuple]) -> list | None:
+    """The low-rank terms of fused projections as the GEMV ops' `low_rank` argument (None: none)."""
     specs = [p[2] for p in parts]
     return specs if any(spec is not None for spec in specs) else None
 
@@ -113,10 +113,10 @@ class Attention(nn.Module):
         d = cfg.head_dim
         proj = [self.q_proj, self.k_proj, self.v_proj]
         parts = _decode_parts(x, proj)
-        if parts is not None:  # decoding: q, k and v (and their adapters) from one launch
+        if parts is not None:  # decoding: q, k and v (and their low-rank terms) from one launch
             ws, bs = [p[0] for p in parts], [p[1] for p in parts]
             nkw = {} if norm is None else dict(norm_weight=norm.weight, eps=norm.eps, norm_offset=norm.offset)
-            qkv = ops.gemv_cat(x, ws, None if bs[0] is None else bs, lora=_lora(parts), **nkw)
+            qkv = ops.gemv_cat(x, ws, None if bs[0] is None else bs, low_rank=_low_rank(parts), **nkw)
             q, k, v = qkv.split([w.shape[0] for w in ws], dim=-1)
         else:
             if norm is not None:
@@ -150,7 +150,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         parts = _decode_parts(x, [self.gate_proj, self.up_proj])
-        if parts is not None:  # decoding: gate, up (their adapters) and the activation in one launch
+        if parts is not None:  # decoding: gate, up (their low-rank terms) and the activation in one launch
             return self.down_proj(self.gated(x, parts))
         if self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]:
             return _chunked(self._project, x, self.chunk_tokens)
@@ -161,7 +161,7 @@ class MLP(nn.Module):
         x' = norm(x), in the kernel's prologue, when `norm` is given)."""
         biases = None if parts[0][1] is None else [parts[0][1], parts[1][1]]
         nkw = {} if norm is None else dict(norm_weight=norm.weight, eps=norm.eps, norm_offset=norm.offset)
-        return ops.gemv_glu(x, parts[0][0], parts[1][0], _glu(self.act), biases, lora=_lora(parts), **nkw)
+        return ops.gemv_glu(x, parts[0][0], parts[1][0], _glu(self.act), biases, low_rank=_low_rank(parts), **nkw)
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.activation(self.gate_proj(x), self.up_proj(x)))
@@ -228,13 +228,13 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             x = x + self.post_attention_layernorm(a.o_proj(heads))
         else:
-            (w, b, lora), = _decode_parts(heads, [a.o_proj])
-            x = ops.gemv(heads, w, b, residual=x, lora=lora)
+            (w, b, low_rank), = _decode_parts(heads, [a.o_proj])
+            x = ops.gemv(heads, w, b, residual=x, low_rank=low_rank)
         h = m.gated(x, _decode_parts(x, [m.gate_proj, m.up_proj]), norm=pre_mlp)
         if self.sandwich:
             return x + self.post_feedforward_layernorm(m.down_proj(h))
-        (w, b, lora), = _decode_parts(h, [m.down_proj])
-        return ops.gemv(h, w, b, residual=x, lora=lora)
+        (w, b, low_rank), = _decode_parts(h, [m.down_proj])
+        return ops.gemv(h, w, b, residual=x, low_rank=low_rank)
 
 
 def layer_input(x: torch.Tensor, want_grad: bool) -> torch.Tensor:

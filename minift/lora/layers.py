@@ -111,7 +111,7 @@ class LoraLinear(nn.Module):
 
     def decode_parts(self) -> tuple | None:
         """(weight, bias, (A, B, scaling)) for the model's fused decoding kernels, which compute this
-        layer's forward for one row in the base's GEMV (`ops.gemv(lora=)`); the base's own parts when
+        layer's forward for one row in the base's GEMV (`ops.gemv(low_rank=)`); the base's own parts when
         the adapter is off or merged; None for a base those kernels do not take (4-bit) or while
         dropout is active."""
         get = getattr(self.base_layer, "decode_parts", None)

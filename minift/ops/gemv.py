@@ -11,7 +11,7 @@ projections (bench/RESULTS.md, "Generation"). Three ops here, one kernel:
 * `gemv_glu(x, w_gate, w_up, act)`: act(x @ Wg^T) * (x @ Wu^T) from one launch (gate/up and the
   activation: the gate and up vectors never go to memory).
 
-Each takes `lora=` (A, B, scaling) per weight: an unmerged adapter, as a model has right after
+Each takes `low_rank=` (A, B, scaling) per weight: an unmerged adapter, as a model has right after
 training. A small launch computes every adapter's A x (r values each) and the GEMV's epilogue adds
 scaling * B[rows] (A x), so a layer with adapters on all seven projections still decodes in four
 GEMV launches (plus three small ones) instead of ~6 kernels a projection (casts, two thin
@@ -507,11 +507,11 @@ def _check_norm(x: torch.Tensor, norm_weight: torch.Tensor | None, what: str) ->
 
 
 def _check_lora(x: torch.Tensor, ws: list[torch.Tensor], lora: Any, what: str) -> list[LoraSpec | None] | None:
-    """`lora`: None, or one (A (r, in_features), B (out_features, r), scaling) or None per weight."""
+    """`low_rank`: None, or one (A (r, in_features), B (out_features, r), scaling) or None per weight."""
     if lora is None:
         return None
     if not isinstance(lora, (list, tuple)) or len(lora) != len(ws):
-        raise InputError(f"{what}: lora: expected a list of {len(ws)} (A, B, scaling) tuples or None, got {lora!r:.80}")
+        raise InputError(f"{what}: low_rank: expected a list of {len(ws)} (A, B, scaling) tuples or None, got {lora!r:.80}")
     for i, (spec, w) in enumerate(zip(lora, ws)):
         if spec is None:
             continue
@@ -521,18 +521,18 @@ def _check_lora(x: torch.Tensor, ws: list[torch.Tensor], lora: Any, what: str) -
                 and a.is_floating_point() and b.is_floating_point() and a.shape[1] == w.shape[1]
                 and b.shape == (w.shape[0], a.shape[0]) and a.device == b.device == x.device
                 and isinstance(sc, (int, float)) and not isinstance(sc, bool)):
-            raise InputError(f"{what}: lora[{i}]: expected (A of shape (r, {w.shape[1]}), B of shape ({w.shape[0]}, r), "
+            raise InputError(f"{what}: low_rank[{i}]: expected (A of shape (r, {w.shape[1]}), B of shape ({w.shape[0]}, r), "
                              f"a float scaling) on {x.device}, got "
                              f"{[getattr(t, 'shape', t) for t in spec] if isinstance(spec, (list, tuple)) else spec!r}")
     return list(lora)
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
-         residual: torch.Tensor | None = None, lora: LoraSpec | None = None) -> torch.Tensor:
+         residual: torch.Tensor | None = None, low_rank: LoraSpec | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) (+ residual): x (..., K), W (N, K) -> (..., N) in x's dtype; the kernel for one
     row of x on CUDA, F.linear otherwise. `residual` (..., N) is added after the product is rounded
     (as `residual + linear(x)`: a decoder layer's skip connection, in the kernel's epilogue).
-    `lora` = (A, B, scaling): an unmerged adapter, added as the LoRA layer's forward does
+    `low_rank` = (A, B, scaling): an unmerged LoRA adapter, added as the LoRA layer's forward does
     (`out + scaling * B (A x)`, A and B cast to x's dtype, each step rounded to it), in the same
     launch's epilogue after a small launch for A x. Differentiable in every tensor."""
     if not (isinstance(w, torch.Tensor) and w.dim() == 2):
@@ -543,38 +543,38 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, *,
     if residual is not None and (not isinstance(residual, torch.Tensor) or tuple(residual.shape) != want):
         raise InputError(f"gemv: residual: expected a {want} tensor, got {getattr(residual, 'shape', type(residual).__name__)}")
     return _cat_call(x, [w], biases, residual=residual,
-                     lora=_check_lora(x, [w], None if lora is None else [lora], "gemv"))
+                     lora=_check_lora(x, [w], None if low_rank is None else [low_rank], "gemv"))
 
 
 def gemv_cat(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None] | None = None, *,
              norm_weight: torch.Tensor | None = None, eps: float = 1e-6, norm_offset: float = 0.0,
-             lora: list[LoraSpec | None] | None = None) -> torch.Tensor:
+             low_rank: list[LoraSpec | None] | None = None) -> torch.Tensor:
     """[x' @ W0^T | x' @ W1^T | ...] (+ biases) for up to three weights of one in_features, as one
     tensor (..., sum N); one launch for a row of x on CUDA. x' = x, or `rms_norm(x, norm_weight,
     eps, norm_offset)` computed in the kernel's prologue (a decoder layer's pre-attention norm).
-    `lora`: an adapter (A, B, scaling) or None per weight, applied as in `gemv`."""
+    `low_rank`: an adapter (A, B, scaling) or None per weight, applied as in `gemv`."""
     if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
         raise InputError(f"gemv_cat: weights: expected a list of 1 to 3 tensors, got {type(weights).__name__} "
                          f"of {len(weights) if isinstance(weights, (list, tuple)) else '?'}")
     bs = _check(x, list(weights), biases, "gemv_cat")
     _check_norm(x, norm_weight, "gemv_cat")
     return _cat_call(x, list(weights), bs, None if norm_weight is None else (norm_weight, eps, norm_offset),
-                     lora=_check_lora(x, list(weights), lora, "gemv_cat"))
+                     lora=_check_lora(x, list(weights), low_rank, "gemv_cat"))
 
 
 def gemv_glu(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, activation: str = "silu",
              biases: list[torch.Tensor | None] | None = None, *, norm_weight: torch.Tensor | None = None,
-             eps: float = 1e-6, norm_offset: float = 0.0, lora: list[LoraSpec | None] | None = None) -> torch.Tensor:
+             eps: float = 1e-6, norm_offset: float = 0.0, low_rank: list[LoraSpec | None] | None = None) -> torch.Tensor:
     """act(x' @ Wg^T) * (x' @ Wu^T) (+ biases inside), activation 'silu' (SwiGLU), 'gelu_tanh' or 'gelu'
     (GeGLU); one launch for a row of x on CUDA. x' as in `gemv_cat` (the pre-MLP norm fused in);
-    `lora`: [gate's adapter, up's adapter], each (A, B, scaling) or None, applied as in `gemv`."""
+    `low_rank`: [gate's adapter, up's adapter], each (A, B, scaling) or None, applied as in `gemv`."""
     if activation not in ACTIVATIONS:
         raise InputError(f"gemv_glu: activation={activation!r}; expected one of {sorted(ACTIVATIONS)}")
     bs = _check(x, [w_gate, w_up], biases, "gemv_glu")
     if w_gate.shape != w_up.shape:
         raise InputError(f"gemv_glu: w_gate {tuple(w_gate.shape)} and w_up {tuple(w_up.shape)} differ")
     _check_norm(x, norm_weight, "gemv_glu")
-    lora = _check_lora(x, [w_gate, w_up], lora, "gemv_glu") or [None, None]
+    lora = _check_lora(x, [w_gate, w_up], low_rank, "gemv_glu") or [None, None]
     la = [None if spec is None else spec[0] for spec in lora]
     lb = [None if spec is None else spec[1] for spec in lora]
     ls = [0.0 if spec is None else float(spec[2]) for spec in lora]
