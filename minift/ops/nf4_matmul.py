@@ -141,6 +141,28 @@ if HAS_TRITON:
             return v.to(DT)
 
     @triton.jit
+    def _block_scale(absmax_ptr, ncode_ptr, nabsmax_ptr, off, bidx, mask, NBS: tl.constexpr,
+                     NESTED: tl.constexpr, MASKED: tl.constexpr):
+        """The float32 scale of each absmax block `bidx`: absmax itself, or nested `code[q] * absmax2 + off`.
+
+        Masked blocks get scale 0, so their weights are 0 whatever their bytes hold.
+        """
+        if MASKED:
+            if NESTED:
+                q = tl.load(absmax_ptr + bidx, mask=mask, other=0).to(tl.int32)
+                s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS, mask=mask, other=0.0) + off
+            else:
+                s = tl.load(absmax_ptr + bidx, mask=mask, other=0.0)
+            s = tl.where(mask, s, 0.0)
+        else:
+            if NESTED:
+                q = tl.load(absmax_ptr + bidx).to(tl.int32)
+                s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS) + off
+            else:
+                s = tl.load(absmax_ptr + bidx)
+        return s
+
+    @triton.jit
     def _nf4_matmul_kernel(
         x_ptr, data_ptr, absmax_ptr, code_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, bias_ptr, out_ptr,
         part_ptr, ticket_ptr, M, N, K, half_k, blocks_per_row, sxm, sxk,
@@ -181,6 +203,8 @@ if HAS_TRITON:
         x_row = x_ptr + mrow.to(tl.int64) * sxm
         if NESTED:
             off = tl.load(offset_ptr)
+        else:
+            off = 0.0
         if SHFL:
             creg = _lane_code(code_ptr)
         if S == 1:
@@ -195,20 +219,8 @@ if HAS_TRITON:
             kg = k0 + sp[:, None] * KS + g[None, :] * GW  # (S, NG): first k of each scale group
             gmask = kg < K
             bidx = row_blk[None, :, None] + (kg // BS)[:, None, :]  # (S, BLOCK_N, NG)
-            if EVEN_K:
-                if NESTED:
-                    q = tl.load(absmax_ptr + bidx).to(tl.int32)
-                    s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS) + off
-                else:
-                    s = tl.load(absmax_ptr + bidx)
-            else:
-                m3 = gmask[:, None, :]
-                if NESTED:
-                    q = tl.load(absmax_ptr + bidx, mask=m3, other=0).to(tl.int32)
-                    s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS, mask=m3, other=0.0) + off
-                else:
-                    s = tl.load(absmax_ptr + bidx, mask=m3, other=0.0)
-                s = tl.where(m3, s, 0.0)  # masked groups: weights 0 (x is 0 there too)
+            s = _block_scale(absmax_ptr, ncode_ptr, nabsmax_ptr, off, bidx, gmask[:, None, :], NBS, NESTED,
+                             not EVEN_K)  # groups past K: weights 0 (x is 0 there too)
             byte = row_byte[None, :, None, None] + (kg // 2)[:, None, :, None] + i[None, None, None, :]
             if EVEN_K:
                 b = tl.load(data_ptr + byte, eviction_policy="evict_first")
@@ -298,6 +310,8 @@ if HAS_TRITON:
         row_blk = rows * blocks_per_row
         if NESTED:
             off = tl.load(offset_ptr)
+        else:
+            off = 0.0
         if SHFL:
             creg = _lane_code(code_ptr)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -305,22 +319,13 @@ if HAS_TRITON:
             kg = k0 + g * GW  # (NG,): first k of each scale group
             bidx = row_blk[:, None] + (kg // BS)[None, :]  # (BLOCK_N, NG)
             byte = row_byte[:, None, None] + (kg // 2)[None, :, None] + i[None, None, :]
+            gm = (kg < K)[None, :]
+            s = _block_scale(absmax_ptr, ncode_ptr, nabsmax_ptr, off, bidx, gm, NBS, NESTED,
+                             not EVEN_K)  # groups past K: weights 0 (x is 0 there too)
             if EVEN_K:
-                if NESTED:
-                    q = tl.load(absmax_ptr + bidx).to(tl.int32)
-                    s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS) + off
-                else:
-                    s = tl.load(absmax_ptr + bidx)
                 b = tl.load(data_ptr + byte, eviction_policy="evict_first")
                 xx = tl.load(x_ptr + k0 + kk)
             else:
-                gm = (kg < K)[None, :]
-                if NESTED:
-                    q = tl.load(absmax_ptr + bidx, mask=gm, other=0).to(tl.int32)
-                    s = tl.load(ncode_ptr + q) * tl.load(nabsmax_ptr + bidx // NBS, mask=gm, other=0.0) + off
-                else:
-                    s = tl.load(absmax_ptr + bidx, mask=gm, other=0.0)
-                s = tl.where(gm, s, 0.0)  # groups past K: weights 0 (x is 0 there too)
                 b = tl.load(data_ptr + byte, mask=gm[:, :, None], other=0, eviction_policy="evict_first")
                 xx = tl.load(x_ptr + k0 + kk, mask=(k0 + kk) < K, other=0.0)
             if SHFL:
