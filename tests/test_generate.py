@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from PIL import Image
+from torch._dynamo.utils import counters
 
 import minift
 from minift.errors import InputError
@@ -179,6 +180,18 @@ def test_eos_and_stop_strings_end_rows_separately(tmp_path):
     assert got[1, n:n + 3].tolist() == new[1, :3].tolist() and (got[1, n + 3:] == 0).all()
 
 
+def test_compiled_decode_steps_equal_eager(tmp_path):
+    """The compiled decode steps (CUDA graphs on a GPU; inductor here): greedy with its pick and
+    eos bookkeeping inside the step, and the step a repetition penalty uses (picked outside it),
+    each give the eager loop's tokens, rows ending on eos at different steps."""
+    model, tok = minift.load(write_tiny_checkpoint(tmp_path, "llama"))
+    enc = batch(tok)
+    free = ours(model, enc, eos_token_id=[])
+    eos = int(free[0, enc["input_ids"].shape[1] + 2])
+    for kw in ({"eos_token_id": eos}, {"eos_token_id": eos, "repetition_penalty": 1.3}):
+        assert_same(ours(model, enc, compile=True, **kw), ours(model, enc, compile=False, **kw))
+
+
 def test_text_generate_and_chat(tmp_path):
     model, tok = minift.load(write_tiny_checkpoint(tmp_path, "llama"))
     enc = batch(tok, PROMPTS[:1])
@@ -249,5 +262,10 @@ def test_cuda_graph_decode_equals_transformers(tmp_path, family):
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()
     enc = {k: v.cuda() for k, v in batch(tok).items()}
     want = hf_greedy(ref, enc, eos_token_id=None)
+    counters.clear()
     for _ in range(2):
         assert_same(ours(model, enc, eos_token_id=[], compile=True), want)
+    # rows ending on eos at different steps, inside the graph's bookkeeping
+    eos = int(want[0, enc["input_ids"].shape[1] + 2])
+    assert_same(ours(model, enc, eos_token_id=eos, compile=True), hf_greedy(ref, enc, eos_token_id=eos))
+    assert not counters["inductor"]["cudagraph_skips"], "the decode step ran without CUDA graphs"

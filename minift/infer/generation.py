@@ -80,10 +80,12 @@ def check_prompt(model: nn.Module, input_ids: Any, attention_mask: Any, max_new_
 
 class _Stops:
     """Rows that ended: an eos token (checked on the device, no host sync), or a stop string in
-    the row's new text (decoded on the host, so only when stop strings are asked for)."""
+    the row's new text (decoded on the host, so only when stop strings are asked for). `done` and
+    `ended_at` (the output column of each row's ending token, -1 while it runs) are updated in
+    place: the greedy device step (`_greedy_step`) updates the same tensors inside its graph."""
 
     def __init__(self, eos: list[int], stop_strings: Sequence[str] | None, tokenizer: Any, batch: int, device):
-        self.eos = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
+        self.eos = torch.tensor(eos, device=device, dtype=torch.long)
         self.strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
         if self.strings and tokenizer is None:
             raise InputError("generate: stop_strings need tokenizer= to read the generated text")
@@ -91,14 +93,14 @@ class _Stops:
             raise InputError(f"generate: stop_strings={stop_strings!r}; expected non-empty strings")
         self.tokenizer = tokenizer
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.ended_at = torch.full((batch,), -1, dtype=torch.long, device=device)  # step of the ending token
+        self.ended_at = torch.full((batch,), -1, dtype=torch.long, device=device)
         self._tail = max((len(s) for s in self.strings), default=0) + 16  # characters to re-decode
         self._new: list[list[int]] = [[] for _ in range(batch)]
 
-    def update(self, step: int, tok: torch.Tensor) -> None:
-        ended = torch.zeros_like(self.done)
-        if self.eos is not None:
-            ended = torch.isin(tok, self.eos)
+    def update(self, col: int | torch.Tensor, tok: torch.Tensor, *, eos: bool = True) -> None:
+        """Records the rows that `tok` (batch,), written at output column `col`, ends: eos (unless
+        the device step checked it already) or a stop string."""
+        ended = torch.isin(tok, self.eos) if eos else torch.zeros_like(self.done)
         if self.strings:
             for r, t in enumerate(tok.tolist()):
                 row = self._new[r]
@@ -106,9 +108,28 @@ class _Stops:
                 text = self.tokenizer.decode(row[-self._tail:], skip_special_tokens=False)
                 if any(s in text for s in self.strings):
                     ended[r] = True
-        ended &= ~self.done
-        self.ended_at = torch.where(ended, torch.full_like(self.ended_at, step), self.ended_at)
-        self.done |= ended
+        _record(self.done, self.ended_at, ended, col)
+
+
+def _record(done: torch.Tensor, ended_at: torch.Tensor, ended: torch.Tensor, col: int | torch.Tensor) -> None:
+    """Marks rows `ended` (not already done) as done at output column `col`, in place."""
+    ended = ended & ~done
+    ended_at.copy_(torch.where(ended, col, ended_at))
+    done |= ended
+
+
+def _greedy_step(model: nn.Module, cache: KVCache, s: dict[str, torch.Tensor]) -> None:
+    """One greedy decode step with all its bookkeeping on the device: forward the last token
+    `s["tok"]`, pick the next (the argmax; `pad` for rows that ended), write it to the output
+    `s["seen"]` and record rows that end on eos. Every tensor of `s` is updated in place, so under
+    CUDA graphs a whole step is one graph replay: no launches, copies or syncs around it."""
+    s["pos"] += 1
+    logits = _step(model, cache, s["tok"], s["pos"], s["position"])
+    s["position"] += 1  # the new token's output column (= its cache position)
+    tok = torch.where(s["done"], s["pad"], logits.float().argmax(-1))
+    s["tok"].copy_(tok[:, None])
+    s["seen"].index_copy_(1, s["position"].reshape(1), tok[:, None])
+    _record(s["done"], s["ended_at"], torch.isin(tok, s["eos"]), s["position"])
 
 
 # Decode steps between checks whether every row has ended: a check reads a flag back from the
@@ -170,7 +191,9 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
     stops = _Stops(eos, stop_strings, tokenizer, b, device)
     use_graphs = device.type == "cuda" if compile is None else bool(compile)
-    step = _compiled_step(model, cache) if use_graphs else _step
+    # greedy without a repetition penalty (which reads a growing slice of the output) picks and
+    # records each token inside the decode step; sampling picks outside it, on the host's stream
+    on_device = not sampling.do_sample and sampling.repetition_penalty == 1.0
 
     was_training = model.training
     model.eval()
@@ -182,24 +205,41 @@ def generate(
         cache.advance(n)
         seen = torch.full((b, n + max_new_tokens), pad, dtype=torch.long, device=device)
         seen[:, :n] = input_ids
-        pos = positions[:, -1:]
-        length = n + max_new_tokens
-        cache_positions = torch.arange(n, n + max_new_tokens, device=device)  # no host-to-device copy per step
+        tok = next_token(process(logits, input_ids, sampling), sampling, generator)
+        seen[:, n] = tok
+        stops.update(n, tok)
+        state = {"tok": tok[:, None].clone(), "pos": positions[:, -1:].clone(),
+                 "position": torch.tensor(n, device=device), "seen": seen, "done": stops.done,
+                 "ended_at": stops.ended_at, "eos": stops.eos, "pad": torch.tensor(pad, device=device)}
+        if on_device:
+            step = _compiled(_greedy_step, model, cache, state) if use_graphs else _greedy_step
+        else:
+            step = _compiled(_step, model, cache, state) if use_graphs else _step
         for i in range(max_new_tokens):
-            tok = next_token(process(logits, seen[:, : n + i], sampling), sampling, generator)
-            tok = torch.where(stops.done, torch.full_like(tok, pad), tok)
-            seen[:, n + i] = tok
+            if i:
+                if on_device:
+                    step(model, cache, state)
+                    tok = state["tok"][:, 0]
+                    if stops.strings:
+                        stops.update(n + i, tok, eos=False)
+                else:
+                    state["pos"] += 1
+                    logits = step(model, cache, state["tok"], state["pos"], state["position"])
+                    state["position"] += 1
+                    tok = next_token(process(logits, seen[:, : n + i], sampling), sampling, generator)
+                    tok = torch.where(stops.done, state["pad"], tok)
+                    state["tok"].copy_(tok[:, None])
+                    seen[:, n + i] = tok
+                    stops.update(n + i, tok)
+                cache.advance(1)
             if streamer is not None:
                 streamer.put(tok.cpu())
-            stops.update(i, tok)
             last = i == max_new_tokens - 1
             if last or ((i + 1) % CHECK_EVERY == 0 or stops.strings or streamer is not None) and bool(stops.done.all()):
+                length = n + i + 1
                 if bool(stops.done.all()):  # as transformers: stop at the step the last row ended
-                    length = n + int(stops.ended_at.max()) + 1
+                    length = int(stops.ended_at.max()) + 1
                 break
-            pos = pos + 1
-            logits = step(model, cache, tok[:, None], pos, cache_positions[i])
-            cache.advance(1)
     finally:
         model.train(was_training)
         if streamer is not None:
@@ -214,16 +254,18 @@ def _step(model: nn.Module, cache: KVCache, tok: torch.Tensor, pos: torch.Tensor
     return model(input_ids=tok, position_ids=pos, cache=cache, return_logits=True).logits[:, -1]
 
 
-def _compiled_step(model: nn.Module, cache: KVCache) -> Callable[..., torch.Tensor]:
-    """`_step` compiled for this cache: its tensors marked as static addresses (they are written in
-    place every step), so CUDA graphs replay without copies; `.clone()` keeps a graph's output
-    from being overwritten by the next replay."""
-    for t in [*cache.keys, *cache.values, *cache.slot_pos.values(), *cache.slot_real.values()]:
+def _compiled(fn: Callable[..., Any], model: nn.Module, cache: KVCache,
+              state: dict[str, torch.Tensor]) -> Callable[..., Any]:
+    """`fn` compiled for this cache and decode state: their tensors marked as static addresses
+    (they are written in place every step), so CUDA graphs replay without copies; `.clone()` keeps
+    a graph's output (the logits, when `fn` returns them) from being overwritten by the next replay."""
+    for t in [*cache.keys, *cache.values, *cache.slot_pos.values(), *cache.slot_real.values(), *state.values()]:
         torch._dynamo.mark_static_address(t)
     ops.prepare_nf4_matmul(cache.keys[0].device)  # its counters outside the graph's memory pool
-    compiled = torch.compile(_step, mode="reduce-overhead", dynamic=False, fullgraph=False)
+    compiled = torch.compile(fn, mode="reduce-overhead", dynamic=False, fullgraph=False)
 
-    def run(model, cache, tok, pos, position):
-        return compiled(model, cache, tok, pos, position).clone()
+    def run(*args):
+        out = compiled(*args)
+        return out.clone() if isinstance(out, torch.Tensor) else out
 
     return run
