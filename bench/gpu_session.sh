@@ -3,7 +3,8 @@
 # each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, gen, peers, and the
 # open issues' pending GPU work: dist (issue 19's NCCL tests), notebook (issue 14 target 0: the
 # notebook job merged / unmerged / decoder offloaded, peak by phase), decode (issue 15's rows),
-# longctx (issue 14 target 4: Llama-3.1-8B NF4 at 32k tokens, MLPs whole and in chunks).
+# longctx (issue 14 target 4: Llama-3.1-8B NF4 at 32k tokens, MLPs whole and in chunks), parity
+# (issue 14 target 6: the Trainer's first losses against an HF+PEFT loop).
 #   bash bench/gpu_session.sh env dist notebook decode
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -30,6 +31,7 @@ for stage in "$@"; do
         timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps 12 --phases $v 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2; done ;;
     longctx) for v in offload+compile offload+compile+mlpchunk; do  # issue 14 target 4: the per-token peak, unchunked vs chunked MLPs
         timeout ${LONGCTX_TIMEOUT:-240} python3 bench/train.py --shapes llama-3.1-8b --quant 4bit --bs 1 --seq ${LONGCTX_SEQ:-32768} --warmup 1 --steps 1 --variants $v 2>>"$OUT/longctx.err" | tee -a "$OUT/longctx.jsonl" | cut -c1-400; done ;;
+    parity) timeout ${PARITY_TIMEOUT:-500} python3 bench/parity.py ${PARITY_ARGS:---shapes llama-3.2-1b --quant none,4bit} 2>"$OUT/parity.err" | tee -a "$OUT/parity.jsonl" | cut -c1-900 ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
       timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac
