@@ -319,7 +319,7 @@ def test_ctrl_c_under_torchrun_fsdp_saves_once_and_one_process_resumes(model, re
     tmp, ref = reference
     out = tmp_path / "c"
     spec = tmp_path / "c.json"
-    spec.write_text(json.dumps({"model": str(model), "out": str(out), "slow": 0.4,
+    spec.write_text(json.dumps({"model": str(model), "out": str(out), "slow": 1.0,
                                 "config": dict(BASE, batch_size=2, distributed="fsdp")}))
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -338,6 +338,7 @@ def test_ctrl_c_under_torchrun_fsdp_saves_once_and_one_process_resumes(model, re
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+    assert (out / "RESULT.json").is_file(), f"torchrun exited {proc.returncode} without a result:\n{text[-5000:]}"
     got = json.loads((out / "RESULT.json").read_text())
     step = got["interrupted"]
     assert 1 <= step < BASE["max_steps"], text[-3000:]
