@@ -131,6 +131,7 @@ def _drive() -> None:
                     nf4 = NF4Weight.from_bnb(data, qs)
                     for rows in (1, 20):
                         ops.nf4_matmul(rnd(rows, k, dtype=dt), nf4, None if nested else rnd(n, dtype=dt))
+                    ops.nf4_matmul(rnd(1, k, dtype=dt), nf4, low_rank=(rnd(5, k, grad=False), rnd(n, 5, grad=False), 2.0))
 
 
 def record(path: str) -> None:

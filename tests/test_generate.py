@@ -65,9 +65,18 @@ def test_greedy_equals_transformers(tmp_path, family):
     assert_same(ours(model, enc), hf_greedy(ref, enc))
 
 
-def test_greedy_on_a_4bit_base_equals_transformers(tmp_path):
-    path = write_tiny_checkpoint(tmp_path, "llama")
-    model, tok = minift.load(path, load_in_4bit=True)
+def add_random_adapter(model, save_dir) -> None:
+    """LoRA r=4 with random B (every adapter changes the output), saved in PEFT's format."""
+    minift.add_lora(model, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    model.save_adapter(save_dir)
+
+
+def hf_4bit(path):
+    """transformers over bitsandbytes' NF4 (double quantisation, float32 compute) on the CPU."""
     cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="cpu",
@@ -75,19 +84,43 @@ def test_greedy_on_a_4bit_base_equals_transformers(tmp_path):
     for m in ref.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
+    return ref
+
+
+def test_greedy_on_a_4bit_base_equals_transformers(tmp_path):
+    path = write_tiny_checkpoint(tmp_path, "llama")
+    model, tok = minift.load(path, load_in_4bit=True)
+    ref = hf_4bit(path)
     enc = batch(tok)
     assert_same(ours(model, enc, eos_token_id=[]), hf_greedy(ref, enc, eos_token_id=None))
+
+
+def test_greedy_qlora_equals_peft(tmp_path):
+    """A 4-bit base with an unmerged adapter (a QLoRA model right after training): each one-row
+    projection adds its adapter in the NF4 GEMV's epilogue; tokens equal PEFT over bitsandbytes."""
+    import importlib
+    from unittest import mock
+
+    nm = importlib.import_module("minift.ops.nf4_matmul")
+    path = write_tiny_checkpoint(tmp_path / "base", "llama")
+    model, tok = minift.load(path, load_in_4bit=True)
+    add_random_adapter(model, tmp_path / "ad")
+    ref = peft.PeftModel.from_pretrained(hf_4bit(path), tmp_path / "ad").eval()
+    for prompts in (PROMPTS, PROMPTS[:1]):  # three rows a step; one row: the adapters in the epilogue
+        enc = batch(tok, prompts)
+        # the one-row NF4 kernel (interpreted here) for the decode steps' 4-bit projections
+        with mock.patch.object(nm, "_launch_gemv", wraps=nm._launch_gemv) as one_row, \
+                mock.patch.object(nm, "use_triton", lambda x: len(prompts) == 1 and x.numel() == x.shape[-1]), \
+                mock.patch.object(nm, "GEMV_CONFIG_OVERRIDE", dict(BLOCK_N=64)):  # few programs to interpret
+            got = ours(model, enc, eos_token_id=[])
+        assert any(c.args[-1] is not None for c in one_row.call_args_list) == (len(prompts) == 1)
+        assert_same(got, hf_greedy(ref, enc, eos_token_id=None))
 
 
 def test_greedy_with_lora_active_merged_and_disabled_equals_peft(tmp_path):
     path = write_tiny_checkpoint(tmp_path / "base", "gemma2", sliding_window=6)
     model, tok = minift.load(path)
-    minift.add_lora(model, r=4, alpha=8)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
-    model.save_adapter(tmp_path / "ad")
+    add_random_adapter(model, tmp_path / "ad")
     base = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ref = peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval()
     enc = batch(tok)

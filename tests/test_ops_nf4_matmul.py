@@ -48,7 +48,7 @@ def ref64(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None) -> torch.Ten
     return y if bias is None else y + bias.to(x.dtype).double()
 
 
-def run(x, w, bias=None, cfg=None, backend="triton", gemv_cfg=None):
+def run(x, w, bias=None, cfg=None, backend="triton", gemv_cfg=None, low_rank=None):
     """The op with `cfg` as the tensor-core kernel's override and `gemv_cfg` the one-row kernel's
     (None: one row takes the tensor-core kernel)."""
     old = nm.CONFIG_OVERRIDE, nm.GEMV_CONFIG_OVERRIDE, nm.GEMV_ROWS
@@ -56,7 +56,7 @@ def run(x, w, bias=None, cfg=None, backend="triton", gemv_cfg=None):
     nm.GEMV_CONFIG_OVERRIDE, nm.GEMV_ROWS = (None, 0) if gemv_cfg is None and cfg is not None else (gemv_cfg, 1)
     try:
         with ops.backend(backend):
-            return ops.nf4_matmul(x, w, bias)
+            return ops.nf4_matmul(x, w, bias, low_rank=low_rank)
     finally:
         nm.CONFIG_OVERRIDE, nm.GEMV_CONFIG_OVERRIDE, nm.GEMV_ROWS = old
 
@@ -194,8 +194,11 @@ def test_opcheck():
     x = torch.randn(3, 128, requires_grad=True)
     bias = torch.randn(40, requires_grad=True)
     with ops.backend("triton"):
-        torch.library.opcheck(torch.ops.minift.nf4_matmul.default, (x, ts, meta, bias))
-        torch.library.opcheck(torch.ops.minift.nf4_matmul.default, (x.detach(), ts, meta, None))
+        torch.library.opcheck(torch.ops.minift.nf4_matmul.default, (x, ts, meta, bias, None, None, 0.0))
+        torch.library.opcheck(torch.ops.minift.nf4_matmul.default, (x.detach(), ts, meta, None, None, None, 0.0))
+        a, b = torch.randn(4, 128, requires_grad=True), torch.randn(40, 4, requires_grad=True)
+        for rows in (x[:1], x):  # the one-row kernel's epilogue, and the adapter after the tensor-core kernel
+            torch.library.opcheck(torch.ops.minift.nf4_matmul.default, (rows, ts, meta, None, a, b, 0.5))
         torch.library.opcheck(torch.ops.minift.nf4_matmul_backward.default, (torch.randn(3, 40), ts, meta, 0))
 
 
@@ -234,6 +237,72 @@ def test_linear4bit_small_batches_use_it(device, rows):
         y = layer(x.requires_grad_())
         y.sum().backward()
     assert called.call_count == 0 and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=min(settings.default.max_examples, 40))
+@given(
+    m=st.sampled_from([1, 1, 3]),
+    n=st.integers(1, 80),
+    k64=st.sampled_from([1, 3, 4]),
+    dtype=st.sampled_from(DTYPES),
+    nested=st.booleans(),
+    has_bias=st.booleans(),
+    rank=st.sampled_from([1, 3, 8, 16]),
+    a_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    gemv_cfg=st.sampled_from(GEMV_CONFIGS[:3]),
+    seed=st.integers(0, 2**16),
+)
+def test_low_rank_matches_float64(device, m, n, k64, dtype, nested, has_bias, rank, a_dtype, gemv_cfg, seed):
+    """An unmerged adapter (A, B, scaling): in the one-row kernel's epilogue (A x from a small launch),
+    after the tensor-core kernel for more rows; no worse than the torch path against float64."""
+    k = 64 * k64
+    w = quantize(n, k, dtype, nested, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(device)
+    a = (torch.randn(rank, k, generator=gen) / k**0.5).to(a_dtype).to(device)
+    b = (torch.randn(n, rank, generator=gen) * 0.2).to(a_dtype).to(device)
+    bias = torch.randn(n, generator=gen).to(dtype).to(device) if has_bias else None
+    with spy("_launch_gemv") as one_row:
+        y = run(x, w, bias, gemv_cfg=gemv_cfg, low_rank=(a, b, 0.5))
+    assert one_row.call_count == (m == 1)
+    plain = run(x, w, bias, backend="torch", low_rank=(a, b, 0.5))
+    want = ref64(x, w, bias) + 0.5 * (x.double() @ a.double().T) @ b.double().T
+    assert y.dtype == dtype and y.shape == (m, n)
+    # factor: on the CPU interpreter each of the adapter's extra 16-bit roundings truncates
+    assert_no_worse(y, plain, want, dtype, f"nf4_matmul low_rank {gemv_cfg}",
+                    factor=max(1.0, (32 / y.numel()) ** 0.5) * (1 if dtype == torch.float32 or device != "cpu" else 4))
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_low_rank_gradients(rows):
+    """Gradients for x, bias, A and B: finite differences in float64 (the reference path), and the
+    kernel path's autograd (one row: the epilogue) against autograd through the plain formula."""
+    w = quantize(24, 128, torch.float32, True, "cpu", seed=3)
+    gen = torch.Generator().manual_seed(4)
+    d = dict(dtype=torch.float64)
+    x, bias = torch.randn(rows, 128, generator=gen, **d), torch.randn(24, generator=gen, **d)
+    a, b = torch.randn(3, 128, generator=gen, **d) / 10, torch.randn(24, 3, generator=gen, **d)
+    inputs = [t.requires_grad_() for t in (x, bias, a, b)]
+    with ops.backend("torch"):
+        torch.autograd.gradcheck(lambda x, bias, a, b: ops.nf4_matmul(x, w, bias, low_rank=(a, b, 1.5)), inputs)
+    x32, b32, a32, bb32 = (t.detach().float().requires_grad_() for t in inputs)
+    with ops.backend("triton"):
+        y = ops.nf4_matmul(x32, w, b32, low_rank=(a32, bb32, 1.5))
+    want = x32 @ ref.dequantize_nf4(w).float().T + b32 + 1.5 * (x32 @ a32.T) @ bb32.T
+    go = torch.randn(y.shape, generator=gen)
+    got = torch.autograd.grad(y, (x32, b32, a32, bb32), go)
+    for g1, g2 in zip(got, torch.autograd.grad(want, (x32, b32, a32, bb32), go)):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
+
+
+def test_low_rank_input_errors():
+    w = quantize(8, 64, torch.float32, False, "cpu")
+    x = torch.randn(1, 64)
+    for bad in [(torch.randn(2, 63), torch.randn(8, 2), 1.0), (torch.randn(2, 64), torch.randn(8, 3), 1.0),
+                (torch.randn(2, 64), torch.randn(8, 2), "1"), (torch.randn(2, 64),)]:
+        with pytest.raises(InputError, match=r"nf4_matmul: low_rank\[0\]"):
+            ops.nf4_matmul(x, w, low_rank=bad)
 
 
 @pytest.mark.parametrize(

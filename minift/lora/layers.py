@@ -103,6 +103,9 @@ class LoraLinear(nn.Module):
             return self.base_layer(x)
         a, b = self.lora_A.weight, self.lora_B.weight
         bias = self.bias
+        if bias is None and is_4bit(self.base_layer) and x.numel() == x.shape[-1] and not self._dropping():
+            # one row (decoding) on a 4-bit base: the adapter in the NF4 GEMV's epilogue, same rounding
+            return ops.nf4_matmul(x, self.base_layer.nf4, low_rank=(a, b, self.scaling))
         if self.fuse and not self._dropping() and self._fusable_base(x) and (bias is None or not bias.requires_grad):
             return ops.lora_linear(x, self.base_weight(), a, b, self.scaling, bias)
         lora = F.linear(F.linear(self.lora_dropout(x), a.to(x.dtype)), b.to(x.dtype))

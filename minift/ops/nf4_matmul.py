@@ -65,12 +65,14 @@ import torch.nn.functional as F
 from ..errors import InputError
 from . import reference as ref
 from ._backend import HAS_TRITON, INTERPRET, Op, use_triton
+from .gemv import LoraSpec, _check_lora, _lora_backward, _with_lora
 from .nf4 import _DTYPES, NF4Weight, base_weight, bf16_bits, out_arg, pack_base, unpack_nf4
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .gemv import _lora_down_kernel, _lora_up
     from .nf4 import store_cast
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -287,12 +289,14 @@ if HAS_TRITON:
     @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, data_ptr, absmax_ptr, code_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, bias_ptr, out_ptr,
-        N, K, half_k, blocks_per_row,
+        N, K, half_k, blocks_per_row, xa_ptr, lb_ptr, rank, ls,
         BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, W_DT: tl.constexpr,
+        LORA: tl.constexpr, R: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BF16_BITS: tl.constexpr,
     ):
         """One row of x: BLOCK_N rows of W a program, all of K, float32 FMAs on the CUDA cores (module
-        docstring, "One row")."""
+        docstring, "One row"). LORA: an unmerged adapter's `ls * B (A x)` added in the epilogue, A x
+        (`xa_ptr`, rank values) from `gemv._lora_down_kernel`, rounded as the LoRA layer rounds."""
         GW: tl.constexpr = 64 if BS >= 64 else BS
         GB: tl.constexpr = GW // 2
         NG: tl.constexpr = BLOCK_K // GW
@@ -342,6 +346,9 @@ if HAS_TRITON:
         y = tl.sum(acc, axis=1)
         if HAS_BIAS:  # rounded to x's dtype first, as F.linear's bias is
             y += _round_to(tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+        if LORA:  # round(base) + round(scaling * B (A x)), rounded once more at the store
+            up = _lora_up(lb_ptr, rows, rmask, xa_ptr, 0, rank, R, XD)
+            y = _round_to(y, XD, RNE_BY_HAND).to(tl.float32) + _round_to(ls * up, XD, RNE_BY_HAND).to(tl.float32)
         store_cast(out_ptr, rows, y, rmask, BF16_BITS)
 
 
@@ -433,20 +440,32 @@ GEMV_CONFIG_OVERRIDE: dict | None = None  # e.g. dict(BLOCK_N=4, BLOCK_K=1024, n
 
 
 def _launch_gemv(x2: torch.Tensor, data, absmax, code, nabsmax, ncode, offset, meta: list[int], nested: bool,
-                 bias: torch.Tensor | None, out: torch.Tensor) -> None:
+                 bias: torch.Tensor | None, out: torch.Tensor, lora: LoraSpec | None = None) -> None:
     n, k = meta[3], meta[4]
     cfg = _gemv_config(n, k)
+    xa, lb, rank, ls = x2, x2, 0, 0.0
+    if lora is not None:  # A x first (one small launch, a program per rank row), as the 16-bit GEMVs
+        a, lb, ls = lora[0].contiguous(), lora[1].contiguous(), float(lora[2])
+        rank = a.shape[0]
+        xa = torch.empty(max(1, rank), dtype=torch.float32, device=x2.device)
+        _lora_down_kernel[(1, max(1, rank))](
+            x2, x2, a, a, a, xa, k, rank, 0, 0, 0.0, 0.0, NORM=False,
+            BLOCK_K=max(64, min(2048, triton.next_power_of_2(k))), num_warps=4)
     _nf4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x2, data, absmax, code, nabsmax, ncode, offset, bias if bias is not None else code, out_arg(out),
-        n, k, k // 2, k // meta[0],
+        n, k, k // 2, k // meta[0], xa, lb, rank, ls,
         BS=meta[0], NBS=meta[1] or 1, NESTED=nested, HAS_BIAS=bias is not None, W_DT=meta[2],
+        LORA=lora is not None, R=triton.next_power_of_2(max(1, rank)),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, BF16_BITS=bf16_bits(out),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False,  # nested `code * absmax + offset` rounds twice, as bitsandbytes does
     )
 
 
-def _launch(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int], bias: torch.Tensor | None) -> torch.Tensor:
+def _launch(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int], bias: torch.Tensor | None,
+            lora: LoraSpec | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) by one of the kernels; `lora` (A, B, scaling) is added in the one-row kernel's
+    epilogue, after the tensor-core kernel as the LoRA layer adds it."""
     blocksize, nested_bs = meta[0], meta[1]
     n, k = meta[3], meta[4]
     x2 = x.reshape(-1, k)
@@ -457,7 +476,7 @@ def _launch(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int], bias: torc
     data, absmax, code = c(ts[0]), c(ts[1]), c(ts[2])
     nabsmax, ncode, offset = (c(t) for t in ts[3:]) if nested else (code, code, code)
     if m <= GEMV_ROWS:
-        _launch_gemv(c(x2), data, absmax, code, nabsmax, ncode, offset, meta, nested, bias, out)
+        _launch_gemv(c(x2), data, absmax, code, nabsmax, ncode, offset, meta, nested, bias, out, lora)
         return out.view(*x.shape[:-1], n)
     cfg = _config(m, n, k, x.device, x.dtype)
     bm = _block_m(m, x.dtype)
@@ -475,22 +494,26 @@ def _launch(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int], bias: torc
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False,  # nested `code * absmax + offset` rounds twice, as bitsandbytes does
     )
-    return out.view(*x.shape[:-1], n)
+    out = out.view(*x.shape[:-1], n)
+    return out if lora is None else _with_lora(x, out, *lora)
 
 
 # ---- the op: forward, backward (dx = grad @ W), registration ----------------------------------
 
 
-def _nf4_matmul_impl(x: torch.Tensor, w: list[torch.Tensor], meta: list[int], bias: torch.Tensor | None) -> torch.Tensor:
+def _nf4_matmul_impl(x: torch.Tensor, w: list[torch.Tensor], meta: list[int], bias: torch.Tensor | None,
+                     la: torch.Tensor | None, lb: torch.Tensor | None, ls: float) -> torch.Tensor:
+    lora = None if la is None else (la, lb, ls)
     if _kernel_ok(x, meta):
-        return _launch(x, w, meta, bias)
+        return _launch(x, w, meta, bias, lora)
     if not use_triton(x):
-        return ref.nf4_matmul(x, unpack_nf4(w, meta), bias)
-    # CUDA, but a shape the kernel does not take: the dequant kernel + cuBLAS
-    return F.linear(x, base_weight(w, meta, x.dtype), None if bias is None else bias.to(x.dtype))
+        out = ref.nf4_matmul(x, unpack_nf4(w, meta), bias)
+    else:  # CUDA, but a shape the kernel does not take: the dequant kernel + cuBLAS
+        out = F.linear(x, base_weight(w, meta, x.dtype), None if bias is None else bias.to(x.dtype))
+    return out if lora is None else _with_lora(x, out, *lora)
 
 
-def _nf4_matmul_fake(x, w, meta, bias):
+def _nf4_matmul_fake(x, w, meta, bias, la, lb, ls):
     return x.new_empty((*x.shape[:-1], meta[3]))
 
 
@@ -512,30 +535,41 @@ _X_DTYPE_IDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.flo
 
 
 def _nf4_matmul_setup(ctx, inputs, output):
-    x, w, meta, bias = inputs
-    ctx.save_for_backward(*w)  # the packed weight, never a dense copy
+    x, w, meta, bias, la, lb, ls = inputs
+    # the packed weight, never a dense copy; x only for an adapter's gradients
+    ctx.save_for_backward(x if la is not None else None, la, lb, *w)
     ctx.meta, ctx.x_dtype_id, ctx.n_w = meta, _X_DTYPE_IDS[x.dtype], len(w)
     ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.ls, ctx.n_lora = ls, 1  # (_lora_backward's index of B: A's + n_lora)
 
 
 def _nf4_matmul_backward(ctx, grad):
-    w = list(ctx.saved_tensors)
+    x, la, lb, *w = ctx.saved_tensors
     dx = _nf4_matmul_bwd_op(grad, w, ctx.meta, ctx.x_dtype_id) if ctx.needs_input_grad[0] else None
+    dla = dlb = None
+    if la is not None:
+        dl, dla, dlb = _lora_backward(ctx, grad, x.reshape(-1, x.shape[-1]), la, lb, ctx.ls, 4)
+        if dx is not None:
+            dx = (dx.to(dl.dtype) + dl.view(dx.shape)).to(dx.dtype)
     db = None
     if ctx.bias_dtype is not None and ctx.needs_input_grad[3]:
         db = grad.reshape(-1, grad.shape[-1]).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return dx, [None] * ctx.n_w, None, db
+    return dx, [None] * ctx.n_w, None, db, dla, dlb, None
 
 
 _nf4_matmul_op = Op("nf4_matmul", _nf4_matmul_impl, _nf4_matmul_fake, _nf4_matmul_setup, _nf4_matmul_backward)
 
 
-def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None, *,
+               low_rank: LoraSpec | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for an NF4 weight W of shape (N, K): x (..., K) -> (..., N) in x's dtype.
 
     Equals `x @ dequantize_nf4(w).to(x.dtype).T (+ bias)` up to float32 accumulation order, reading the
     packed weight once (a decoding kernel: for many rows of x, dequantise + F.linear is faster and is
-    what the op does past MAX_ROWS rows). Gradients flow to x (grad @ W, W dequantised again) and bias;
+    what the op does past MAX_ROWS rows). `low_rank` = (A, B, scaling): an unmerged LoRA adapter, added
+    as the LoRA layer adds it (`+ scaling * B (A x)`, A and B cast to x's dtype, each step rounded); for
+    one row of x inside the GEMV's epilogue (a QLoRA model decoding right after training: two launches
+    a projection instead of ~6). Gradients flow to x (grad @ W, W dequantised again), bias, A and B;
     W is frozen."""
     if not isinstance(x, torch.Tensor) or x.dtype not in (*_FLOATS, torch.float64) or x.dim() < 1:
         raise InputError(f"x: expected a floating-point tensor with at least 1 dim, got "
@@ -555,8 +589,10 @@ def nf4_matmul(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
                 or not bias.is_floating_point():
             raise InputError(f"bias: expected a float tensor of shape ({n},) on {x.device}, got "
                              f"{getattr(bias, 'shape', bias)!r}")
+    lora = _check_lora(x, [w], None if low_rank is None else [low_rank], "nf4_matmul")
+    la, lb, ls = lora[0] if lora is not None else (None, None, 0.0)
     ts, meta = pack_base(w)
-    return _nf4_matmul_op(x, ts, meta, bias)
+    return _nf4_matmul_op(x, ts, meta, bias, la, lb, float(ls))
 
 
 def bytes_read(w: NF4Weight) -> int:
