@@ -213,6 +213,20 @@ def test_eos_and_stop_strings_end_rows_separately(tmp_path):
     assert got[1, n:n + 3].tolist() == new[1, :3].tolist() and (got[1, n + 3:] == 0).all()
 
 
+def test_greedy_with_repetition_penalty_equals_transformers(tmp_path):
+    """The penalty inside the decode step (a mask of the tokens seen, prompt and padding included)
+    gives transformers' tokens."""
+    path = write_tiny_checkpoint(tmp_path, "llama")
+    model, tok = minift.load(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    enc = batch(tok)
+    plain = hf_greedy(ref, enc, eos_token_id=None)
+    for penalty in (1.3, 0.7):
+        want = hf_greedy(ref, enc, eos_token_id=None, repetition_penalty=penalty)
+        assert not torch.equal(want, plain)  # the penalty changes these tokens
+        assert_same(ours(model, enc, eos_token_id=[], repetition_penalty=penalty), want)
+
+
 def test_compiled_decode_steps_equal_eager(tmp_path):
     """The compiled decode steps (CUDA graphs on a GPU; inductor here): greedy with its pick and
     eos bookkeeping inside the step, and the step a repetition penalty uses (picked outside it),

@@ -18,7 +18,7 @@ from torch import nn
 from .. import ops
 from ..arch.cache import KVCache
 from ..errors import InputError
-from .sampling import Sampling, next_token, process
+from .sampling import Sampling, next_token, penalize_present, process
 
 
 def _text_config(model: nn.Module) -> Any:
@@ -120,15 +120,20 @@ def _record(done: torch.Tensor, ended_at: torch.Tensor, ended: torch.Tensor, col
 
 def _greedy_step(model: nn.Module, cache: KVCache, s: dict[str, torch.Tensor]) -> None:
     """One greedy decode step with all its bookkeeping on the device: forward the last token
-    `s["tok"]`, pick the next (the argmax; `pad` for rows that ended), write it to the output
-    `s["seen"]` and record rows that end on eos. Every tensor of `s` is updated in place, so under
-    CUDA graphs a whole step is one graph replay: no launches, copies or syncs around it."""
+    `s["tok"]`, pick the next (the argmax, after the repetition penalty when `s` holds the seen
+    tokens' mask `present`; `pad` for rows that ended), write it to the output `s["seen"]` and
+    record rows that end on eos. Every tensor of `s` is updated in place, so under CUDA graphs a
+    whole step is one graph replay: no launches, copies or syncs around it."""
     s["pos"] += 1
-    logits = _step(model, cache, s["tok"], s["pos"], s["position"])
+    logits = _step(model, cache, s["tok"], s["pos"], s["position"]).float()
     s["position"] += 1  # the new token's output column (= its cache position)
-    tok = torch.where(s["done"], s["pad"], logits.float().argmax(-1))
+    if "present" in s:
+        logits = penalize_present(logits, s["present"], s["penalty"])
+    tok = torch.where(s["done"], s["pad"], logits.argmax(-1))
     s["tok"].copy_(tok[:, None])
     s["seen"].index_copy_(1, s["position"].reshape(1), tok[:, None])
+    if "present" in s:
+        s["present"].scatter_(1, tok[:, None], True)
     _record(s["done"], s["ended_at"], torch.isin(tok, s["eos"]), s["position"])
 
 
@@ -191,9 +196,9 @@ def generate(
     generator = torch.Generator(device=device).manual_seed(int(seed)) if seed is not None else None
     stops = _Stops(eos, stop_strings, tokenizer, b, device)
     use_graphs = device.type == "cuda" if compile is None else bool(compile)
-    # greedy without a repetition penalty (which reads a growing slice of the output) picks and
-    # records each token inside the decode step; sampling picks outside it, on the host's stream
-    on_device = not sampling.do_sample and sampling.repetition_penalty == 1.0
+    # greedy decoding picks and records each token inside the decode step; sampling picks outside
+    # it, on the host's stream
+    on_device = not sampling.do_sample
 
     was_training = model.training
     model.eval()
@@ -211,6 +216,9 @@ def generate(
         state = {"tok": tok[:, None].clone(), "pos": positions[:, -1:].clone(),
                  "position": torch.tensor(n, device=device), "seen": seen, "done": stops.done,
                  "ended_at": stops.ended_at, "eos": stops.eos, "pad": torch.tensor(pad, device=device)}
+        if on_device and sampling.repetition_penalty != 1.0:  # every token seen so far, as a mask
+            state["present"] = torch.zeros(logits.shape, dtype=torch.bool, device=device).scatter_(1, seen[:, :n + 1], True)
+            state["penalty"] = torch.tensor(float(sampling.repetition_penalty), device=device)
         if on_device:
             step = _compiled(_greedy_step, model, cache, state) if use_graphs else _greedy_step
         else:

@@ -51,6 +51,12 @@ def repetition_penalty(scores: torch.Tensor, seen: torch.Tensor, penalty: float)
     return scores.scatter(1, seen, picked)
 
 
+def penalize_present(scores: torch.Tensor, present: torch.Tensor, penalty: float | torch.Tensor) -> torch.Tensor:
+    """`repetition_penalty` with the seen tokens as a (batch, vocab) mask: the same scores (a token
+    seen several times is penalised once either way), from a buffer a decode step updates in place."""
+    return torch.where(present, torch.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keeps the k highest scores (ties with the k-th kept)."""
     k = min(k, scores.shape[-1])
