@@ -6,6 +6,8 @@
 # longctx (issue 14 target 4: Llama-3.1-8B NF4 at 32k tokens, MLPs whole and in chunks), parity
 # (issue 14 target 6: the Trainer's first losses against an HF+PEFT loop).
 #   bash bench/gpu_session.sh env dist notebook decode
+#   DECODE_ARGS="--shapes llama-3.2-1b --batch 1 --quant 4bit --impls minift,minift-lora" bash bench/gpu_session.sh decode
+#     (QLoRA right after training: adapters in the one-row NF4 kernel's epilogue)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
