@@ -61,6 +61,8 @@ def _decode_parts(x: torch.Tensor, mods: list[nn.Module]) -> list[tuple] | None:
     decoding kernel: every module offers `decode_parts` (this module's Linear, or a wrapper
     over one; not 4-bit, not replaced by a later stage) and x is a single row that `ops.gemv`
     takes; None otherwise (then each module runs, hooks included)."""
+    if not ops.takes_gemv(x, []):  # training or several rows: no lookups in every forward
+        return None
     parts = []
     for m in mods:
         get = getattr(m, "decode_parts", None)
