@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -91,6 +93,26 @@ def write_random_checkpoint(shape: str, path: str | Path, shard_bytes: int = 2 <
     if shape in VISION:
         _processor(cfg, tok).save_pretrained(path)
     return path
+
+
+def checkpoint(shape: str, root: str) -> str:
+    """The random-weight checkpoint of `shape` under `root`, written on first use."""
+    path = os.path.join(root, shape)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        write_random_checkpoint(shape, path)
+    return path
+
+
+def run_child(cmd: list[str], timeout: float) -> tuple[dict | None, str]:
+    """Runs one benchmark child process: (the dict of its `RESULT {json}` line or None, its output;
+    "TIMEOUT after Ns" when it ran past `timeout`)."""
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = p.stdout + p.stderr
+    except subprocess.TimeoutExpired:
+        out = f"TIMEOUT after {timeout}s"
+    rows = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
+    return (rows[0] if rows else None), out
 
 
 def _processor(cfg, tok):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -137,26 +136,20 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(path, quant, impl, int(batch), a.prompt, a.new, a.profile)), flush=True)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from common import environment, write_random_checkpoint
+    from common import checkpoint, environment, run_child
 
     env = environment()
     rows = []
     for shape in a.shapes.split(","):
-        path = os.path.join(a.root, shape)
-        if not os.path.exists(os.path.join(path, "config.json")):
-            write_random_checkpoint(shape, path)
+        path = checkpoint(shape, a.root)
         for quant in a.quant.split(","):
             for batch in a.batch.split(","):
                 for impl in a.impls.split(","):
                     cmd = [sys.executable, os.path.abspath(__file__), "--child", path, quant, impl, batch,
                            "--prompt", str(a.prompt), "--new", str(a.new)] + ["--profile"] * a.profile
-                    try:
-                        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-                        out = p.stdout + p.stderr
-                    except subprocess.TimeoutExpired:
-                        out = f"TIMEOUT after {a.timeout}s"
-                    got = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
-                    res = got[0] if got else dict(impl=impl, quant=quant, batch=int(batch), error=out[-1500:])
+                    res, out = run_child(cmd, a.timeout)
+                    if res is None:
+                        res = dict(impl=impl, quant=quant, batch=int(batch), error=out[-1500:])
                     hints = [ln.strip()[:200] for ln in out.splitlines() if "cudagraph" in ln.lower() or "recompil" in ln.lower()]
                     if hints:
                         res["compile_notes"] = hints[:5]

@@ -19,13 +19,13 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import checkpoint, environment, run_child  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEED, LR = 3407, 2e-4
@@ -105,13 +105,8 @@ def run_reference(path: str, quant: str, steps: int, bs: int, seq: int, adapter:
 def _child(a, side: str, path: str, quant: str, adapter: str) -> dict:
     cmd = [sys.executable, __file__, "--child", side, path, quant, adapter, "--steps", str(a.steps), "--bs", str(a.bs),
            "--seq", str(a.seq), "--r", str(a.r)]
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-        out = p.stdout + p.stderr
-    except subprocess.TimeoutExpired:
-        out = f"TIMEOUT after {a.timeout}s"
-    rows = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
-    return rows[0] if rows else dict(error=out[-1500:])
+    res, out = run_child(cmd, a.timeout)
+    return res if res is not None else dict(error=out[-1500:])
 
 
 def main() -> None:
@@ -132,13 +127,9 @@ def main() -> None:
                else run_reference(path, quant, a.steps, a.bs, a.seq, adapter))
         print("RESULT " + json.dumps(res), flush=True)
         return
-    from common import environment, write_random_checkpoint
-
     env = environment()
     for shape in a.shapes.split(","):
-        path = os.path.join(a.root, shape)
-        if not os.path.exists(os.path.join(path, "config.json")):
-            write_random_checkpoint(shape, path)
+        path = checkpoint(shape, a.root)
         for quant in a.quant.split(","):
             adapter = tempfile.mkdtemp(prefix="parity_adapter_")
             ours = _child(a, "minift", path, quant, adapter)

@@ -22,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -213,13 +212,11 @@ def main() -> None:
         res = run_one(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant, a.profile)
         print("RESULT " + json.dumps(res), flush=True)
         return
-    from common import environment, write_random_checkpoint
+    from common import checkpoint, environment
 
     env = environment()
     for shape in a.shapes.split(","):
-        path = os.path.join(a.root, shape)
-        if not os.path.exists(os.path.join(path, "config.json")):
-            write_random_checkpoint(shape, path)
+        path = checkpoint(shape, a.root)
         for quant in a.quant.split(","):
             for variant in a.variants.split(","):
                 if a.max_context is not None:
@@ -240,14 +237,12 @@ def _child(a, path: str, quant: str, variant: str, bs: int, seq: int, warmup: in
            "--warmup", str(warmup), "--steps", str(steps), "--r", str(a.r)] + ["--profile"] * a.profile
     if cap is not None:
         cmd += ["--cap-gib", str(cap)]
+    from common import run_child
+
     t0 = time.time()
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
-        out = p.stdout + p.stderr
-    except subprocess.TimeoutExpired:
-        out = f"TIMEOUT after {a.timeout}s"
-    rows = [json.loads(ln[7:]) for ln in out.splitlines() if ln.startswith("RESULT ")]
-    res = rows[0] if rows else dict(impl="minift", variant=variant, quant=quant, seq=seq, error=out[-1500:])
+    res, out = run_child(cmd, a.timeout)
+    if res is None:
+        res = dict(impl="minift", variant=variant, quant=quant, seq=seq, error=out[-1500:])
     res["process_s"] = round(time.time() - t0, 1)
     return res
 
