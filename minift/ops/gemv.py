@@ -264,33 +264,44 @@ def _launch(x: torch.Tensor, ws: list[torch.Tensor], biases: list[torch.Tensor],
     wp, bp, np_, sp = _pad3(ws, ws[0]), _pad3(bs or [ws[0]], ws[0]), _pad3(ns, 0), _pad3([w.stride(0) for w in ws], 0)
     nw, eps, offset = (_flat(norm[0], k), float(norm[1]), float(norm[2])) if norm is not None else (x1, 0.0, 0.0)
     r = _flat(residual.to(x.dtype), total) if residual is not None else x1
-    ranks, lbs, scales, xa = [0, 0, 0], [x1] * 3, [0.0] * 3, x1
-    use_lora = lora is not None and any(spec is not None for spec in lora)
-    if use_lora:
-        specs = _pad3(lora)
-        real = [spec for spec in specs if spec is not None]
-        # One pointer type a slot (the kernels pick a segment's pointer by branch): adapters of mixed
-        # dtypes go as float32, and a missing adapter's slot holds another's tensor (rank 0: unread).
-        same = len({t.dtype for spec in real for t in spec[:2]}) == 1
-        c = lambda t: (t if same else t.float()).contiguous()  # noqa: E731
-        ranks = [0 if spec is None else spec[0].shape[0] for spec in specs]
-        las = [c((spec or real[0])[0]) for spec in specs]
-        lbs = [c((spec or real[0])[1]) for spec in specs]
-        scales = [0.0 if spec is None else float(spec[2]) for spec in specs]
-        xa = torch.empty(max(1, sum(ranks)), dtype=torch.float32, device=x.device)
-        _lora_down_kernel[(len(ws), max(ranks))](
-            x1, nw, *las, xa, k, *ranks, eps, offset, NORM=norm is not None,
-            BLOCK_K=max(64, min(2048, triton.next_power_of_2(k))), num_warps=4)
+    low = _low_rank_inputs(x1, lora, nw, eps, offset, norm is not None)
+    ranks, lbs, scales, xa = low if low is not None else ([0, 0, 0], [x1] * 3, [0.0] * 3, x1)
     grid = (nbs[0] if glu else sum(nbs),)
     _gemv_kernel[grid](
         x1, *wp, *bp, out, nw, r, *np_, k, *sp, nbs[0], nbs[1] if len(nbs) > 1 else 0, eps, offset,
         xa, *lbs, *ranks, *scales,
         HAS_BIAS=bool(bs), GLU=bool(glu), ACT=max(glu - 1, 0), NORM=norm is not None, RESID=residual is not None,
-        LORA=use_lora, R=triton.next_power_of_2(max(1, *ranks)),
+        LORA=low is not None, R=triton.next_power_of_2(max(1, *ranks)),
         BLOCK_N=bn, BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, EVEN_N=all(n % bn == 0 for n in ns),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out.view(*x.shape[:-1], total)
+
+
+def _low_rank_inputs(x1: torch.Tensor, lora: list[tuple | None] | None, nw: torch.Tensor, eps: float, offset: float,
+                     norm: bool) -> tuple[list[int], list[torch.Tensor], list[float], torch.Tensor] | None:
+    """What a GEMV's low-rank epilogue reads, for a contiguous row x1 and one adapter (A, B, scaling)
+    or None a weight: each of three slots' rank, B and scaling, and xa = [A_0 x' | A_1 x' | ...] in
+    float32 from one small launch (x' = x1, or RMS-normalised by nw, eps, offset when `norm`, as in
+    the GEMV's prologue). None when no weight has an adapter."""
+    if lora is None or all(spec is None for spec in lora):
+        return None
+    specs = _pad3(lora)
+    real = [spec for spec in specs if spec is not None]
+    # One pointer type a slot (the kernels pick a segment's pointer by branch): adapters of mixed
+    # dtypes go as float32, and a missing adapter's slot holds another's tensor (rank 0: unread).
+    same = len({t.dtype for spec in real for t in spec[:2]}) == 1
+    c = lambda t: (t if same else t.float()).contiguous()  # noqa: E731
+    ranks = [0 if spec is None else spec[0].shape[0] for spec in specs]
+    las = [c((spec or real[0])[0]) for spec in specs]
+    lbs = [c((spec or real[0])[1]) for spec in specs]
+    scales = [0.0 if spec is None else float(spec[2]) for spec in specs]
+    k = x1.shape[0]
+    xa = torch.empty(max(1, sum(ranks)), dtype=torch.float32, device=x1.device)
+    _lora_down_kernel[(len(lora), max(ranks))](
+        x1, nw, *las, xa, k, *ranks, eps, offset, NORM=norm,
+        BLOCK_K=max(64, min(2048, triton.next_power_of_2(k))), num_warps=4)
+    return ranks, lbs, scales, xa
 
 
 def _flat(t: torch.Tensor, n: int) -> torch.Tensor:

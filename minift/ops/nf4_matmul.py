@@ -65,14 +65,14 @@ import torch.nn.functional as F
 from ..errors import InputError
 from . import reference as ref
 from ._backend import HAS_TRITON, INTERPRET, Op, use_triton
-from .gemv import LoraSpec, _check_lora, _lora_backward, _with_lora
+from .gemv import LoraSpec, _check_lora, _lora_backward, _with_lora, _low_rank_inputs
 from .nf4 import _DTYPES, NF4Weight, base_weight, bf16_bits, out_arg, pack_base, unpack_nf4
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .gemv import _lora_down_kernel, _lora_up
+    from .gemv import _lora_up
     from .nf4 import store_cast
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -443,19 +443,14 @@ def _launch_gemv(x2: torch.Tensor, data, absmax, code, nabsmax, ncode, offset, m
                  bias: torch.Tensor | None, out: torch.Tensor, lora: LoraSpec | None = None) -> None:
     n, k = meta[3], meta[4]
     cfg = _gemv_config(n, k)
-    xa, lb, rank, ls = x2, x2, 0, 0.0
-    if lora is not None:  # A x first (one small launch, a program per rank row), as the 16-bit GEMVs
-        a, lb, ls = lora[0].contiguous(), lora[1].contiguous(), float(lora[2])
-        rank = a.shape[0]
-        xa = torch.empty(max(1, rank), dtype=torch.float32, device=x2.device)
-        _lora_down_kernel[(1, max(1, rank))](
-            x2, x2, a, a, a, xa, k, rank, 0, 0, 0.0, 0.0, NORM=False,
-            BLOCK_K=max(64, min(2048, triton.next_power_of_2(k))), num_warps=4)
+    # A x first (one small launch), as the 16-bit GEMVs do
+    low = _low_rank_inputs(x2.view(k), None if lora is None else [lora], x2, 0.0, 0.0, False)
+    ranks, lbs, scales, xa = low if low is not None else ([0], [x2], [0.0], x2)
     _nf4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x2, data, absmax, code, nabsmax, ncode, offset, bias if bias is not None else code, out_arg(out),
-        n, k, k // 2, k // meta[0], xa, lb, rank, ls,
+        n, k, k // 2, k // meta[0], xa, lbs[0], ranks[0], scales[0],
         BS=meta[0], NBS=meta[1] or 1, NESTED=nested, HAS_BIAS=bias is not None, W_DT=meta[2],
-        LORA=lora is not None, R=triton.next_power_of_2(max(1, rank)),
+        LORA=low is not None, R=triton.next_power_of_2(max(1, ranks[0])),
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, BF16_BITS=bf16_bits(out),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         enable_fp_fusion=False,  # nested `code * absmax + offset` rounds twice, as bitsandbytes does
