@@ -73,10 +73,6 @@ def _decode_parts(x: torch.Tensor, mods: list[nn.Module]) -> list[tuple] | None:
     return parts if ops.takes_gemv(x, [p[0] for p in parts]) else None
 
 
-def _fusable(x: torch.Tensor, mods: list[nn.Module]) -> bool:
-    return _decode_parts(x, mods) is not None
-
-
 def _low_rank(parts: list[tuple]) -> list | None:
     """The low-rank terms of fused projections as the GEMV ops' `low_rank` argument (None: none)."""
     specs = [p[2] for p in parts]
@@ -200,42 +196,44 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
                 cache: KVCache | None = None) -> torch.Tensor:
-        if cache is not None and self._fused_decoding(x):
-            return self._decode(x, cos, sin, mask, cache)
+        parts = self._fused_decoding(x) if cache is not None else None
+        if parts is not None:
+            return self._decode(x, cos, sin, mask, cache, parts)
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def _fused_decoding(self, x: torch.Tensor) -> bool:
-        """Whether this decode step can run as `_decode`: every projection exactly this module's
-        Linear (not wrapped or replaced by a later stage, not 4-bit), the norms plain RMSNorms, and
-        one row that the GEMV kernels take."""
+    def _fused_decoding(self, x: torch.Tensor) -> list[tuple] | None:
+        """The seven projections' `_decode_parts` (q, k, v, o, gate, up, down) when this decode step
+        can run as `_decode`: each projection this module's Linear or a wrapper offering its parts
+        (not 4-bit, not replaced by a later stage), the norms plain RMSNorms, and one row that the
+        GEMV kernels take; None otherwise."""
         a, m = self.self_attn, self.mlp
-        mods = [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
         norms = [mod for name, mod in self.named_children() if name.endswith("layernorm")]
-        return (type(m) is MLP and all(type(n) is RMSNorm for n in norms)
-                and _fusable(x, mods))
+        if type(m) is not MLP or not all(type(n) is RMSNorm for n in norms):
+            return None
+        return _decode_parts(x, [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj])
 
     def _decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Mask,
-                cache: KVCache) -> torch.Tensor:
+                cache: KVCache, parts: list[tuple]) -> torch.Tensor:
         """One decode step's layer in four GEMV launches plus attention: each pre-norm runs in the
         prologue of the projections after it, and (pre-norm layers) each skip connection in the
         epilogue of o_proj / down_proj; the same arithmetic as `forward` up to float32 summation
-        order inside the norm."""
+        order inside the norm. `parts`: `_fused_decoding`'s (q/k/v's are taken again by `attend`)."""
         a, m = self.self_attn, self.mlp
         heads = a.attend(x, cos, sin, mask, cache, norm=self.input_layernorm)
         pre_mlp = self.pre_feedforward_layernorm if self.sandwich else self.post_attention_layernorm
         if self.sandwich:
             x = x + self.post_attention_layernorm(a.o_proj(heads))
         else:
-            (w, b, low_rank), = _decode_parts(heads, [a.o_proj])
+            w, b, low_rank = parts[3]
             x = ops.gemv(heads, w, b, residual=x, low_rank=low_rank)
-        h = m.gated(x, _decode_parts(x, [m.gate_proj, m.up_proj]), norm=pre_mlp)
+        h = m.gated(x, parts[4:6], norm=pre_mlp)
         if self.sandwich:
             return x + self.post_feedforward_layernorm(m.down_proj(h))
-        (w, b, low_rank), = _decode_parts(h, [m.down_proj])
+        w, b, low_rank = parts[6]
         return ops.gemv(h, w, b, residual=x, low_rank=low_rank)
 
 
