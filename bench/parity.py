@@ -57,7 +57,8 @@ def run_minift(path: str, quant: str, steps: int, bs: int, seq: int, r: int, ada
     t0 = time.time()
     trainer = Trainer(model, tok, rows, config=cfg)
     losses = trainer.train().losses
-    return dict(losses=losses, seconds=round(time.time() - t0, 1), plan=str(getattr(trainer, "memory_plan", None)))
+    plan = trainer.memory_plan
+    return dict(losses=losses, seconds=round(time.time() - t0, 1), plan=None if plan is None else plan.describe())
 
 
 def run_reference(path: str, quant: str, steps: int, bs: int, seq: int, adapter: str) -> dict:
