@@ -106,6 +106,49 @@ def test_compile_fullgraph_matches_eager():
     assert torch.equal(compiled, eager * 2)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 96), st.integers(1, 4), st.booleans()), min_size=1, max_size=4),
+    dtype=st.sampled_from(DTYPES),
+    seed=st.integers(0, 2**16),
+)
+def test_dequantize_nf4_many_is_each_weight_in_turn(device, shapes, dtype, seed):
+    """One call over weights of other shapes, nested or not: their bitsandbytes dequantisations
+    back to back, bit for bit, with one kernel launch a weight (reference and Triton)."""
+    ws, want = [], []
+    for k, (rows, cols64, nested) in enumerate(shapes):
+        data, qs = quantize(rows, 64 * cols64, dtype, nested, device, seed + k)
+        ws.append(NF4Weight.from_bnb(data, qs))
+        want.append(bnbF.dequantize_4bit(data, qs, quant_type="nf4").reshape(-1))
+    want = torch.cat(want)
+    with ops.backend("torch"):
+        assert torch.equal(ops.dequantize_nf4_many(ws), want)
+    with ops.backend("triton"), mock.patch.object(nf4, "_dequant_triton", wraps=nf4._dequant_triton) as spy:
+        got = ops.dequantize_nf4_many(ws)
+    assert spy.call_count == len(ws)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+def test_dequantize_nf4_many_compiles_and_passes_opcheck():
+    ws = [NF4Weight.from_bnb(*quantize(r, 128, torch.bfloat16, r % 2 == 0, "cpu", seed=r)) for r in (3, 8, 5)]
+    with ops.backend("triton"):
+        eager = ops.dequantize_nf4_many(ws)
+        compiled = torch.compile(lambda ws: ops.dequantize_nf4_many(ws) * 2, fullgraph=True)(ws)
+    assert torch.equal(compiled, eager * 2)
+    torch.library.opcheck(torch.ops.minift.dequantize_nf4_many.default, nf4._pack_many(ws))
+
+
+def test_dequantize_nf4_many_bad_input():
+    w32 = _weight()
+    w16 = NF4Weight.from_bnb(*quantize(4, 128, torch.float16, True, "cpu"))
+    with pytest.raises(InputError, match=r"ws: expected a non-empty list"):
+        ops.dequantize_nf4_many([])
+    with pytest.raises(InputError, match=r"ws\[1\]: is torch.float16 .* one dtype and device"):
+        ops.dequantize_nf4_many([w32, w16])
+    with pytest.raises(InputError, match=r"ws\[1\]\.code"):
+        ops.dequantize_nf4_many([w32, _weight(code=torch.zeros(8))])
+
+
 def test_opcheck():
     data, qs = quantize(4, 128, torch.float16, True, "cpu")
     ts, meta = nf4.pack_base(NF4Weight.from_bnb(data, qs))

@@ -464,6 +464,51 @@ def test_linear4bit_input_grad_without_dense_weight_saved():
     assert (128, 64) not in saved
 
 
+def test_compiled_4bit_layers_dequantise_each_sibling_group_in_one_call(ckpts):
+    """minift.load links a layer's 4-bit linears by parent (q/k/v/o; gate/up/down). Compiled, with
+    LoRA and checkpointed layers, a training step dequantises each group with one call a pass (the
+    compiler merges the siblings' calls, forward and backward), never one weight alone, and gives
+    the eager step's loss and adapter gradients."""
+    from collections import Counter
+
+    _, q, _ = ckpts
+    model, _ = minift.load(q, dtype=torch.float32)
+    attn = model.model.layers[0].self_attn
+    group = attn.q_proj.__dict__["_siblings"]
+    assert group == ((attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj), 0)
+    assert model.model.layers[1].mlp.down_proj.__dict__["_siblings"][1] == 2
+    minift.add_lora(model, r=4, alpha=8, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in adapters:  # B too (PEFT starts it at zero), so every adapter gradient is non-zero
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    model.train()
+    lm = model.model
+    lm.gradient_checkpointing, lm.input_requires_grad = True, True
+    ids = ids_batch(model.config.vocab_size)
+
+    def step():
+        for p in adapters:
+            p.grad = None
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in adapters]
+
+    eager_loss, eager_grads = step()
+    for layer in lm.layers:
+        layer.compile()
+    step()  # compiles
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss, grads = step()
+    calls = Counter(e.name for e in prof.events())
+    # 2 groups a layer, in the forward and in the checkpoint's recompute (which the backward reuses)
+    assert calls["minift::dequantize_nf4_many"] == 2 * 2 * len(lm.layers)
+    assert calls["minift::dequantize_nf4"] == 0
+    assert rel(loss, eager_loss) < 1e-6
+    assert max(rel(g, e) for g, e in zip(grads, eager_grads)) < 1e-5
+
+
 @pytest.mark.parametrize("nested", [True, False])
 def test_packed_parameters_survive_a_dtype_cast(nested):
     """Under FSDP2 a Linear4bit's packed codes and scales are parameters (codes in a 1-byte float

@@ -291,12 +291,14 @@ if HAS_TRITON:
         store_cast(out_ptr, offs, vals, offs < n_out, BF16_BITS)
 
 
-def _dequant_triton(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
-    """The kernel on pack_base's (tensors, ints), read in place: no NF4Weight is rebuilt."""
+def _dequant_triton(ts: list[torch.Tensor], meta: list[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel on pack_base's (tensors, ints), read in place: no NF4Weight is rebuilt. `out`: a
+    contiguous tensor of the weight's size and dtype to write into (default: a new one)."""
     data, absmax, code = ts[0], ts[1], ts[2]
     nested = len(ts) == 6
     blocksize = meta[0]
-    out = torch.empty(meta[3:], dtype=_DTYPES[meta[2]], device=data.device)
+    if out is None:
+        out = torch.empty(meta[3:], dtype=_DTYPES[meta[2]], device=data.device)
     n = out.numel()
     half = blocksize // 2
     rows = max(1, _BYTES_PER_PROGRAM // half)
@@ -332,3 +334,66 @@ def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
     """The dense weight (shape w.shape, dtype w.dtype), bit-identical to bitsandbytes."""
     _validate(w, "w")
     return _dequantize_op(*pack_base(w))
+
+
+# ---- several weights, one call -------------------------------------------------------------------
+# A compiled layer's 4-bit linears dequantise their weights through one op call per group (see
+# quant.Linear4bit.dequantize): each call from a compiled graph costs ~0.1-0.2 ms of host time on
+# an H100 machine (dispatcher, custom-op wrapper, launch), which a small model's NF4 step pays
+# 224 times (bench/RESULTS.md, U8) while its GPU waits.
+
+
+def _pack_many(ws: list[NF4Weight]) -> tuple[list[torch.Tensor], list[int]]:
+    """Weights as one (tensors, ints): the tensors back to back, the ints [count, then per weight
+    its tensor count, its int count and pack_base's ints]."""
+    ts: list[torch.Tensor] = []
+    meta = [len(ws)]
+    for w in ws:
+        t, m = pack_base(w)
+        ts += t
+        meta += [len(t), len(m), *m]
+    return ts, meta
+
+
+def _unpack_many(ts: list[torch.Tensor], meta: list[int]) -> list[tuple[list[torch.Tensor], list[int]]]:
+    parts, i, j = [], 0, 1
+    for _ in range(meta[0]):
+        nt, nm = meta[j], meta[j + 1]
+        parts.append((ts[i:i + nt], meta[j + 2:j + 2 + nm]))
+        i, j = i + nt, j + 2 + nm
+    return parts
+
+
+def _dequantize_many_impl(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    parts = _unpack_many(ts, meta)
+    if not use_triton(ts[0]):
+        return torch.cat([ref.dequantize_nf4(unpack_nf4(t, m)).reshape(-1) for t, m in parts])
+    out = torch.empty(sum(math.prod(m[3:]) for _, m in parts), dtype=_DTYPES[parts[0][1][2]], device=ts[0].device)
+    start = 0
+    for t, m in parts:
+        n = math.prod(m[3:])
+        _dequant_triton(t, m, out[start:start + n])
+        start += n
+    return out
+
+
+def _dequantize_many_fake(ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    parts = _unpack_many(ts, meta)
+    return ts[0].new_empty(sum(math.prod(m[3:]) for _, m in parts), dtype=_DTYPES[parts[0][1][2]])
+
+
+_dequantize_many_op = Op("dequantize_nf4_many", _dequantize_many_impl, _dequantize_many_fake)
+
+
+def dequantize_nf4_many(ws: list[NF4Weight] | tuple[NF4Weight, ...]) -> torch.Tensor:
+    """Several weights of one dtype and device dequantised by one op call: a flat tensor holding
+    each `dequantize_nf4(ws[i])` in turn (`ws[i]` is elements [sum of the earlier numels, + its
+    numel)), bit for bit."""
+    if not isinstance(ws, (list, tuple)) or not ws:
+        raise InputError(f"ws: expected a non-empty list of NF4Weight, got {type(ws).__name__} {ws!r:.60}")
+    for i, w in enumerate(ws):
+        _validate(w, f"ws[{i}]")
+        if w.dtype != ws[0].dtype or w.device != ws[0].device:
+            raise InputError(f"ws[{i}]: is {w.dtype} on {w.device}, but ws[0] is {ws[0].dtype} on {ws[0].device}; "
+                             "one call dequantises weights of one dtype and device")
+    return _dequantize_many_op(*_pack_many(list(ws)))

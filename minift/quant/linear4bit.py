@@ -109,9 +109,20 @@ class Linear4bit(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out_features, in_features) weight in `dtype` (default: the compute dtype),
-        dequantised straight to it, exactly; fresh, never cached."""
-        nf4 = self.nf4
-        return ops.dequantize_nf4(nf4 if dtype in (None, nf4.dtype) else dataclasses.replace(nf4, dtype=dtype))
+        dequantised straight to it, exactly; fresh, never cached. While torch.compile traces, a
+        linear with siblings (`group_siblings`) takes its part of the group's one
+        `dequantize_nf4_many` call: the compiler merges the siblings' identical calls, forward and
+        backward, so a layer's attention and MLP weights cost one op call each a pass, not one a
+        linear (the host time of a small model's NF4 step)."""
+        dtype = dtype or self.compute_dtype
+        group = self.__dict__.get("_siblings")
+        if group is not None and torch.compiler.is_compiling():
+            mods, i = group
+            if all(m.weight.device == self.weight.device for m in mods):
+                flat = ops.dequantize_nf4_many([_in_dtype(m.nf4, dtype) for m in mods])
+                start = sum(m.in_features * m.out_features for m in mods[:i])
+                return flat[start:start + self.in_features * self.out_features].view(self.out_features, self.in_features)
+        return ops.dequantize_nf4(_in_dtype(self.nf4, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
@@ -172,6 +183,24 @@ class FrozenNF4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return grad @ ctx.base.dequantize(grad.dtype), None, None
+
+
+def _in_dtype(w: NF4Weight, dtype: torch.dtype) -> NF4Weight:
+    return w if w.dtype == dtype else dataclasses.replace(w, dtype=dtype)
+
+
+def group_siblings(model: nn.Module) -> None:
+    """Links the Linear4bit children of each module (a layer's q/k/v/o, its gate/up/down) as
+    siblings, whose weights a compiled forward or backward dequantises in one call
+    (`Linear4bit.dequantize`). Any grouping is correct, each linear reads only its own part; one
+    that mixes modules a compiled graph does not all use would dequantise weights for nothing."""
+    for parent in model.modules():
+        kids = [m for m in parent.children() if isinstance(m, Linear4bit)]
+        if len(kids) < 2:
+            continue
+        mods = tuple(kids)
+        for i, m in enumerate(mods):
+            m.__dict__["_siblings"] = (mods, i)  # a plain attribute: not registered as submodules
 
 
 def bits_per_weight(m: Linear4bit) -> float:
