@@ -464,11 +464,13 @@ def test_linear4bit_input_grad_without_dense_weight_saved():
     assert (128, 64) not in saved
 
 
-def test_compiled_4bit_layers_dequantise_each_sibling_group_in_one_call(ckpts):
+@pytest.mark.parametrize("checkpointed", [True, False])
+def test_compiled_4bit_layers_dequantise_each_sibling_group_in_one_call(ckpts, checkpointed):
     """minift.load links a layer's 4-bit linears by parent (q/k/v/o; gate/up/down). Compiled, with
-    LoRA and checkpointed layers, a training step dequantises each group with one call a pass (the
-    compiler merges the siblings' calls, forward and backward), never one weight alone, and gives
-    the eager step's loss and adapter gradients."""
+    LoRA, a training step dequantises each group with one call a pass (the compiler merges the
+    siblings' calls), never one weight alone: in the forward, the checkpoint's recompute and the
+    backward, which dequantises again rather than keeping dense weights from the forward (none is
+    saved for it, checkpointed or not); and it gives the eager step's loss and adapter gradients."""
     from collections import Counter
 
     _, q, _ = ckpts
@@ -477,6 +479,7 @@ def test_compiled_4bit_layers_dequantise_each_sibling_group_in_one_call(ckpts):
     group = attn.q_proj.__dict__["_siblings"]
     assert group == ((attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj), 0)
     assert model.model.layers[1].mlp.down_proj.__dict__["_siblings"][1] == 2
+    weight_shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, Linear4bit)}
     minift.add_lora(model, r=4, alpha=8, seed=0)
     gen = torch.Generator().manual_seed(0)
     adapters = [p for p in model.parameters() if p.requires_grad]
@@ -485,13 +488,15 @@ def test_compiled_4bit_layers_dequantise_each_sibling_group_in_one_call(ckpts):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
     model.train()
     lm = model.model
-    lm.gradient_checkpointing, lm.input_requires_grad = True, True
+    lm.gradient_checkpointing, lm.input_requires_grad = checkpointed, True
     ids = ids_batch(model.config.vocab_size)
 
-    def step():
+    def step(saved: list | None = None):
+        saved = [] if saved is None else saved
         for p in adapters:
             p.grad = None
-        loss = model(ids, labels=ids).loss
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            loss = model(ids, labels=ids).loss
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in adapters]
 
@@ -499,12 +504,14 @@ def test_compiled_4bit_layers_dequantise_each_sibling_group_in_one_call(ckpts):
     for layer in lm.layers:
         layer.compile()
     step()  # compiles
+    saved: list[tuple] = []
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        loss, grads = step()
+        loss, grads = step(saved)
     calls = Counter(e.name for e in prof.events())
-    # 2 groups a layer, in the forward and in the checkpoint's recompute (which the backward reuses)
-    assert calls["minift::dequantize_nf4_many"] == 2 * 2 * len(lm.layers)
+    passes = 3 if checkpointed else 2  # forward, (recompute,) backward
+    assert calls["minift::dequantize_nf4_many"] == 2 * passes * len(lm.layers)
     assert calls["minift::dequantize_nf4"] == 0
+    assert saved and not weight_shapes & set(saved)
     assert rel(loss, eager_loss) < 1e-6
     assert max(rel(g, e) for g, e in zip(grads, eager_grads)) < 1e-5
 

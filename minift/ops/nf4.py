@@ -343,11 +343,11 @@ def dequantize_nf4(w: NF4Weight) -> torch.Tensor:
 # 224 times (bench/RESULTS.md, U8) while its GPU waits.
 
 
-def _pack_many(ws: list[NF4Weight]) -> tuple[list[torch.Tensor], list[int]]:
-    """Weights as one (tensors, ints): the tensors back to back, the ints [count, then per weight
-    its tensor count, its int count and pack_base's ints]."""
+def _pack_many(ws: list[NF4Weight], tag: int = 0) -> tuple[list[torch.Tensor], list[int]]:
+    """Weights as one (tensors, ints): the tensors back to back, the ints [count, tag, then per
+    weight its tensor count, its int count and pack_base's ints]."""
     ts: list[torch.Tensor] = []
-    meta = [len(ws)]
+    meta = [len(ws), int(tag)]
     for w in ws:
         t, m = pack_base(w)
         ts += t
@@ -356,7 +356,7 @@ def _pack_many(ws: list[NF4Weight]) -> tuple[list[torch.Tensor], list[int]]:
 
 
 def _unpack_many(ts: list[torch.Tensor], meta: list[int]) -> list[tuple[list[torch.Tensor], list[int]]]:
-    parts, i, j = [], 0, 1
+    parts, i, j = [], 0, 2
     for _ in range(meta[0]):
         nt, nm = meta[j], meta[j + 1]
         parts.append((ts[i:i + nt], meta[j + 2:j + 2 + nm]))
@@ -385,10 +385,12 @@ def _dequantize_many_fake(ts: list[torch.Tensor], meta: list[int]) -> torch.Tens
 _dequantize_many_op = Op("dequantize_nf4_many", _dequantize_many_impl, _dequantize_many_fake)
 
 
-def dequantize_nf4_many(ws: list[NF4Weight] | tuple[NF4Weight, ...]) -> torch.Tensor:
+def dequantize_nf4_many(ws: list[NF4Weight] | tuple[NF4Weight, ...], *, tag: int = 0) -> torch.Tensor:
     """Several weights of one dtype and device dequantised by one op call: a flat tensor holding
     each `dequantize_nf4(ws[i])` in turn (`ws[i]` is elements [sum of the earlier numels, + its
-    numel)), bit for bit."""
+    numel)), bit for bit. `tag` never changes the result: a compiled graph merges calls with equal
+    arguments, so a caller that wants a separate dequantisation of the same weights (a backward
+    that should not keep the forward's dense weights alive until it runs) passes another tag."""
     if not isinstance(ws, (list, tuple)) or not ws:
         raise InputError(f"ws: expected a non-empty list of NF4Weight, got {type(ws).__name__} {ws!r:.60}")
     for i, w in enumerate(ws):
@@ -396,4 +398,4 @@ def dequantize_nf4_many(ws: list[NF4Weight] | tuple[NF4Weight, ...]) -> torch.Te
         if w.dtype != ws[0].dtype or w.device != ws[0].device:
             raise InputError(f"ws[{i}]: is {w.dtype} on {w.device}, but ws[0] is {ws[0].dtype} on {ws[0].device}; "
                              "one call dequantises weights of one dtype and device")
-    return _dequantize_many_op(*_pack_many(list(ws)))
+    return _dequantize_many_op(*_pack_many(list(ws), tag))

@@ -107,21 +107,32 @@ class Linear4bit(nn.Module):
         )
         self.blocksize, self.nested_blocksize, self.compute_dtype = w.blocksize, w.nested_blocksize, w.dtype
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense (out_features, in_features) weight in `dtype` (default: the compute dtype),
-        dequantised straight to it, exactly; fresh, never cached. While torch.compile traces, a
-        linear with siblings (`group_siblings`) takes its part of the group's one
-        `dequantize_nf4_many` call: the compiler merges the siblings' identical calls, forward and
-        backward, so a layer's attention and MLP weights cost one op call each a pass, not one a
-        linear (the host time of a small model's NF4 step)."""
-        dtype = dtype or self.compute_dtype
+    @property
+    def siblings(self) -> tuple["Linear4bit", ...]:
+        """The group this linear's weight is dequantised with under torch.compile (`group_siblings`),
+        itself included; (self,) without one."""
         group = self.__dict__.get("_siblings")
-        if group is not None and torch.compiler.is_compiling():
-            mods, i = group
-            if all(m.weight.device == self.weight.device for m in mods):
-                flat = ops.dequantize_nf4_many([_in_dtype(m.nf4, dtype) for m in mods])
-                start = sum(m.in_features * m.out_features for m in mods[:i])
-                return flat[start:start + self.in_features * self.out_features].view(self.out_features, self.in_features)
+        return group[0] if group is not None else (self,)
+
+    def dequantize(self, dtype: torch.dtype | None = None, *, again: bool = False) -> torch.Tensor:
+        """The dense (out_features, in_features) weight in `dtype` (default: the compute dtype),
+        dequantised straight to it, exactly; fresh, never cached.
+
+        While torch.compile traces, it is this linear's part of one `dequantize_nf4_many` call
+        over its siblings (`group_siblings`; alone without): the compiler merges the siblings'
+        identical calls, so a layer's attention and MLP weights cost one op call each a pass, not
+        one a linear (the host time of a small model's NF4 step). `again` (the backward's
+        dequantisation) keeps the backward's call apart from the forward's, so the compiled graph
+        dequantises again instead of keeping the dense weights alive from the forward to the
+        backward (a whole layer's, in 16 bits, for every layer not checkpointed)."""
+        dtype = dtype or self.compute_dtype
+        if torch.compiler.is_compiling():
+            mods, i = self.__dict__.get("_siblings") or ((self,), 0)
+            if any(m.weight.device != self.weight.device for m in mods):
+                mods, i = (self,), 0
+            flat = ops.dequantize_nf4_many([_in_dtype(m.nf4, dtype) for m in mods], tag=int(again))
+            start = sum(m.in_features * m.out_features for m in mods[:i])
+            return flat[start:start + self.in_features * self.out_features].view(self.out_features, self.in_features)
         return ops.dequantize_nf4(_in_dtype(self.nf4, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,7 +193,7 @@ class FrozenNF4Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.base.dequantize(grad.dtype), None, None
+        return grad @ ctx.base.dequantize(grad.dtype, again=True), None, None
 
 
 def _in_dtype(w: NF4Weight, dtype: torch.dtype) -> NF4Weight:

@@ -20,7 +20,9 @@ Hq = heads * head_dim, KV = kv_heads * head_dim, V vocabulary, s = 2 (16-bit com
                once: each layer keeps N * (8H + 2Hq + 3KV) * s
   logits       linear_cross_entropy's one token chunk of logits: min(N, 256 MiB / (V * s)) * V * s,
                plus the final norm's input / output and the hidden gradient, 3 * N * H * s
-  4-bit        NF4 only: one linear dequantised in the forward and one in the backward, 2 * max(in*out) * s
+  4-bit        NF4 only: the weights dequantised at once, max(2 * max(in*out), G) * s: eager, one linear
+               in the forward and one in the backward; compiled, a module's linears together
+               (`Linear4bit.dequantize`), the largest such group G = sum(in*out) (an MLP's three)
   pixels       vision models: the batch's float32 images, n_img * C * side^2 * 4
   vision       with adapters on the vision tower. It is checkpointed whenever the decoder is, one
                image at a time (k = 1 image a pass; all n_img under FSDP2, `vision_per_image`),
@@ -64,6 +66,16 @@ PLAN_MARGIN = 0.10
 MLP_CHUNK = 8192
 
 
+def largest_group(linears: dict[str, nn.Module]) -> int:
+    """The largest sum of in * out over the linears (by qualified name) of one parent module: the
+    4-bit weights a compiled layer dequantises at once."""
+    groups: dict[str, int] = {}
+    for name, m in linears.items():
+        parent = name.rpartition(".")[0]
+        groups[parent] = groups.get(parent, 0) + m.in_features * m.out_features
+    return max(groups.values(), default=0)
+
+
 def adapter_bytes(trainable: int, optim: str = "adamw") -> int:
     """Float32 trainable parameters with their gradients and optimizer state."""
     return trainable * (10 if optim == "adamw_8bit" else 16)
@@ -71,11 +83,12 @@ def adapter_bytes(trainable: int, optim: str = "adamw") -> int:
 
 def activation_bytes(text: Any, vision: Any = None, *, batch: int, seq: int, checkpointing: bool | str = True,
                      checkpoint_layers: int | None = None, images: int = 1, vision_lora: bool = True,
-                     max_linear: int = 0, four_bit: bool = False, vision_per_image: bool = True,
+                     max_linear: int = 0, max_group: int = 0, four_bit: bool = False, vision_per_image: bool = True,
                      vision_offload: bool = True, mlp_chunk: int | None = None) -> dict[str, float]:
     """Every term but the weights and adapters (module docstring), from the decoder's config `text`
     (and the vision tower's `vision`): checkpointed inputs, one layer, logits chunk, the dequantised
-    NF4 weight (`max_linear` = the largest in * out), pixel values, vision activations and backward
+    NF4 weights (`max_linear` = the largest in * out, `max_group` = the largest module's linears'
+    sum of in * out), pixel values, vision activations and backward
     (`vision_per_image`: the checkpointed tower runs one image at a time, as the Trainer has it
     except under FSDP2; `vision_offload=False`: its saved inputs stay on the device, as in a loop
     without the Trainer's offloading hooks; `mlp_chunk`: TextModel.mlp_chunk_tokens)."""
@@ -110,7 +123,7 @@ def activation_bytes(text: Any, vision: Any = None, *, batch: int, seq: int, che
             else:
                 vision_act = n_img * P * (Lv * (8 * Hv + 2 * Iv) + 2 * Hv) * s
     return {"checkpointed_inputs": saved, "one_layer": layer, "logits_chunk": logits,
-            "dequantised_weight": 2 * max_linear * s if four_bit else 0, "pixel_values": pixels,
+            "dequantised_weight": max(2 * max_linear, max_group) * s if four_bit else 0, "pixel_values": pixels,
             "vision_activations": vision_act,
             # the vision backward runs once the decoder's checkpoints, layer and logits are freed
             "vision_backward": max(0, vision_layer - (saved + layer + logits))}
@@ -134,20 +147,21 @@ def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | st
     """The estimated peak of one training step of this loaded model (LoRA applied, or full fine-tuning
     with everything trainable), by term, plus "total" (`vision_per_image`, `mlp_chunk`: see
     activation_bytes)."""
-    from ..lora.targets import linear_modules
     from ..quant import Linear4bit
 
     text, vision = _configs(model)
-    lin = linear_modules(model)
-    max_lin = max((m.in_features * m.out_features for m in lin.values()), default=0)
-    four_bit = any(isinstance(m, Linear4bit) for m in model.modules())
+    q4 = [m for m in model.modules() if isinstance(m, Linear4bit)]  # LoRA's bases included
+    max_lin = max((m.in_features * m.out_features for m in q4), default=0)
+    max_group = max((sum(s.in_features * s.out_features for s in m.siblings) for m in q4), default=0)
+    four_bit = bool(q4)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vision_lora = vision is not None and any(p.requires_grad for n, p in model.named_parameters()
                                              if ".vision_tower." in f".{n}")
     parts = {"weights": model_bytes(model), "adapters_and_optimizer": adapter_bytes(trainable, optim)}
     parts.update(activation_bytes(text, vision, batch=batch, seq=seq, checkpointing=checkpointing,
                                   checkpoint_layers=checkpoint_layers, images=images, vision_lora=vision_lora,
-                                  max_linear=max_lin, four_bit=four_bit, vision_per_image=vision_per_image,
+                                  max_linear=max_lin, max_group=max_group, four_bit=four_bit,
+                                  vision_per_image=vision_per_image,
                                   mlp_chunk=mlp_chunk))
     parts["total"] = sum(parts.values())
     return parts
