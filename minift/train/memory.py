@@ -37,10 +37,12 @@ Hq = heads * head_dim, KV = kv_heads * head_dim, V vocabulary, s = 2 (16-bit com
                activations, n_img * P * (L_v * (8 H_v + 2 I_v) + 2 H_v) * s.
 
 Checked on an H200 (2026-12-01; batch 4 x 2048, r = 16 on all-linear incl. the vision tower,
-AdamW) against measured peaks: Gemma-3-4B vision NF4 7.63 GiB estimated vs 7.61 measured, with
-offloaded checkpoints 6.38 vs 6.45, bf16 12.54 vs 12.48; Llama-3.1-8B NF4 10.36 vs 10.31; and on
-an H100, Llama-3.2-1B 4.27 / 2.99 vs 4.20 / 2.94 (bf16 / NF4), Gemma-3-4B text 10.57 / 6.23 vs
-10.53 / 6.24 (tests/test_cli.py keeps these within 10%). The vision rows ran with the tower's inputs
+AdamW) against measured peaks: Gemma-3-4B vision NF4 7.68 GiB estimated vs 7.61 measured, with
+offloaded checkpoints 6.43 vs 6.45, bf16 12.54 vs 12.48; Llama-3.1-8B NF4 10.47 vs 10.31; and on
+an H100, Llama-3.2-1B 4.27 / 3.02 vs 4.20 / 2.94 (bf16 / NF4), Gemma-3-4B text 10.57 / 6.28 vs
+10.53 / 6.24 (tests/test_cli.py keeps these within 10%). (The NF4 peaks were measured when a
+compiled layer kept its dense weights from the recompute to the backward; the estimates count the
+largest sibling group dequantised at once, as the code does now.) The vision rows ran with the tower's inputs
 on the device (vision_offload=False); the offloaded tower's terms are not yet checked against a
 measurement (`bench/notebook.py --phases`), nor are partial and no checkpointing, several images
 per row, DoRA, adamw_8bit.
