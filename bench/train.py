@@ -73,9 +73,10 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     minift.add_lora(model, r=r, alpha=r, targets="all-linear" if vision else TARGETS, seed=0,
                     fuse="fusedlora" in variant)  # fused LoRA custom ops or plain matmuls
     lm = model.language_model if hasattr(model, "language_model") else model.model
-    if "nogroup" in variant:  # each 4-bit linear dequantises alone when compiled (as before sibling groups)
-        for m in model.modules():
-            m.__dict__.pop("_siblings", None)
+    if "+group" in variant:  # compiled 4-bit linears dequantise one call a sibling group (opt-in)
+        from minift.quant import group_siblings
+
+        group_siblings(model)
     base_variant = variant.split("+")[0]
     plan = None
     if base_variant.startswith("auto@"):  # the Trainer's memory planner for this batch and budget
@@ -189,7 +190,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context), +nogroup (compiled 4-bit linears dequantise one call each, not one a sibling group)")
+    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

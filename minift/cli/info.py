@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..train.memory import GIB, NF4_BYTES, activation_bytes, adapter_bytes, largest_group
+from ..train.memory import GIB, NF4_BYTES, activation_bytes, adapter_bytes
 from .common import UsageError, adapter_base, check_model_arg, is_adapter_dir, str2bool
 
 
@@ -90,8 +90,7 @@ def describe(cfg: dict[str, Any], *, r: int = 16, seq: int = 2048, batch: int = 
     lora_vision = sum(r * (lin[t].in_features + lin[t].out_features) for t in targets if ".vision_tower." in f".{t}")
 
     act = {four_bit: activation_bytes(text, vis, batch=batch, seq=seq, checkpointing=checkpointing, images=images,
-                                      vision_lora=bool(lora_vision), max_linear=max_lin,
-                                      max_group=largest_group(lin), four_bit=four_bit,
+                                      vision_lora=bool(lora_vision), max_linear=max_lin, four_bit=four_bit,
                                       vision_offload=vision_offload)
            for four_bit in (False, True)}
     adapters = adapter_bytes(lora, optim)

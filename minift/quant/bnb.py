@@ -26,7 +26,7 @@ from .. import ops
 from ..errors import InputError, QuantizationError, ShapeMismatchError
 from ..io.weights import iter_tensors, weight_files
 from ..ops.nf4 import NF4Weight
-from .linear4bit import BLOCKSIZE, Linear4bit, group_siblings
+from .linear4bit import BLOCKSIZE, Linear4bit
 
 _AUX = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 _QS_PREFIX = "quant_state.bitsandbytes__"
@@ -180,7 +180,6 @@ class BnbQuantizer:
             q = Linear4bit(lin.in_features, lin.out_features, lin.bias is not None,
                            compute_dtype=self.compute_dtype, device="meta")
             setattr(model.get_submodule(parent) if parent else model, attr, q)
-        group_siblings(model)
 
     def claims_key(self, name: str) -> bool:
         """Whether the (model-named) checkpoint tensor is a claimed module's weight or quant state;

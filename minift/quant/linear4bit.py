@@ -201,10 +201,13 @@ def _in_dtype(w: NF4Weight, dtype: torch.dtype) -> NF4Weight:
 
 
 def group_siblings(model: nn.Module) -> None:
-    """Links the Linear4bit children of each module (a layer's q/k/v/o, its gate/up/down) as
-    siblings, whose weights a compiled forward or backward dequantises in one call
-    (`Linear4bit.dequantize`). Any grouping is correct, each linear reads only its own part; one
-    that mixes modules a compiled graph does not all use would dequantise weights for nothing."""
+    """Opt-in: links the Linear4bit children of each module (a layer's q/k/v/o, its gate/up/down)
+    as siblings, whose weights a compiled forward or backward dequantises in one call
+    (`Linear4bit.dequantize`): 2 op calls a layer a pass instead of 7. Not the default: on an H100
+    (bench/RESULTS.md, 2026-12-07) it left Llama-3.2-1B NF4 training at the same speed (54.1k vs
+    54.0k tokens/s, the host time goes elsewhere) and raised its peak by 0.06 GiB (a whole MLP's
+    weights dequantised at once). Call it before compiling. Any grouping is correct, each linear
+    reads only its own part."""
     for parent in model.modules():
         kids = [m for m in parent.children() if isinstance(m, Linear4bit)]
         if len(kids) < 2:

@@ -20,9 +20,9 @@ Hq = heads * head_dim, KV = kv_heads * head_dim, V vocabulary, s = 2 (16-bit com
                once: each layer keeps N * (8H + 2Hq + 3KV) * s
   logits       linear_cross_entropy's one token chunk of logits: min(N, 256 MiB / (V * s)) * V * s,
                plus the final norm's input / output and the hidden gradient, 3 * N * H * s
-  4-bit        NF4 only: the weights dequantised at once, max(2 * max(in*out), G) * s: eager, one linear
-               in the forward and one in the backward; compiled, a module's linears together
-               (`Linear4bit.dequantize`), the largest such group G = sum(in*out) (an MLP's three)
+  4-bit        NF4 only: the weights dequantised at once, max(2 * max(in*out), G) * s: one linear in
+               the forward and one in the backward, or, for linears linked by `quant.group_siblings`
+               (opt-in), the largest group G = sum(in*out) (an MLP's three) under torch.compile
   pixels       vision models: the batch's float32 images, n_img * C * side^2 * 4
   vision       with adapters on the vision tower. It is checkpointed whenever the decoder is, one
                image at a time (k = 1 image a pass; all n_img under FSDP2, `vision_per_image`),
@@ -37,12 +37,10 @@ Hq = heads * head_dim, KV = kv_heads * head_dim, V vocabulary, s = 2 (16-bit com
                activations, n_img * P * (L_v * (8 H_v + 2 I_v) + 2 H_v) * s.
 
 Checked on an H200 (2026-12-01; batch 4 x 2048, r = 16 on all-linear incl. the vision tower,
-AdamW) against measured peaks: Gemma-3-4B vision NF4 7.68 GiB estimated vs 7.61 measured, with
-offloaded checkpoints 6.43 vs 6.45, bf16 12.54 vs 12.48; Llama-3.1-8B NF4 10.47 vs 10.31; and on
-an H100, Llama-3.2-1B 4.27 / 3.02 vs 4.20 / 2.94 (bf16 / NF4), Gemma-3-4B text 10.57 / 6.28 vs
-10.53 / 6.24 (tests/test_cli.py keeps these within 10%). (The NF4 peaks were measured when a
-compiled layer kept its dense weights from the recompute to the backward; the estimates count the
-largest sibling group dequantised at once, as the code does now.) The vision rows ran with the tower's inputs
+AdamW) against measured peaks: Gemma-3-4B vision NF4 7.63 GiB estimated vs 7.61 measured, with
+offloaded checkpoints 6.38 vs 6.45, bf16 12.54 vs 12.48; Llama-3.1-8B NF4 10.36 vs 10.31; and on
+an H100, Llama-3.2-1B 4.27 / 2.99 vs 4.20 / 2.94 (bf16 / NF4), Gemma-3-4B text 10.57 / 6.23 vs
+10.53 / 6.24 (tests/test_cli.py keeps these within 10%). The vision rows ran with the tower's inputs
 on the device (vision_offload=False); the offloaded tower's terms are not yet checked against a
 measurement (`bench/notebook.py --phases`), nor are partial and no checkpointing, several images
 per row, DoRA, adamw_8bit.
@@ -66,16 +64,6 @@ PLAN_MARGIN = 0.10
 # Tokens an MLP takes at a time in a long-context plan: GEMMs of 8192 rows still run at full speed,
 # and Llama-3.1-8B's 5 intermediate-sized activations of a chunk are 1.1 GiB.
 MLP_CHUNK = 8192
-
-
-def largest_group(linears: dict[str, nn.Module]) -> int:
-    """The largest sum of in * out over the linears (by qualified name) of one parent module: the
-    4-bit weights a compiled layer dequantises at once."""
-    groups: dict[str, int] = {}
-    for name, m in linears.items():
-        parent = name.rpartition(".")[0]
-        groups[parent] = groups.get(parent, 0) + m.in_features * m.out_features
-    return max(groups.values(), default=0)
 
 
 def adapter_bytes(trainable: int, optim: str = "adamw") -> int:
