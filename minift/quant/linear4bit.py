@@ -118,10 +118,9 @@ class Linear4bit(nn.Module):
         """The dense (out_features, in_features) weight in `dtype` (default: the compute dtype),
         dequantised straight to it, exactly; fresh, never cached.
 
-        While torch.compile traces, it is this linear's part of one `dequantize_nf4_many` call
-        over its siblings (`group_siblings`; alone without): the compiler merges the siblings'
-        identical calls, so a layer's attention and MLP weights cost one op call each a pass, not
-        one a linear (the host time of a small model's NF4 step). `again` (the backward's
+        While torch.compile traces, it is one `dequantize_nf4_many` call over this linear alone,
+        or, once linked by `group_siblings` (opt-in), this linear's part of a call over its
+        siblings, which the compiler merges into one call a group a pass. `again` (the backward's
         dequantisation) keeps the backward's call apart from the forward's, so the compiled graph
         dequantises again instead of keeping the dense weights alive from the forward to the
         backward (a whole layer's, in 16 bits, for every layer not checkpointed)."""
