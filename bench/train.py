@@ -55,6 +55,27 @@ def _profile_step(step, dev: str) -> dict:
                 cpu_top=[(e.key[:90], e.count, round(e.self_cpu_time_total / 1e3, 2)) for e in cpu_top])
 
 
+def _graphed_step(model, opt, params, batches):
+    """The Trainer's TrainConfig(cuda_graphs=True) path: each micro-batch's forward and backward
+    replays as a CUDA graph (train/graphs.py; the first run of a shape eager, the second captured),
+    the optimizer and zeroing eager between replays. W's rows are bucket lengths already."""
+    from minift.train.graphs import MicroBatchGraphs
+
+    graphs = MicroBatchGraphs(model, params, batches[0].device, pad_id=0)
+    norm = float(batches[0].shape[0] * (batches[0].shape[1] - 1))
+    host = [b.cpu() for b in batches]  # the Trainer collates on the host: no device read-back a step
+
+    def step(i: int):
+        ids = host[i % len(host)]
+        loss = graphs.run({"input_ids": ids, "labels": ids}, norm)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+        return loss
+
+    step.graphs = graphs
+    return step
+
+
 def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str,
             prof: bool = False) -> dict:
     import torch
@@ -131,6 +152,11 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     if dev == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    if "+graph" in variant and dev == "cuda":
+        # replays allocate nothing, so the peak is the capture's (and the eager first runs')
+        step = _graphed_step(model, opt, params, batches)
+        for i in range(2):  # each batch's shape: an eager run, then the capture
+            losses.append(float(step(i)))
     t_warm = time.time() - t_warm
     if "gcfreeze" in variant:  # long-lived objects (modules, compiled code) out of the cyclic GC
         gc.collect()
@@ -170,6 +196,8 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     # graphs compiled over the run (each decoder layer shares one): > 1 after warm-up = recompiles
     extra["unique_graphs"] = counters["stats"]["unique_graphs"] - compiles_before
     extra["graphs_in_timed_steps"] = counters["stats"]["unique_graphs"] - graphs_warm  # recompiles: 0 wanted
+    if hasattr(step, "graphs"):
+        extra["graphs"] = step.graphs.stats()
     if plan is not None:
         extra.update(plan=plan.describe(), plan_estimate_gib=round(plan.estimate / 2**30, 3),
                      plan_budget_gib=round(plan.budget / 2**30, 3))
@@ -182,6 +210,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
                 tokens_per_s=sum(batches[(first + i) % len(batches)].numel() for i in range(steps)) / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
+                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if dev == "cuda" else None,
                 load_s=t_load, warmup_s=t_warm, trainable=sum(p.numel() for p in params),
                 first_loss=losses[0], last_loss=losses[-1])
 
@@ -190,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings)")
+    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings), +graph (each micro-batch's forward and backward replayed as a CUDA graph: TrainConfig.cuda_graphs)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

@@ -91,6 +91,13 @@ class TrainConfig:
     on an H100 this took LoRA training of Llama-3.2-1B from 25-30k to 54k tokens/s, see
     bench/RESULTS.md). None: on when the model is on CUDA, off on CPU (compiling costs more than
     it saves on small CPU runs)."""
+    cuda_graphs: bool = False
+    """Replay each micro-batch's forward and backward as a CUDA graph (train/graphs.py): one launch
+    instead of thousands, for steps bound by the host (small models, short rows). Rows are
+    right-padded to bucket lengths (<= 12.5% more tokens; the loss and gradients are unchanged);
+    each new length runs eagerly once, then is captured. Needs CUDA, one process and no
+    gradient_checkpointing="offload" (otherwise it is off, with a log line); a checkpointed vision
+    tower then keeps its layer inputs on the GPU instead of offloading them."""
     distributed: str | None = "auto"
     """Data parallel under torchrun: "auto" (DDP when launched by torchrun, else one process),
     "ddp", "fsdp" (FSDP2, each decoder layer sharded) or None (one process). batch_size is per
@@ -216,7 +223,7 @@ class TrainConfig:
         t = self.loss_stall_tolerance
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < 1:
             bad("loss_stall_tolerance", "must be a number in [0, 1)")
-        for name in ("save_on_interrupt", "logging_first_step"):
+        for name in ("save_on_interrupt", "logging_first_step", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 bad(name, "must be True or False")
         if not isinstance(self.output_dir, (str, bytes)) and not hasattr(self.output_dir, "__fspath__"):

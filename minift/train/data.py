@@ -108,6 +108,42 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
     return Batch(out, n_targets, sum(lengths))
 
 
+def bucket_length(n: int, cap: int | None = None) -> int:
+    """The padded length of an n-token batch when each shape needs its own CUDA graph: n rounded
+    up to a multiple of 2**(floor(log2 n) - 3) (at least 32), i.e. at most 12.5% more tokens and
+    8 lengths per doubling; never above max(n, cap) (the longest row the run allows)."""
+    step = max(32, 1 << max(0, n.bit_length() - 4))
+    out = -(-n // step) * step
+    return min(out, max(n, cap)) if cap is not None else out
+
+
+def pad_batch(tensors: dict[str, torch.Tensor], length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads a collated batch's rows to `length` tokens without changing any real token's
+    result: the model is causal, so tokens after a row's last real one are never attended to by
+    it (no attention_mask needed for that); their labels are -100, so they add nothing to the loss;
+    packed rows' pads form one more segment (positions from 0), as collate pads them; images and
+    their token types are untouched."""
+    n = tensors["input_ids"].shape[1]
+    if length < n:
+        raise ValueError(f"pad_batch: length {length} < the batch's {n} tokens")
+    if length == n:
+        return dict(tensors)
+    extra = length - n
+    fill = {"input_ids": pad_id, "labels": IGNORE, "attention_mask": 0, "token_type_ids": 0}
+    out = {}
+    for k, v in tensors.items():
+        if k == "pixel_values":
+            out[k] = v
+        elif k == "position_ids":
+            tail = torch.arange(extra, dtype=v.dtype).expand(v.shape[0], extra)
+            out[k] = torch.cat([v, tail], dim=1)
+        elif k in fill:
+            out[k] = torch.nn.functional.pad(v, (0, extra), value=fill[k])
+        else:
+            raise ValueError(f"pad_batch: no padding rule for {k!r}")
+    return out
+
+
 @dataclass
 class Schedule:
     """Which units (examples or packed rows) each optimizer step takes. With `world` > 1 ranks

@@ -32,6 +32,7 @@ from . import distributed, memory
 from .config import TrainConfig
 from .data import Batch, Schedule, collate, pack
 from .formats import check_columns, columns_of, normalize_row
+from .graphs import MicroBatchGraphs
 from .interrupt import SigintGuard, TrainingInterrupted
 from .monitor import LossMonitor, LossWarning
 from .offload import ActivationOffloader
@@ -167,6 +168,7 @@ class Trainer:
         self.metrics: Metrics | None = None
         self._interrupt: SigintGuard | None = None
         self._stop_agreed = False
+        self.graph_stats: dict[str, Any] | None = None  # TrainConfig.cuda_graphs' counts after train()
 
     # -- setup ---------------------------------------------------------------------------
     @staticmethod
@@ -297,10 +299,28 @@ class Trainer:
         offloaders = [ActivationOffloader(self.model.config.hidden_size).install(lm)] if mode == "offload" else []
         if enc is not None:
             enc.per_image = self.world.mode != "fsdp"  # FSDP2: every rank calls each layer once a forward
-            if mode:
+            if mode and not self._graphs_wanted():  # offloading copies cannot be replayed in a graph
                 tower = inner.vision_tower
                 offloaders.append(ActivationOffloader(tower.vision_model.cfg.hidden_size).install(tower))
         return old, offloaders
+
+    def _graphs_wanted(self) -> bool:
+        return self.cfg.cuda_graphs and self.device.type == "cuda" and self.world.size == 1
+
+    def _make_graphs(self, offloaders: list[ActivationOffloader]) -> MicroBatchGraphs | None:
+        """TrainConfig.cuda_graphs' replayer, or None (off, or impossible here: said once)."""
+        if not self.cfg.cuda_graphs:
+            return None
+        why = ("the model is not on CUDA" if self.device.type != "cuda" else
+               "training runs in several processes" if self.world.size > 1 else
+               'gradient_checkpointing="offload" copies activations to the host' if offloaders else None)
+        if why:
+            log.info("cuda_graphs=True is off for this run: %s", why)
+            return None
+        log.info("cuda_graphs: each micro-batch's forward and backward replays as a CUDA graph "
+                 "(rows padded to bucket lengths; each new length runs eagerly once, then is captured)")
+        return MicroBatchGraphs(self.engine, self.params, self.device, pad_id=self.pad_id,
+                                max_length=self.max_length, forward_kw=self._forward_kw)
 
     def _restore_checkpointing(self, old: tuple[Any, int | None, bool | None, int | None]) -> None:
         inner = self.model.model
@@ -372,6 +392,7 @@ class Trainer:
         was_training = model.training
         model.train()
         old_ckpt, offloaders = self._set_checkpointing()
+        graphs = self._make_graphs(offloaders)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (cfg.progress_bar and self.world.main),
                    desc="training",
                    dynamic_ncols=True)
@@ -399,6 +420,9 @@ class Trainer:
                 loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
                 for j, mb in enumerate(mine):
                     b = self._batch(self.train_units, mb or units[:1])  # an empty slice still joins the reduction
+                    if graphs is not None and graphs.enabled:  # one process: every slice has rows
+                        loss_sum += graphs.run(b.tensors, norm).float()
+                        continue
                     with distributed.no_sync(engine, self.world, last=j == len(mine) - 1):
                         loss = engine(**b.to(self.device), loss_normalizer=norm, **self._forward_kw).loss
                         if not mb:
@@ -410,7 +434,7 @@ class Trainer:
                     gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm, foreach=True)
                 self.optimizer.step()
                 self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self.optimizer.zero_grad(set_to_none=graphs is None)  # graphs keep theirs in place
                 self.step = step + 1
                 if not gc_frozen:
                     gc_frozen = _freeze_gc()
@@ -439,6 +463,10 @@ class Trainer:
             bar.close()
             if gc_frozen:
                 gc.unfreeze()
+            if graphs is not None:
+                self.graph_stats = graphs.stats()
+                log.info("cuda_graphs: %s", self.graph_stats)
+                graphs.release()
             for off in offloaders:
                 off.remove()
             if old_ckpt is not None:

@@ -1,0 +1,171 @@
+"""TrainConfig(cuda_graphs=True): micro-batches right-padded to bucket lengths and replayed as CUDA
+graphs. On CPU: the padding changes no loss or gradient (every family, masks, packing, images),
+the bucket lengths' bounds, and the switch's off-CPU behaviour. On CUDA (gpu): the Trainer's
+losses and final weights with graphs equal those without."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from train_utils import load_full, rel, single_thread, text_rows, tiny_llama  # noqa: F401 (fixtures)
+
+import minift
+from minift.errors import TrainConfigError
+from minift.testing import write_tiny_checkpoint, write_tiny_gemma3_vision
+from minift.train import TrainConfig, Trainer
+from minift.train.data import bucket_length, collate, pad_batch
+
+
+@given(n=st.integers(1, 300_000), cap=st.one_of(st.none(), st.integers(1, 300_000)))
+def test_bucket_length_bounds(n, cap):
+    b = bucket_length(n, cap)
+    assert b >= n
+    assert b <= max(n, cap) if cap is not None else True
+    if cap is None or cap >= bucket_length(n):
+        assert b - n < max(32, n / 8 + 1)  # at most 12.5% (or 31 tokens) of padding
+        assert b % 32 == 0
+    # lengths in one bucket share it: the graph count grows with log(n), not n
+    assert bucket_length(b, cap) == b
+
+
+def _loss_and_grads(model, tensors: dict, normalizer: float):
+    model.zero_grad(set_to_none=True)
+    loss = model(**tensors, loss_normalizer=normalizer).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(model, batch, pad_id: int, extra: int, tol: float = 1e-5) -> None:
+    n = batch.tensors["input_ids"].shape[1]
+    lu, gu = _loss_and_grads(model, batch.tensors, float(batch.n_targets))
+    padded = pad_batch(batch.tensors, n + extra, pad_id)
+    assert padded["input_ids"].shape[1] == n + extra
+    lp, gp = _loss_and_grads(model, padded, float(batch.n_targets))
+    assert abs(lu.item() - lp.item()) <= 1e-6 * abs(lu.item())
+    assert gu.keys() == gp.keys()
+    # per tensor, relative to its norm; a gradient that is zero in exact arithmetic (a key bias:
+    # softmax ignores it) is compared with the whole gradient's norm instead
+    total = torch.stack([g.norm() for g in gu.values()]).norm()
+    for k in gu:
+        assert (gp[k] - gu[k]).norm() <= tol * max(gu[k].norm(), 1e-4 * total), k
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("layout", ["ragged", "equal", "packed"])
+def test_bucket_padding_changes_no_loss_or_gradient(tmp_path, family, layout):
+    """Rows of several lengths (attention_mask), of one length (no mask: the pads are causal
+    future), packed rows (position_ids); sliding windows shorter than the rows and soft-capping
+    included (mistral, gemma2, gemma3_text's tiny configs)."""
+    model, tok = load_full(write_tiny_checkpoint(tmp_path / "m", family))
+    model.train()
+    cfg = TrainConfig(output_dir=str(tmp_path / "o"), packing=layout == "packed", max_seq_length=48,
+                      progress_bar=False, plot=False)
+    rows = text_rows(8, seed=3, min_words=6, max_words=14)
+    if layout == "equal":
+        rows = [{"text": "the quick brown fox jumps over the lazy dog"}] * 3
+    tr = Trainer(model, tok, rows, config=cfg)
+    batch = tr._batch(tr.train_units, list(range(min(3, len(tr.train_units)))))
+    assert ("attention_mask" in batch.tensors) == (layout == "ragged")
+    assert ("position_ids" in batch.tensors) == (layout == "packed")
+    _assert_same(model, batch, tr.pad_id, extra=21)
+
+
+def test_bucket_padding_with_images(tmp_path):
+    """Gemma 3 vision: image tokens attend both ways, the pads are text after them."""
+    from test_train_vision import rows as image_rows
+
+    model, processor = minift.load(write_tiny_gemma3_vision(tmp_path / "v"), full_finetuning=True)
+    model.train()
+    tr = Trainer(model, processor, image_rows(3), config=TrainConfig(output_dir=str(tmp_path / "o"),
+                                                                     progress_bar=False, plot=False))
+    batch = tr._batch(tr.train_units, [0, 1, 2])
+    assert "pixel_values" in batch.tensors and "token_type_ids" in batch.tensors
+    # fp32 summation-order noise: the tower's first layers' gradients pass through every layer
+    _assert_same(model, batch, tr.pad_id, extra=13, tol=5e-5)
+
+
+def test_pad_batch_layout():
+    t = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 1]]), "labels": torch.tensor([[5, 6, 7], [8, 9, -100]]),
+         "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "position_ids": torch.tensor([[0, 1, 0], [0, 1, 2]])}
+    p = pad_batch(t, 5, pad_id=1)
+    assert p["input_ids"].tolist() == [[5, 6, 7, 1, 1], [8, 9, 1, 1, 1]]
+    assert p["labels"][:, 3:].eq(-100).all() and p["attention_mask"][:, 3:].eq(0).all()
+    assert p["position_ids"][:, 3:].tolist() == [[0, 1], [0, 1]]
+    assert pad_batch(t, 3, 1)["input_ids"] is t["input_ids"]
+    with pytest.raises(ValueError, match="length 2 < the batch's 3"):
+        pad_batch(t, 2, 1)
+    with pytest.raises(ValueError, match="no padding rule for 'foo'"):
+        pad_batch({**t, "foo": t["labels"]}, 4, 1)
+    assert collate  # the collated dict is what pad_batch takes
+
+
+def test_cuda_graphs_setting(tmp_path, caplog):
+    with pytest.raises(TrainConfigError, match="cuda_graphs"):
+        TrainConfig(cuda_graphs="yes").validate()
+    model, tok = minift.load(tiny_llama(tmp_path / "m"))
+    minift.add_lora(model, r=4, alpha=8, seed=0)
+    cfg = TrainConfig(output_dir=str(tmp_path / "o"), max_steps=2, cuda_graphs=True, progress_bar=False, plot=False)
+    with caplog.at_level(logging.INFO, logger="minift"):
+        tr = Trainer(model, tok, text_rows(8), config=cfg)
+        tr.train()
+    assert "cuda_graphs=True is off for this run: the model is not on CUDA" in caplog.text
+    assert tr.graph_stats is None
+    assert all(p.grad is None for p in model.parameters())
+
+
+# -- CUDA ---------------------------------------------------------------------------------------
+def _run(path, tmp_path, name: str, *, graphs: bool, compile_: bool, vision: bool = False, **kw):
+    torch._dynamo.reset()
+    if vision:
+        from test_train_vision import rows as image_rows
+
+        model, proc = minift.load(path, dtype=torch.float32, device="cuda")
+        minift.add_lora(model, r=8, alpha=16, vision=True, language=True, seed=0)
+        data = image_rows(12)
+    else:
+        model, proc = minift.load(path, dtype=torch.float32, device="cuda")
+        minift.add_lora(model, r=8, alpha=16, seed=0)
+        data = text_rows(24, seed=5, min_words=3, max_words=40)
+    cfg = TrainConfig(output_dir=str(tmp_path / name), max_steps=8, lr=5e-3, seed=1, compile=compile_,
+                      cuda_graphs=graphs, progress_bar=False, plot=False, **kw)
+    tr = Trainer(model, proc, data, config=cfg)
+    summary = tr.train()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return summary.losses, weights, tr.graph_stats
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compile_", [False, True])
+@pytest.mark.parametrize("merge", [False, True])
+def test_trainer_with_cuda_graphs_equals_without(tmp_path, compile_, merge):
+    """fp32 on CUDA, rows of many lengths (several buckets), 2 micro-batches a step, merged or
+    not: the same losses and LoRA weights, and most micro-batches replayed."""
+    path = write_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    kw = dict(batch_size=2, grad_accum=2, merge_micro_batches=merge, gradient_checkpointing=True)
+    ref, wref, _ = _run(path, tmp_path, "eager", graphs=False, compile_=compile_, **kw)
+    got, wgot, stats = _run(path, tmp_path, "graphs", graphs=True, compile_=compile_, **kw)
+    assert stats["failure"] is None and stats["graphs"] >= 1 and stats["replays"] >= 1, stats
+    assert stats["replays"] + stats["eager_runs"] == 8 * (1 if merge else 2)
+    for a, b in zip(ref, got):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref, got)
+    for n in wref:
+        assert rel(wgot[n], wref[n]) <= 1e-4, n
+
+
+@pytest.mark.gpu
+def test_vision_trainer_with_cuda_graphs_equals_without(tmp_path):
+    """Gemma 3 vision, images in every row, the tower checkpointed (kept on the GPU with graphs)."""
+    path = write_tiny_gemma3_vision(tmp_path / "v")
+    kw = dict(batch_size=2, grad_accum=2, gradient_checkpointing=True, train_on_responses_only=True)
+    ref, wref, _ = _run(path, tmp_path, "eager", graphs=False, compile_=True, vision=True, **kw)
+    got, wgot, stats = _run(path, tmp_path, "graphs", graphs=True, compile_=True, vision=True, **kw)
+    assert stats["failure"] is None and stats["replays"] >= 1, stats
+    for a, b in zip(ref, got):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref, got)
+    for n in wref:
+        assert rel(wgot[n], wref[n]) <= 1e-4, n
