@@ -146,7 +146,9 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
     return dict(impl="minift", quant=quant, sets=sets, samples_per_s=4 * (s1 - s0) / (e1 - e0),
                 peak_gib=(max(extra["phases"]["peak_gib"].values()) if phases else
                           torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None, setup_s=round(setup, 1),
-                first_steps_s=round(e0, 1), steps=s.steps, last_loss=s.losses[-1], **extra)
+                first_steps_s=round(e0, 1), steps=s.steps, last_loss=s.losses[-1], graphs=tr.graph_stats,
+                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None,
+                **extra)
 
 
 def main() -> None:

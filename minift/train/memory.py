@@ -133,10 +133,11 @@ def model_bytes(model: nn.Module) -> int:
 
 def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | str = True,
              checkpoint_layers: int | None = None, optim: str = "adamw", images: int = 1,
-             vision_per_image: bool = True, mlp_chunk: int | None = None) -> dict[str, float]:
+             vision_per_image: bool = True, mlp_chunk: int | None = None,
+             vision_offload: bool = True) -> dict[str, float]:
     """The estimated peak of one training step of this loaded model (LoRA applied, or full fine-tuning
-    with everything trainable), by term, plus "total" (`vision_per_image`, `mlp_chunk`: see
-    activation_bytes)."""
+    with everything trainable), by term, plus "total" (`vision_per_image`, `mlp_chunk`,
+    `vision_offload`: see activation_bytes)."""
     from ..quant import Linear4bit
 
     text, vision = _configs(model)
@@ -151,7 +152,7 @@ def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | st
     parts.update(activation_bytes(text, vision, batch=batch, seq=seq, checkpointing=checkpointing,
                                   checkpoint_layers=checkpoint_layers, images=images, vision_lora=vision_lora,
                                   max_linear=max_lin, max_group=max_group, four_bit=four_bit,
-                                  vision_per_image=vision_per_image,
+                                  vision_per_image=vision_per_image, vision_offload=vision_offload,
                                   mlp_chunk=mlp_chunk))
     parts["total"] = sum(parts.values())
     return parts
@@ -195,7 +196,7 @@ def device_budget(device: torch.device) -> int | None:
 
 
 def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: str = "adamw",
-         images: int = 1, vision_per_image: bool = True) -> MemoryPlan:
+         images: int = 1, vision_per_image: bool = True, vision_offload: bool = True) -> MemoryPlan:
     """The fastest plan whose estimate fits (1 - PLAN_MARGIN) of `budget_bytes`: no checkpointing,
     else the fewest checkpointed layers (recomputing as little as fits), else their inputs offloaded
     to the CPU, else that with each MLP run in chunks of MLP_CHUNK tokens (long context: one more
@@ -208,7 +209,8 @@ def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: st
 
     def total(ckpt: bool | str, k: int | None, chunk: int | None = None) -> int:
         return int(estimate(model, batch=batch, seq=seq, checkpointing=ckpt, checkpoint_layers=k, optim=optim,
-                            images=images, vision_per_image=vision_per_image, mlp_chunk=chunk)["total"])
+                            images=images, vision_per_image=vision_per_image, mlp_chunk=chunk,
+                            vision_offload=vision_offload)["total"])
 
     none = total(False, None)
     if none <= limit:

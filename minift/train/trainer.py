@@ -30,7 +30,7 @@ from ..errors import DataError, NonFiniteLossError, TrainConfigError
 from . import checkpoint as ckpt
 from . import distributed, memory
 from .config import TrainConfig
-from .data import Batch, Schedule, collate, pack
+from .data import Batch, Schedule, bucket_length, collate, pack
 from .formats import check_columns, columns_of, normalize_row
 from .graphs import MicroBatchGraphs
 from .interrupt import SigintGuard, TrainingInterrupted
@@ -232,6 +232,8 @@ class Trainer:
         device = next(self.model.parameters()).device
         budget = memory.gib(cfg.memory_budget_gb) if cfg.memory_budget_gb is not None else memory.device_budget(device)
         seq = max(len(u) for u in self.train_units)
+        if self._graphs_wanted():  # replayed rows are padded to bucket lengths; the tower keeps its inputs
+            seq = bucket_length(seq, self.max_length)
         images = max((u.pixel_values.shape[0] for u in self.train_units if u.pixel_values is not None), default=1)
         rows = cfg.batch_size * cfg.grad_accum
         auto_ckpt = cfg.gradient_checkpointing == "auto" and budget is not None
@@ -239,7 +241,7 @@ class Trainer:
 
         def plan_for(batch: int) -> memory.MemoryPlan:
             return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
-                               images=images, vision_per_image=per_image)
+                               images=images, vision_per_image=per_image, vision_offload=not self._graphs_wanted())
 
         plan = None
         if cfg.grad_accum == 1:  # one micro-batch: nothing to merge
@@ -254,7 +256,7 @@ class Trainer:
         else:
             est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
                                   optim=cfg.optimizer, images=images, vision_per_image=per_image,
-                                  mlp_chunk=cfg.mlp_chunk_tokens)["total"]
+                                  mlp_chunk=cfg.mlp_chunk_tokens, vision_offload=not self._graphs_wanted())["total"]
             merge = est <= budget * (1 - memory.PLAN_MARGIN)
         batch = rows if merge else cfg.batch_size
         if auto_ckpt and (plan is None or not merge):
