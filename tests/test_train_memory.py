@@ -9,6 +9,7 @@ import torch
 from train_utils import llama, single_thread, text_rows, tiny_llama  # noqa: F401
 
 import minift
+from minift.arch.model import draws_random
 from minift.cli.info import describe
 from minift.errors import TrainConfigError
 from minift.models.loader import read_config
@@ -226,15 +227,18 @@ def test_chunked_mlp_is_the_same_function(deep, ckpt):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
 
 
-def test_chunked_mlp_recompute_replays_dropout(deep):
-    """With LoRA dropout, the chunks' recomputes (inside a checkpointed layer's recompute) draw the
-    same masks as the forward: checkpointed and plain runs of the chunked model agree exactly."""
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_chunked_mlp_recompute_replays_dropout(deep, chunk):
+    """With LoRA dropout, the layers' (and the chunks') recomputes draw the same masks as the
+    forward: checkpointed and plain runs agree exactly (a layer that draws random numbers keeps
+    its checkpoint's RNG state; one without, arch.model.draws_random, saves none)."""
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     results = []
     for ckpt in (False, True):
         model, _ = minift.load(deep)
         minift.add_lora(model, r=4, alpha=8, dropout=0.3, seed=1)
-        model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = ckpt, 7
+        model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = ckpt, chunk
+        assert draws_random(model.model.layers[0]) and not draws_random(model.model.norm)
         torch.manual_seed(5)
         results.append(loss_and_grads(model, ids))
     (l0, g0), (l1, g1) = results

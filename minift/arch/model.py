@@ -171,6 +171,13 @@ class MLP(nn.Module):
         return ops.geglu(gate, up, "tanh" if name == "gelu_tanh" else "none")
 
 
+def draws_random(module: nn.Module) -> bool:
+    """Whether module's training forward draws random numbers (a dropout with p > 0). Only then
+    must a checkpoint save and restore the RNG state for its recompute; without, the step is the
+    same and stays capturable in a CUDA graph on torches that cannot read that state in a capture."""
+    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+
+
 @torch.compiler.disable  # a loop over a dynamic token count: eager (the GEMMs dominate), not a graph a length
 def _chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
     """fn over x's tokens `chunk` at a time, each chunk checkpointed (only its input, a view of x, is
@@ -339,7 +346,8 @@ class TextModel(nn.Module):
             t = layer.layer_type
             cos, sin = cos_sin[t]
             if ckpt and i < upto:
-                x = checkpoint(layer, x, cos, sin, masks[t], use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, masks[t], use_reentrant=False,
+                               preserve_rng_state=draws_random(layer))
             else:
                 x = layer(x, cos, sin, masks[t], cache)
         return self.norm(x)

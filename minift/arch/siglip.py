@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .. import ops
 from ..errors import ConfigError
-from .model import layer_input
+from .model import draws_random, layer_input
 
 
 @dataclass
@@ -174,7 +174,7 @@ class VisionEncoder(nn.Module):
 
     def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
-            x = checkpoint(layer, x, use_reentrant=False)
+            x = checkpoint(layer, x, use_reentrant=False, preserve_rng_state=draws_random(layer))
         return x
 
 
