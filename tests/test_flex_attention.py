@@ -152,7 +152,11 @@ def test_make_mask_dispatch():
     assert make_mask(2, 8, dev, sliding_window=8) is None  # window not shorter than the sequence
     assert isinstance(make_mask(2, 8, dev, attention_mask=am), torch.Tensor)  # auto on CPU: dense
     assert make_mask(2, 8, dev, softcap=50.0) is None  # the eager soft-capping path builds its own
+    # auto on CUDA: flex for 16-bit activations, the dense mask for fp32 (flex had no fp32 config)
+    assert A.uses_flex("cuda", torch.bfloat16) == A.uses_flex("cuda") == flex.AVAILABLE
+    assert not A.uses_flex("cuda", torch.float32) and not A.uses_flex("cpu", torch.bfloat16)
     set_attention_backend("flex")
+    assert A.uses_flex("cuda", torch.float32)
     assert make_mask(2, 8, dev) is None  # plain causal keeps SDPA's flash path
     assert A.is_block_mask(make_mask(2, 8, dev, softcap=50.0))
     assert A.is_block_mask(make_mask(2, 8, dev, attention_mask=am))

@@ -40,10 +40,13 @@ def set_attention_backend(backend: Backend) -> None:
     _backend = backend
 
 
-def uses_flex(device: torch.device | str) -> bool:
-    """Whether masks on `device` are built as BlockMasks under the current backend."""
+def uses_flex(device: torch.device | str, dtype: torch.dtype | None = None) -> bool:
+    """Whether masks on `device` for activations of `dtype` are built as BlockMasks under the
+    current backend. "auto": on CUDA for 16-bit activations; fp32 (the fidelity setting) takes
+    the dense mask and SDPA, since flex's Triton templates found no valid config for fp32
+    masked attention on an H100 (torch 2.11, head_dim 64)."""
     if _backend == "auto":
-        return _flex.AVAILABLE and torch.device(device).type == "cuda"
+        return _flex.AVAILABLE and torch.device(device).type == "cuda" and dtype != torch.float32
     return _backend == "flex"
 
 
@@ -88,14 +91,16 @@ def build_mask(batch: int, seq: int, device: torch.device, **request: Unpack[Mas
 
 
 def make_mask(
-    batch: int, seq: int, device: torch.device, *, softcap: float | None = None, **request: Unpack[MaskRequest]
+    batch: int, seq: int, device: torch.device, *, softcap: float | None = None, dtype: torch.dtype | None = None,
+    **request: Unpack[MaskRequest],
 ) -> Mask:
     """The mask `attention` takes for one layer type, built once per forward: None (plain causal,
-    no soft-capping: SDPA flash), a flex BlockMask (see `uses_flex`), or build_mask's tensor
-    (None again when plain: the eager soft-capping path builds its causal mask itself)."""
+    no soft-capping: SDPA flash), a flex BlockMask (see `uses_flex`; `dtype`: the activations'),
+    or build_mask's tensor (None again when plain: the eager soft-capping path builds its causal
+    mask itself)."""
     if MaskSpec.of(seq, **request).plain and softcap is None:
         return None
-    build = _flex.block_mask if uses_flex(device) else build_mask
+    build = _flex.block_mask if uses_flex(device, dtype) else build_mask
     return build(batch, seq, device, **request)
 
 

@@ -334,7 +334,7 @@ class TextModel(nn.Module):
         # One mask per layer type per forward (a BlockMask on CUDA, see attention.make_mask).
         masks = {
             t: make_mask(
-                b, s, x.device, attention_mask=attention_mask, segments=segments,
+                b, s, x.device, dtype=x.dtype, attention_mask=attention_mask, segments=segments,
                 sliding_window=self.cfg.sliding_window if t == SLIDING else None,
                 bidirectional_groups=bidirectional_groups, softcap=self.cfg.attn_logit_softcapping,
             )
