@@ -174,8 +174,16 @@ class MLP(nn.Module):
 def draws_random(module: nn.Module) -> bool:
     """Whether module's training forward draws random numbers (a dropout with p > 0). Only then
     must a checkpoint save and restore the RNG state for its recompute; without, the step is the
-    same and stays capturable in a CUDA graph on torches that cannot read that state in a capture."""
-    return any(isinstance(m, nn.Dropout) and m.p > 0 for m in module.modules())
+    same and stays capturable in a CUDA graph on torches that cannot read that state in a capture.
+    Called per checkpointed layer a forward: a plain walk of the children (`modules()` builds
+    every submodule's name, ~4x slower)."""
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if isinstance(m, nn.Dropout) and m.p > 0:
+            return True
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return False
 
 
 @torch.compiler.disable  # a loop over a dynamic token count: eager (the GEMMs dominate), not a graph a length

@@ -17,9 +17,9 @@ One graph per input signature (shapes and dtypes of the padded batch), all shari
 pool: replays run one at a time on one stream and their only output (the loss) is read before the
 next replay. A signature's first micro-batch runs eagerly (compiling or recompiling, loading
 kernels: neither may happen inside a capture); its second is captured and replayed, and every
-later one only replayed. A capture that fails (an op that
-synchronises with the host, a kernel loaded lazily) turns graphs off for the rest of the run,
-with a warning saying why; that micro-batch then runs eagerly, as it would have.
+later one only replayed. A capture that fails (an op that synchronises with the host, a kernel
+loaded lazily) turns graphs off for the rest of the run, with a warning saying why; that
+micro-batch then runs eagerly, as it would have.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class MicroBatchGraphs:
         self.graphs: dict[Signature, _Graph] = {}
         self.enabled = True
         self.failure: str | None = None
-        self.eager_runs = 0  # micro-batches that ran without a graph (the first; after a failure)
+        self.eager_runs = 0  # micro-batches run without a graph (each signature's first; after a failure)
         self.replays = 0
         self.padded_tokens = 0  # bucket padding added over the run (tokens)
         self._pool: Any = None
@@ -90,12 +90,13 @@ class MicroBatchGraphs:
         return loss.detach()
 
     def _capture(self, sig: Signature, inputs: dict[str, torch.Tensor]) -> _Graph | None:
-        """Captures one signature's forward + backward; None (and graphs off) when capture fails."""
-        static = {k: v.clone() for k, v in inputs.items()}  # outside the graphs' pool: inputs persist
+        """Captures one signature's forward + backward reading `inputs` (device tensors allocated
+        before the capture, so outside the graphs' pool: they become the graph's static inputs);
+        None (and graphs off) when capture fails."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self._pool):
-                loss = self.engine(**static, loss_normalizer=self._norm, **self.forward_kw).loss
+                loss = self.engine(**inputs, loss_normalizer=self._norm, **self.forward_kw).loss
                 loss.backward()
         except Exception as e:  # noqa: BLE001 - any capture failure: fall back to eager for good
             self.enabled, self.failure = False, f"{type(e).__name__}: {e}"
@@ -104,7 +105,7 @@ class MicroBatchGraphs:
             return None
         if self._pool is None:
             self._pool = graph.pool()
-        g = _Graph(graph, static, loss.detach())
+        g = _Graph(graph, inputs, loss.detach())
         self.graphs[sig] = g
         return g
 
@@ -127,7 +128,7 @@ class MicroBatchGraphs:
             torch.cuda.empty_cache()  # the eager runs' cached blocks, back for the graphs' pool
             g = self._capture(sig, inputs)
             if g is None:
-                return self._eager(self._to_device(tensors))
+                return self._eager(inputs)
             # capture ran no kernel: replay computes this micro-batch (its inputs are already in place)
         else:
             for k, v in padded.items():

@@ -232,7 +232,8 @@ class Trainer:
         device = next(self.model.parameters()).device
         budget = memory.gib(cfg.memory_budget_gb) if cfg.memory_budget_gb is not None else memory.device_budget(device)
         seq = max(len(u) for u in self.train_units)
-        if self._graphs_wanted():  # replayed rows are padded to bucket lengths; the tower keeps its inputs
+        graphs = self._graphs_wanted()  # replayed rows are padded to bucket lengths; the tower keeps its inputs
+        if graphs:
             seq = bucket_length(seq, self.max_length)
         images = max((u.pixel_values.shape[0] for u in self.train_units if u.pixel_values is not None), default=1)
         rows = cfg.batch_size * cfg.grad_accum
@@ -241,7 +242,7 @@ class Trainer:
 
         def plan_for(batch: int) -> memory.MemoryPlan:
             return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
-                               images=images, vision_per_image=per_image, vision_offload=not self._graphs_wanted())
+                               images=images, vision_per_image=per_image, vision_offload=not graphs)
 
         plan = None
         if cfg.grad_accum == 1:  # one micro-batch: nothing to merge
@@ -256,7 +257,7 @@ class Trainer:
         else:
             est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
                                   optim=cfg.optimizer, images=images, vision_per_image=per_image,
-                                  mlp_chunk=cfg.mlp_chunk_tokens, vision_offload=not self._graphs_wanted())["total"]
+                                  mlp_chunk=cfg.mlp_chunk_tokens, vision_offload=not graphs)["total"]
             merge = est <= budget * (1 - memory.PLAN_MARGIN)
         batch = rows if merge else cfg.batch_size
         if auto_ckpt and (plan is None or not merge):
@@ -301,7 +302,8 @@ class Trainer:
         offloaders = [ActivationOffloader(self.model.config.hidden_size).install(lm)] if mode == "offload" else []
         if enc is not None:
             enc.per_image = self.world.mode != "fsdp"  # FSDP2: every rank calls each layer once a forward
-            if mode and not self._graphs_wanted():  # offloading copies cannot be replayed in a graph
+            # offloading copies cannot be replayed in a graph; decoder offloading turns graphs off
+            if mode and not (self._graphs_wanted() and mode != "offload"):
                 tower = inner.vision_tower
                 offloaders.append(ActivationOffloader(tower.vision_model.cfg.hidden_size).install(tower))
         return old, offloaders
