@@ -2,7 +2,7 @@
 # One lent-GPU session: install carried wheels (.whl), then run the stages named as arguments,
 # each logged to $OUT/<stage>.log. Stages: env, gputests, ops, load, train, gen, peers, and the
 # open issues' pending GPU work: dist (issue 19's NCCL tests), notebook (issue 14 target 0: the
-# notebook job merged / unmerged / decoder offloaded, peak by phase), decode (issue 15's rows),
+# notebook job with its defaults, without graphs, unmerged, decoder offloaded; peak by phase), decode (issue 15's rows),
 # longctx (issue 14 target 4: Llama-3.1-8B NF4 at 32k tokens, MLPs whole and in chunks), parity
 # (issue 14 target 6: the Trainer's first losses against an HF+PEFT loop).
 #   bash bench/gpu_session.sh env dist notebook decode
@@ -29,9 +29,10 @@ for stage in "$@"; do
     gen) timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py ${GEN_ARGS:---shapes llama-3.2-1b} 2>"$OUT/gen.err" | tee -a "$OUT/gen.jsonl" | cut -c1-700 ;;
     peers) timeout ${PEERS_TIMEOUT:-500} python3 .peer/peer_bench.py --out "$OUT" ${PEER_ARGS:---shapes llama-3.2-1b --impls hf,unsloth} 2>&1 | tail -12 ;;
     dist) MINIFT_EAGER_FAILURES=1 timeout ${DIST_TIMEOUT:-300} python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_distributed_gpu.py --durations=0 2>&1 | tee "$OUT/dist.log" | tail -15 ;;
-    notebook) IFS=';' read -ra nbv <<< "${NB_VARIANTS:-;--set merge_micro_batches=False;--set gradient_checkpointing=offload;--set cuda_graphs=True}"
-      for v in "${nbv[@]}"; do ph=--phases; [[ $v == *cuda_graphs* ]] && ph=  # replays run no hooks
-        timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps ${NB_STEPS:-12} $ph $v 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2; done ;;
+    notebook) IFS=';' read -ra nbv <<< "${NB_VARIANTS-;--set cuda_graphs=False;--set merge_micro_batches=False;--set gradient_checkpointing=offload}"
+      [[ ${#nbv[@]} -eq 0 ]] && nbv=("")  # NB_VARIANTS="": the defaults alone
+      for v in "${nbv[@]}"; do  # --phases: only runs without graph replays report them
+        timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps ${NB_STEPS:-12} --phases $v 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2; done ;;
     longctx) for v in offload+compile offload+compile+mlpchunk; do  # issue 14 target 4: the per-token peak, unchunked vs chunked MLPs
         timeout ${LONGCTX_TIMEOUT:-240} python3 bench/train.py --shapes llama-3.1-8b --quant 4bit --bs 1 --seq ${LONGCTX_SEQ:-32768} --warmup 1 --steps 1 --variants $v 2>>"$OUT/longctx.err" | tee -a "$OUT/longctx.jsonl" | cut -c1-400; done ;;
     parity) timeout ${PARITY_TIMEOUT:-500} python3 bench/parity.py ${PARITY_ARGS:---shapes llama-3.2-1b --quant none,4bit} 2>"$OUT/parity.err" | tee -a "$OUT/parity.jsonl" | cut -c1-900 ;;

@@ -131,7 +131,7 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
     tr = Trainer(model, processor, dataset(4 * steps + 8, 896, answer=answer), config=cfg)
     setup = time.time() - t0
     extra = {}
-    phases = phases and torch.cuda.is_available()
+    phases = phases and torch.cuda.is_available() and not tr.uses_cuda_graphs  # replays run no hooks
     if phases:
         extra["phases"] = _phases(tr)
     if prof:

@@ -143,7 +143,7 @@ def test_trainer_vision_merged_peak_within_unmerged(tmp_path):
         minift.add_lora(model, r=8, alpha=8, seed=0, vision=True, language=True)
         cfg = TrainConfig(output_dir=str(tmp_path / f"o{merge}"), batch_size=1, grad_accum=4, max_steps=3, lr=1e-3,
                           seed=1, shuffle=False, progress_bar=False, plot=False, compile=False,
-                          merge_micro_batches=merge)
+                          merge_micro_batches=merge, cuda_graphs=False)  # the eager allocator's peaks
         tr = Trainer(model, proc, rows, config=cfg)
         losses[merge] = tr.train().losses
         peaks[merge] = torch.cuda.max_memory_allocated()

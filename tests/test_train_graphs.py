@@ -1,7 +1,8 @@
-"""TrainConfig(cuda_graphs=True): micro-batches right-padded to bucket lengths and replayed as CUDA
+"""TrainConfig(cuda_graphs): micro-batches right-padded to bucket lengths and replayed as CUDA
 graphs. On CPU: the padding changes no loss or gradient (every family, masks, packing, images),
-the bucket lengths' bounds, and the switch's off-CPU behaviour. On CUDA (gpu): the Trainer's
-losses and final weights with graphs equal those without."""
+the vision tower split off the graph gives the same gradients, the bucket lengths' bounds, and the
+switch's off-CPU behaviour. On CUDA (gpu): the Trainer's losses and final weights with graphs
+equal those without; "auto" turns them on, or off under a tight memory budget."""
 
 from __future__ import annotations
 
@@ -88,6 +89,64 @@ def test_bucket_padding_with_images(tmp_path):
     _assert_same(model, batch, tr.pad_id, extra=13, tol=5e-5)
 
 
+def test_image_features_replace_pixel_values(tmp_path):
+    """The tower's output passed as image_features gives the logits of passing the pixels; bad
+    features are typed errors."""
+    from test_train_vision import rows as image_rows
+
+    from minift.errors import InputError
+
+    model, processor = minift.load(write_tiny_gemma3_vision(tmp_path / "v"), full_finetuning=True)
+    tr = Trainer(model, processor, image_rows(2), config=TrainConfig(output_dir=str(tmp_path / "o"),
+                                                                     progress_bar=False, plot=False))
+    t = tr._batch(tr.train_units, [0, 1]).tensors
+    with torch.no_grad():
+        ref = model(**t, return_logits=True).logits
+        feats = model.image_features(t["pixel_values"])
+        rest = {k: v for k, v in t.items() if k != "pixel_values"}
+        got = model(**rest, image_features=feats, return_logits=True).logits
+        assert rel(got, ref) <= 1e-6
+        with pytest.raises(InputError, match="not both"):
+            model(**t, image_features=feats)
+        with pytest.raises(InputError, match="image_features has shape"):
+            model(**rest, image_features=feats[:, :-1])
+
+
+@pytest.mark.parametrize("vision", [True, False])
+def test_vision_outside_the_graph_gives_the_same_gradients(tmp_path, vision):
+    """The split the graphs run (the tower eagerly with its checkpoints offloaded, the decoder from
+    a features leaf, then the tower's backward from the leaf's gradient) equals one forward and
+    backward: the loss and every LoRA gradient, vision and language (or a frozen tower)."""
+    from test_train_vision import rows as image_rows
+
+    from minift.train.graphs import forward_backward
+
+    model, processor = minift.load(write_tiny_gemma3_vision(tmp_path / "v"))
+    minift.add_lora(model, r=4, alpha=8, vision=vision, language=True, seed=0)
+    tr = Trainer(model, processor, image_rows(3), config=TrainConfig(output_dir=str(tmp_path / "o"),
+                                                                     progress_bar=False, plot=False))
+    t = tr._batch(tr.train_units, [0, 1, 2]).tensors
+    model.train()
+    old, offloaders = tr._set_checkpointing()  # the tower checkpointed and offloaded, as in training
+    assert len(offloaders) == 1
+    try:
+        res = {}
+        for outside in (False, True):
+            model.zero_grad(set_to_none=True)
+            loss = forward_backward(model, t, 7.0, {}, vision_outside=outside)
+            res[outside] = loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert offloaders[0].offloaded > 0
+    finally:
+        for off in offloaders:
+            off.remove()
+        tr._restore_checkpointing(old)
+    (l0, g0), (l1, g1) = res[False], res[True]
+    assert l0.item() == l1.item()
+    assert g0.keys() == g1.keys() and any(".vision_tower." in n for n in g0) is vision
+    for n in g0:
+        assert rel(g1[n], g0[n]) <= 1e-6, n
+
+
 def test_pad_batch_layout():
     t = {"input_ids": torch.tensor([[5, 6, 7], [8, 9, 1]]), "labels": torch.tensor([[5, 6, 7], [8, 9, -100]]),
          "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]), "position_ids": torch.tensor([[0, 1, 0], [0, 1, 2]])}
@@ -103,17 +162,21 @@ def test_pad_batch_layout():
     assert collate  # the collated dict is what pad_batch takes
 
 
-def test_cuda_graphs_setting(tmp_path, caplog):
+@pytest.mark.parametrize("value", [True, "auto"])
+def test_cuda_graphs_setting(tmp_path, caplog, value):
+    """Off on CPU: said when the user asked for True, quiet for the default "auto"."""
     with pytest.raises(TrainConfigError, match="cuda_graphs"):
         TrainConfig(cuda_graphs="yes").validate()
+    assert TrainConfig().cuda_graphs == "auto"
     model, tok = minift.load(tiny_llama(tmp_path / "m"))
     minift.add_lora(model, r=4, alpha=8, seed=0)
-    cfg = TrainConfig(output_dir=str(tmp_path / "o"), max_steps=2, cuda_graphs=True, progress_bar=False, plot=False)
+    cfg = TrainConfig(output_dir=str(tmp_path / "o"), max_steps=2, cuda_graphs=value, progress_bar=False, plot=False)
     with caplog.at_level(logging.INFO, logger="minift"):
         tr = Trainer(model, tok, text_rows(8), config=cfg)
         tr.train()
-    assert "cuda_graphs=True is off for this run: the model is not on CUDA" in caplog.text
-    assert tr.graph_stats is None
+    said = "cuda_graphs=True is off for this run: the model is not on CUDA" in caplog.text
+    assert said is (value is True) and "cuda_graphs='auto'" not in caplog.text
+    assert tr.uses_cuda_graphs is False and tr.graph_stats is None
     assert all(p.grad is None for p in model.parameters())
 
 
@@ -159,13 +222,34 @@ def test_trainer_with_cuda_graphs_equals_without(tmp_path, compile_, merge):
 
 @pytest.mark.gpu
 def test_vision_trainer_with_cuda_graphs_equals_without(tmp_path):
-    """Gemma 3 vision, images in every row, the tower checkpointed (kept on the GPU with graphs)."""
+    """Gemma 3 vision, images in every row, the tower checkpointed: it runs outside the graphs,
+    its checkpoints offloaded, and its backward takes the graphs' features gradient."""
     path = write_tiny_gemma3_vision(tmp_path / "v")
     kw = dict(batch_size=2, grad_accum=2, gradient_checkpointing=True, train_on_responses_only=True)
     ref, wref, _ = _run(path, tmp_path, "eager", graphs=False, compile_=True, vision=True, **kw)
     got, wgot, stats = _run(path, tmp_path, "graphs", graphs=True, compile_=True, vision=True, **kw)
-    assert stats["failure"] is None and stats["replays"] >= 1, stats
+    assert stats["failure"] is None and stats["replays"] >= 1 and stats["vision_outside"] is True, stats
     for a, b in zip(ref, got):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, got)
     for n in wref:
         assert rel(wgot[n], wref[n]) <= 1e-4, n
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_auto_on_cuda(tmp_path, caplog):
+    """The default ("auto") replays graphs on one GPU, and stays off when the step's estimated
+    peak is over half the memory budget (said in the log)."""
+    path = write_tiny_checkpoint(tmp_path / "m", "llama")
+    for budget, on in ((None, True), (0.05, False)):
+        model, tok = minift.load(path, dtype=torch.bfloat16, device="cuda")
+        minift.add_lora(model, r=4, alpha=8, seed=0)
+        cfg = TrainConfig(output_dir=str(tmp_path / f"o{on}"), max_steps=3, memory_budget_gb=budget,
+                          progress_bar=False, plot=False)
+        with caplog.at_level(logging.INFO, logger="minift"):
+            tr = Trainer(model, tok, text_rows(8), config=cfg)
+            tr.train()
+        assert tr.uses_cuda_graphs is on
+        if on:
+            assert tr.graph_stats["replays"] >= 1 and tr.graph_stats["failure"] is None, tr.graph_stats
+        else:
+            assert tr.graph_stats is None and "over 1/2 of the memory budget" in caplog.text

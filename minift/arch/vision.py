@@ -230,18 +230,32 @@ class Gemma3VisionLM(nn.Module):
                 "build inputs with the model's processor (one <start_of_image> per image, no truncation inside images)"
             )
 
+    def _check_features(self, image_features: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        want = (self.config.mm_tokens_per_image, self.config.text.hidden_size)
+        if pixel_values is not None:
+            raise InputError("pass pixel_values or image_features (the tower's output), not both")
+        if image_features.ndim != 3 or tuple(image_features.shape[1:]) != want:
+            raise InputError(f"image_features has shape {tuple(image_features.shape)}; expected (num_images, "
+                             f"{want[0]}, {want[1]}) as image_features(pixel_values) returns")
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-              check: bool = True, always_run_vision: bool = False) -> torch.Tensor:
+              check: bool = True, always_run_vision: bool = False,
+              image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled text embeddings with the image features written over the image tokens, in order
         (row by row, left to right, images in pixel_values order). `check=False` (generated
         tokens) reads an image token without pixels as text, as transformers does.
         `always_run_vision` (FSDP): a batch without images still runs the tower, on one blank
         image whose features enter times zero, so every rank's all-gathers and gradient
-        reductions of the sharded tower line up (the embeddings are unchanged)."""
+        reductions of the sharded tower line up (the embeddings are unchanged).
+        `image_features`: the tower's output, computed by the caller instead of from
+        pixel_values (the CUDA-graph trainer runs the tower outside the graph)."""
         cfg = self.config
         is_image = input_ids == cfg.image_token_index
         ids = input_ids.masked_fill(is_image, 0) if cfg.image_token_index >= cfg.text.vocab_size else input_ids
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_features is not None:
+            self._check_features(image_features, pixel_values)
+        num_images = (image_features.shape[0] if image_features is not None else
+                      0 if pixel_values is None else pixel_values.shape[0])
         if check:
             self._check_image_tokens(is_image, num_images)
         x = self.model.language_model.embed(ids)
@@ -251,7 +265,7 @@ class Gemma3VisionLM(nn.Module):
             return x + 0.0 * self.image_features(blank).sum().to(x.dtype)
         if num_images == 0:
             return x
-        feats = self.image_features(pixel_values).to(x.dtype)
+        feats = (image_features if image_features is not None else self.image_features(pixel_values)).to(x.dtype)
         flat = feats.reshape(-1, feats.shape[-1])
         # The k-th image token takes feature row k: a gather and a select, no sync (unlike
         # boolean indexing), so it compiles; clamping keeps a mismatch under compile in bounds.
@@ -272,9 +286,10 @@ class Gemma3VisionLM(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         always_run_vision: bool = False,
+        image_features: torch.Tensor | None = None,
     ) -> CausalLMOutput:
-        """Logits and/or the shifted next-token loss, as CausalLM.forward (`always_run_vision`:
-        see `embed`).
+        """Logits and/or the shifted next-token loss, as CausalLM.forward (`always_run_vision`,
+        `image_features`: see `embed`).
 
         token_type_ids (1 on image tokens, from the processor) make each image's tokens attend to
         each other both ways; without them attention is causal everywhere, as in transformers."""
@@ -283,7 +298,7 @@ class Gemma3VisionLM(nn.Module):
                 f"token_type_ids has shape {tuple(token_type_ids.shape)}; expected input_ids' {tuple(input_ids.shape)}"
             )
         x = self.embed(input_ids, pixel_values, check=cache is None or cache.prefilling,
-                       always_run_vision=always_run_vision)
+                       always_run_vision=always_run_vision, image_features=image_features)
         groups = image_groups(token_type_ids) if token_type_ids is not None else None
         hidden = self.model.language_model(
             None, attention_mask, position_ids, inputs_embeds=x, bidirectional_groups=groups, cache=cache

@@ -61,6 +61,9 @@ CHUNK_BYTES = 256 << 20  # minift.ops._ce_common.CHUNK_BYTES
 # What the planner keeps free of its budget: the estimate's error (within ~1-2% where measured, up
 # to 10% allowed by the tests) and the allocator's fragmentation.
 PLAN_MARGIN = 0.10
+# cuda_graphs="auto" is on only when a step's estimated peak is at most 1/GRAPH_HEADROOM of the
+# budget: the graphs' memory pool keeps its blocks apart from the eager allocator's.
+GRAPH_HEADROOM = 2.0
 # Tokens an MLP takes at a time in a long-context plan: GEMMs of 8192 rows still run at full speed,
 # and Llama-3.1-8B's 5 intermediate-sized activations of a chunk are 1.1 GiB.
 MLP_CHUNK = 8192

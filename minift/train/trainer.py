@@ -148,7 +148,7 @@ class Trainer:
                                  world=self.world.size, rank=self.world.rank)
         self.unit_targets = [u.n_targets for u in self.train_units]
         self.total_steps = self.schedule.total_steps(cfg.max_steps, cfg.epochs)
-        self.merge, self.memory_plan = self._plan_memory()
+        self.merge, self.memory_plan, self._graphs_choice = self._plan_memory()
         # what the loop calls: the model (FSDP2 shards it in place), or DDP around it; before the
         # optimizer, which must hold the sharded parameters
         self.engine = distributed.wrap(model, self.world, self.device)
@@ -223,26 +223,32 @@ class Trainer:
     def _batch(self, units: list[Example], idx: list[int]) -> Batch:
         return collate([units[i] for i in idx], self.pad_id)
 
-    def _plan_memory(self) -> tuple[bool, memory.MemoryPlan | None]:
-        """Whether each step's micro-batches run merged (TrainConfig.merge_micro_batches) and, with
+    def _plan_memory(self) -> tuple[bool, memory.MemoryPlan | None, tuple[bool, str | None]]:
+        """Whether each step's micro-batches run merged (TrainConfig.merge_micro_batches); with
         gradient_checkpointing="auto", the checkpointing plan for the largest batch this run will
         see (the longest example x the rows of one forward), within memory_budget_gb or the
-        device's memory (None otherwise)."""
+        device's memory (None otherwise); and whether micro-batches replay as CUDA graphs
+        (TrainConfig.cuda_graphs), with the reason when they do not."""
         cfg = self.cfg
         device = next(self.model.parameters()).device
         budget = memory.gib(cfg.memory_budget_gb) if cfg.memory_budget_gb is not None else memory.device_budget(device)
         seq = max(len(u) for u in self.train_units)
-        graphs = self._graphs_wanted()  # replayed rows are padded to bucket lengths; the tower keeps its inputs
-        if graphs:
+        graphs, why_not = self._graphs_possible()
+        if graphs:  # replayed rows are padded to bucket lengths
             seq = bucket_length(seq, self.max_length)
         images = max((u.pixel_values.shape[0] for u in self.train_units if u.pixel_values is not None), default=1)
         rows = cfg.batch_size * cfg.grad_accum
         auto_ckpt = cfg.gradient_checkpointing == "auto" and budget is not None
         per_image = self.world.mode != "fsdp"  # as _set_checkpointing sets the vision encoder
 
+        def estimate(batch: int) -> float:
+            return memory.estimate(self.model, batch=batch, seq=seq, checkpointing=cfg.gradient_checkpointing,
+                                   optim=cfg.optimizer, images=images, vision_per_image=per_image,
+                                   mlp_chunk=cfg.mlp_chunk_tokens)["total"]
+
         def plan_for(batch: int) -> memory.MemoryPlan:
             return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
-                               images=images, vision_per_image=per_image, vision_offload=not graphs)
+                               images=images, vision_per_image=per_image)
 
         plan = None
         if cfg.grad_accum == 1:  # one micro-batch: nothing to merge
@@ -255,20 +261,28 @@ class Trainer:
             plan = plan_for(rows)
             merge = plan.fits and plan.checkpointing != "offload"
         else:
-            est = memory.estimate(self.model, batch=rows, seq=seq, checkpointing=cfg.gradient_checkpointing,
-                                  optim=cfg.optimizer, images=images, vision_per_image=per_image,
-                                  mlp_chunk=cfg.mlp_chunk_tokens, vision_offload=not graphs)["total"]
-            merge = est <= budget * (1 - memory.PLAN_MARGIN)
+            merge = estimate(rows) <= budget * (1 - memory.PLAN_MARGIN)
         batch = rows if merge else cfg.batch_size
         if auto_ckpt and (plan is None or not merge):
             plan = plan_for(batch)
+        if graphs and plan is not None and plan.checkpointing == "offload":
+            graphs, why_not = False, "the memory plan offloads the decoder's activations to the host"
+        if graphs and cfg.cuda_graphs == "auto":
+            # the graphs' pool keeps its blocks apart from the eager allocator's (the tower's, the
+            # first run of each shape), so a run can hold up to two steps' worth
+            est = plan.estimate if plan is not None else estimate(batch)
+            if budget is None or est * memory.GRAPH_HEADROOM > budget:
+                graphs = False
+                why_not = (f"the step's estimated peak ({est / memory.GIB:.2f} GiB) is over "
+                           f"1/{memory.GRAPH_HEADROOM:g} of the memory budget" +
+                           (f" ({budget / memory.GIB:.2f} GiB)" if budget else ""))
         if self.world.main:
             if merge:
                 log.info("merging the %d micro-batches of each optimizer step into one forward of %d rows",
                          cfg.grad_accum, rows)
             if plan is not None:
                 log.info("memory plan for batch %d x %d tokens: %s", batch, seq, plan.describe())
-        return merge, plan
+        return merge, plan, (graphs, why_not)
 
     def _vision_encoder(self) -> VisionEncoder | None:
         tower = getattr(getattr(self.model, "model", None), "vision_tower", None)
@@ -302,29 +316,42 @@ class Trainer:
         offloaders = [ActivationOffloader(self.model.config.hidden_size).install(lm)] if mode == "offload" else []
         if enc is not None:
             enc.per_image = self.world.mode != "fsdp"  # FSDP2: every rank calls each layer once a forward
-            # offloading copies cannot be replayed in a graph; decoder offloading turns graphs off
-            if mode and not (self._graphs_wanted() and mode != "offload"):
+            if mode:  # with cuda_graphs the tower runs outside the graphs, which cannot replay host copies
                 tower = inner.vision_tower
                 offloaders.append(ActivationOffloader(tower.vision_model.cfg.hidden_size).install(tower))
         return old, offloaders
 
-    def _graphs_wanted(self) -> bool:
-        return self.cfg.cuda_graphs and self.device.type == "cuda" and self.world.size == 1
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether this run replays its micro-batches as CUDA graphs (TrainConfig.cuda_graphs, resolved)."""
+        return self._graphs_choice[0]
+
+    def _graphs_possible(self) -> tuple[bool, str | None]:
+        """Whether TrainConfig.cuda_graphs can be on in this run, before the memory plan; else why not."""
+        cfg = self.cfg
+        why = ("cuda_graphs=False" if cfg.cuda_graphs is False else
+               "the model is not on CUDA" if self.device.type != "cuda" else
+               "training runs under torch.distributed" if self.world.mode is not None else
+               'gradient_checkpointing="offload" copies the decoder\'s activations to the host'
+               if cfg.gradient_checkpointing == "offload" else None)
+        return why is None, why
 
     def _make_graphs(self, offloaders: list[ActivationOffloader]) -> MicroBatchGraphs | None:
-        """TrainConfig.cuda_graphs' replayer, or None (off, or impossible here: said once)."""
-        if not self.cfg.cuda_graphs:
-            return None
-        why = ("the model is not on CUDA" if self.device.type != "cuda" else
-               "training runs in several processes" if self.world.size > 1 else
-               'gradient_checkpointing="offload" copies activations to the host' if offloaders else None)
-        if why:
-            log.info("cuda_graphs=True is off for this run: %s", why)
+        """TrainConfig.cuda_graphs' replayer, or None (off: said once, unless the user turned it off
+        or "auto" found no single GPU). Only a checkpointed vision tower can offload here (decoder
+        offloading turned graphs off in _plan_memory), and it then runs outside the graphs."""
+        on, why = self._graphs_choice
+        if not on:
+            if self.cfg.cuda_graphs is True or (self.device.type == "cuda" and self.world.mode is None
+                                                and self.cfg.cuda_graphs == "auto"):
+                log.info("cuda_graphs=%r is off for this run: %s", self.cfg.cuda_graphs, why)
             return None
         log.info("cuda_graphs: each micro-batch's forward and backward replays as a CUDA graph "
-                 "(rows padded to bucket lengths; each new length runs eagerly once, then is captured)")
+                 "(rows padded to bucket lengths; each new length runs eagerly once, then is captured)%s",
+                 "; the vision tower runs outside the graphs, offloading its checkpoints" if offloaders else "")
         return MicroBatchGraphs(self.engine, self.params, self.device, pad_id=self.pad_id,
-                                max_length=self.max_length, forward_kw=self._forward_kw)
+                                max_length=self.max_length, forward_kw=self._forward_kw,
+                                vision_outside=bool(offloaders))
 
     def _restore_checkpointing(self, old: tuple[Any, int | None, bool | None, int | None]) -> None:
         inner = self.model.model
