@@ -219,6 +219,7 @@ BASE_ARGS = ["--dataset", "chat.jsonl", "--output_dir", "OUT", "--max_steps", "1
     (["--report_to", "mlflow"], "--report_to"),
     (["--use_gradient_checkpointing", "sometimes"], "--use_gradient_checkpointing"),
     (["--memory_budget_gb", "8"], "--memory_budget_gb"),
+    (["--cuda_graphs", "sometimes"], "--cuda_graphs"),
     (["--use_gradient_checkpointing", "auto", "--memory_budget_gb", "-1"], "--memory_budget_gb"),
     (["--raw_text_file", "chat.jsonl"], "--raw_text_file"),
     (["--epochs", "2"], "--epochs"),
@@ -563,3 +564,12 @@ def test_cli_reference_does_not_depend_on_the_terminal_width(monkeypatch):
     narrow = reference_markdown()
     monkeypatch.setenv("COLUMNS", "300")
     assert reference_markdown() == narrow
+
+
+@pytest.mark.parametrize("value, want", [(None, "auto"), ("false", False), ("True", True), ("auto", "auto")])
+def test_cuda_graphs_flag_reaches_the_train_config(work, value, want):
+    from minift.cli.train import _train_config, build_parser, check, parse
+
+    argv = ["--model_name", str(work / "base"), "--dataset", str(work / "chat.jsonl")]
+    v, given = parse(argv + (["--cuda_graphs", value] if value else []), build_parser())
+    assert _train_config(v, check(v, given)).cuda_graphs == want

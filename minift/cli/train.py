@@ -137,6 +137,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     _add(g, "save_on_interrupt", True, "on Ctrl-C, finish the running step, write a resumable checkpoint "
                                        "in --output_dir and exit with status 130 (Ctrl-C again: at once)", flag=True)
     _add(g, "peak_tflops", None, "the accelerator's peak TFLOP/s: logs MFU", type=float)
+    _add(g, "cuda_graphs", "auto", "replay each micro-batch's forward and backward as a CUDA graph: auto (one GPU, "
+                                   "no decoder offloading, the step within half the memory), true or false")
 
     g = p.add_argument_group("report")
     _add(g, "report_to", ["none"], "none, tensorboard, wandb or all (one or several)", nargs="+")
@@ -345,6 +347,14 @@ def check(v: dict[str, Any], given: set[str]) -> dict[str, Any]:
             raise UsageError("--memory_budget_gb", f"must be > 0 GiB, got {budget!r}")
         if d["checkpointing"] != "auto":
             raise UsageError("--memory_budget_gb", "is the budget of --use_gradient_checkpointing auto; set that too")
+    graphs = str(v["cuda_graphs"]).strip().lower()
+    if graphs == "auto":
+        d["cuda_graphs"] = "auto"
+    else:
+        try:
+            d["cuda_graphs"] = str2bool(graphs)
+        except argparse.ArgumentTypeError:
+            raise UsageError("--cuda_graphs", f"expected auto, true or false, got {v['cuda_graphs']!r}") from None
     if v["mlp_chunk_tokens"] is not None and v["mlp_chunk_tokens"] < 1:
         raise UsageError("--mlp_chunk_tokens", f"must be a number of tokens >= 1, got {v['mlp_chunk_tokens']!r}")
     key = str(v["optim"]).strip().lower()
@@ -559,7 +569,7 @@ def _train_config(v: dict[str, Any], d: dict[str, Any]) -> Any:
         max_seq_length=v["max_seq_length"], packing=bool(v["packing"]),
         train_on_responses_only=bool(v["train_on_responses_only"]), gradient_checkpointing=d["checkpointing"],
         memory_budget_gb=None if v["memory_budget_gb"] is None else float(v["memory_budget_gb"]),
-        mlp_chunk_tokens=v["mlp_chunk_tokens"],
+        mlp_chunk_tokens=v["mlp_chunk_tokens"], cuda_graphs=d["cuda_graphs"],
         seed=v["seed"], logging_steps=v["logging_steps"], logging_first_step=True, report_to=d["report_to"],
         logging_dir=v["logging_dir"], run_name=v["run_name"], peak_tflops=v["peak_tflops"],
         eval_steps=v["eval_steps"], save_steps=v["save_steps"], save_total_limit=v["save_total_limit"],
