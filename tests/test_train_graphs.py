@@ -238,18 +238,25 @@ def test_vision_trainer_with_cuda_graphs_equals_without(tmp_path):
 @pytest.mark.gpu
 def test_cuda_graphs_auto_on_cuda(tmp_path, caplog):
     """The default ("auto") replays graphs on one GPU, and stays off when the step's estimated
-    peak is over half the memory budget (said in the log)."""
+    peak is over half the memory budget (said in the log): a budget the plan fits in at 80%."""
+    from minift.train import memory
+
     path = write_tiny_checkpoint(tmp_path / "m", "llama")
-    for budget, on in ((None, True), (0.05, False)):
+
+    def trainer(name: str, **kw) -> Trainer:
         model, tok = minift.load(path, dtype=torch.bfloat16, device="cuda")
         minift.add_lora(model, r=4, alpha=8, seed=0)
-        cfg = TrainConfig(output_dir=str(tmp_path / f"o{on}"), max_steps=3, memory_budget_gb=budget,
-                          progress_bar=False, plot=False)
-        with caplog.at_level(logging.INFO, logger="minift"):
-            tr = Trainer(model, tok, text_rows(8), config=cfg)
-            tr.train()
-        assert tr.uses_cuda_graphs is on
-        if on:
-            assert tr.graph_stats["replays"] >= 1 and tr.graph_stats["failure"] is None, tr.graph_stats
-        else:
-            assert tr.graph_stats is None and "over 1/2 of the memory budget" in caplog.text
+        cfg = TrainConfig(output_dir=str(tmp_path / name), max_steps=3, progress_bar=False, plot=False, **kw)
+        return Trainer(model, tok, text_rows(8), config=cfg)
+
+    tr = trainer("on")
+    assert tr.uses_cuda_graphs
+    tr.train()
+    assert tr.graph_stats["replays"] >= 1 and tr.graph_stats["failure"] is None, tr.graph_stats
+    roomy = trainer("plan", gradient_checkpointing="auto", memory_budget_gb=64.0)
+    est = roomy.memory_plan.estimate
+    with caplog.at_level(logging.INFO, logger="minift"):
+        tr = trainer("off", gradient_checkpointing="auto", memory_budget_gb=est / 0.8 / memory.GIB)
+        assert tr.memory_plan.estimate == est and not tr.uses_cuda_graphs
+        tr.train()
+    assert tr.graph_stats is None and "over 1/2 of the memory budget" in caplog.text
