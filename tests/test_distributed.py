@@ -160,6 +160,11 @@ def test_fsdp_on_a_4bit_base_shards_checkpoints_and_resumes_exactly(model, tmp_p
     assert got.keys() == trainable.keys() and all(torch.equal(got[n], trainable[n]) for n in got)
     again = result(tmp_path, "q2", run(tmp_path, "q2", 2, model, dict(fsdp, resume_from="latest"), quant="4bit"))
     assert_same_run(tmp_path / "q2", tmp_path / "q1", again, one)
+    import peft  # the FSDP2 run's final adapter, gathered from the shards, is one PEFT loads
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    peft.PeftModel.from_pretrained(base, tmp_path / "q2" / "final")
 
 
 def test_resume_across_world_sizes(model, reference, tmp_path):

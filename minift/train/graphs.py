@@ -171,8 +171,8 @@ class MicroBatchGraphs:
             tower = run_tower(self.engine, inputs) if outside else None
             static = inputs
             if tower is not None:  # the graph reads the features from a leaf allocated outside its pool
-                leaf = torch.empty_like(tower[1]).requires_grad_(tower[1].requires_grad)
-                static = {**tower[0], "image_features": leaf}
+                feats = tower[1]
+                static = {**tower[0], "image_features": torch.empty_like(feats).requires_grad_(feats.requires_grad)}
             torch.cuda.empty_cache()  # the eager runs' cached blocks, back for the graphs' pool
             g = self._capture(sig, static)
             if g is None:

@@ -271,11 +271,10 @@ class Trainer:
             # the graphs' pool keeps its blocks apart from the eager allocator's (the tower's, the
             # first run of each shape), so a run can hold up to two steps' worth
             est = plan.estimate if plan is not None else estimate(batch)
-            if budget is None or est * memory.GRAPH_HEADROOM > budget:
+            if est * memory.GRAPH_HEADROOM > budget:  # a budget: graphs are possible only on CUDA
                 graphs = False
                 why_not = (f"the step's estimated peak ({est / memory.GIB:.2f} GiB) is over "
-                           f"1/{memory.GRAPH_HEADROOM:g} of the memory budget" +
-                           (f" ({budget / memory.GIB:.2f} GiB)" if budget else ""))
+                           f"1/{memory.GRAPH_HEADROOM:g} of the memory budget ({budget / memory.GIB:.2f} GiB)")
         if self.world.main:
             if merge:
                 log.info("merging the %d micro-batches of each optimizer step into one forward of %d rows",
