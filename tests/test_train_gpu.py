@@ -22,15 +22,20 @@ SHAPE = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=4, num_
 @pytest.mark.parametrize("four_bit", [False, True])
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_compiled_step_equals_eager(tmp_path, family, four_bit, ckpt):
+    """bf16 noise is measured, not guessed: an fp32 eager step is the reference, and the compiled
+    bf16 step must be about as close to it as the eager bf16 step is (on Gemma 3 with a sliding
+    window the first layer's LoRA gradients of the two bf16 runs differed by 4.5%: each was a few
+    percent from fp32, the same noise in different roundings)."""
     extra = dict(sliding_window=256) if family == "gemma3_text" else {}
     path = write_tiny_checkpoint(tmp_path / "m", family, **SHAPE, **extra)
     ids = torch.randint(10, 250, (2, 1024), generator=torch.Generator().manual_seed(0)).cuda()
-    results = []
-    for compiled in (False, True):
+    results = {}
+    for run, dtype, compiled in (("ref", torch.float32, False), ("eager", torch.bfloat16, False),
+                                 ("compiled", torch.bfloat16, True)):
         torch._dynamo.reset()
-        model, _ = minift.load(path, dtype=torch.bfloat16, device="cuda", load_in_4bit=four_bit)
+        model, _ = minift.load(path, dtype=dtype, device="cuda", load_in_4bit=four_bit)
         minift.add_lora(model, r=16, alpha=16, seed=0)
-        torch.manual_seed(0)  # the same perturbation in the eager and the compiled run
+        torch.manual_seed(0)  # the same perturbation in every run
         with torch.no_grad():  # B = 0 at init: move it so every gradient is non-trivial
             for n, p in model.named_parameters():
                 if p.requires_grad:
@@ -42,11 +47,14 @@ def test_compiled_step_equals_eager(tmp_path, family, four_bit, ckpt):
                 layer.compile()
         loss = model(ids, labels=ids).loss
         loss.backward()
-        results.append((loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}))
-    (le, ge), (lc, gc) = results
-    assert abs(lc.item() - le.item()) <= 1e-2 * abs(le.item())
-    for n in ge:
-        assert rel(gc[n], ge[n]) <= 3e-2, n
+        results[run] = (loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad})
+        del model
+        gc.collect()
+    (lr, gr), (le, ge), (lc, gc_) = results["ref"], results["eager"], results["compiled"]
+    assert abs(lc.item() - lr.item()) <= 2 * abs(le.item() - lr.item()) + 2e-3 * abs(lr.item()), (lr, le, lc)
+    for n in gr:
+        e_eager, e_comp = rel(ge[n], gr[n]), rel(gc_[n], gr[n])
+        assert e_comp <= 2 * e_eager + 5e-3, (n, e_eager, e_comp)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

@@ -1,7 +1,7 @@
 """TrainConfig(cuda_graphs): micro-batches right-padded to bucket lengths and replayed as CUDA
 graphs. On CPU: the padding changes no loss or gradient (every family, masks, packing, images),
-the vision tower split off the graph gives the same gradients, the bucket lengths' bounds, and the
-switch's off-CPU behaviour. On CUDA (gpu): the Trainer's losses and final weights with graphs
+the layout of a capture's host buffers (the offloader's trace, the arena), the bucket lengths'
+bounds, and the switch's off-CPU behaviour. On CUDA (gpu): the Trainer's losses and final weights with graphs
 equal those without; "auto" turns them on, or off under a tight memory budget."""
 
 from __future__ import annotations
@@ -112,39 +112,34 @@ def test_image_features_replace_pixel_values(tmp_path):
             model(**rest, image_features=feats[:, :-1])
 
 
-@pytest.mark.parametrize("vision", [True, False])
-def test_vision_outside_the_graph_gives_the_same_gradients(tmp_path, vision):
-    """The split the graphs run (the tower eagerly with its checkpoints offloaded, the decoder from
-    a features leaf, then the tower's backward from the leaf's gradient) equals one forward and
-    backward: the loss and every LoRA gradient, vision and language (or a frozen tower)."""
+def test_offloader_trace_lays_out_a_capture(tmp_path):
+    """What a capture's host buffers are laid out from: the tower's offloader records each tensor it
+    sent to the host in the last forward, in order (one image's input to each encoder layer, then
+    the post-LayerNorm's), and the same forward again records the same trace."""
     from test_train_vision import rows as image_rows
 
-    from minift.train.graphs import forward_backward
-
     model, processor = minift.load(write_tiny_gemma3_vision(tmp_path / "v"))
-    minift.add_lora(model, r=4, alpha=8, vision=vision, language=True, seed=0)
+    minift.add_lora(model, r=4, alpha=8, vision=True, language=True, seed=0)
     tr = Trainer(model, processor, image_rows(3), config=TrainConfig(output_dir=str(tmp_path / "o"),
                                                                      progress_bar=False, plot=False))
     t = tr._batch(tr.train_units, [0, 1, 2]).tensors
     model.train()
     old, offloaders = tr._set_checkpointing()  # the tower checkpointed and offloaded, as in training
     assert len(offloaders) == 1
+    vcfg = model.model.vision_tower.vision_model.cfg
     try:
-        res = {}
-        for outside in (False, True):
-            model.zero_grad(set_to_none=True)
-            loss = forward_backward(model, t, 7.0, {}, vision_outside=outside)
-            res[outside] = loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        assert offloaders[0].offloaded > 0
+        traces = []
+        for _ in range(2):
+            model(**t).loss.backward()
+            traces.append(list(offloaders[0].trace))
     finally:
         for off in offloaders:
             off.remove()
         tr._restore_checkpointing(old)
-    (l0, g0), (l1, g1) = res[False], res[True]
-    assert l0.item() == l1.item()
-    assert g0.keys() == g1.keys() and any(".vision_tower." in n for n in g0) is vision
-    for n in g0:
-        assert rel(g1[n], g0[n]) <= 1e-6, n
+    n_img = t["pixel_values"].shape[0]
+    one = ((1, vcfg.num_patches, vcfg.hidden_size), torch.float32)
+    assert traces[0] == traces[1] and traces[0][:vcfg.num_hidden_layers] == [one] * vcfg.num_hidden_layers
+    assert len(traces[0]) == n_img * vcfg.num_hidden_layers + 1  # + the post-LayerNorm's input, all images
 
 
 def test_pad_batch_layout():
@@ -221,14 +216,30 @@ def test_trainer_with_cuda_graphs_equals_without(tmp_path, compile_, merge):
 
 
 @pytest.mark.gpu
+def test_offloaded_checkpoints_inside_cuda_graphs(tmp_path):
+    """gradient_checkpointing="offload" with graphs: each decoder layer's input is copied to the
+    host and back inside the captured step; the same losses and LoRA weights as without graphs."""
+    path = write_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=256, intermediate_size=512,
+                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    kw = dict(batch_size=2, grad_accum=2, gradient_checkpointing="offload")
+    ref, wref, _ = _run(path, tmp_path, "eager", graphs=False, compile_=True, **kw)
+    got, wgot, stats = _run(path, tmp_path, "graphs", graphs=True, compile_=True, **kw)
+    assert stats["failure"] is None and stats["replays"] >= 1 and stats["host_arena_bytes"] > 0, stats
+    for a, b in zip(ref, got):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref, got)
+    for n in wref:
+        assert rel(wgot[n], wref[n]) <= 1e-4, n
+
+
+@pytest.mark.gpu
 def test_vision_trainer_with_cuda_graphs_equals_without(tmp_path):
-    """Gemma 3 vision, images in every row, the tower checkpointed: it runs outside the graphs,
-    its checkpoints offloaded, and its backward takes the graphs' features gradient."""
+    """Gemma 3 vision, images in every row, the tower checkpointed: its checkpoints go to the host
+    and back inside the graphs (page-locked buffers the replays reuse)."""
     path = write_tiny_gemma3_vision(tmp_path / "v")
     kw = dict(batch_size=2, grad_accum=2, gradient_checkpointing=True, train_on_responses_only=True)
     ref, wref, _ = _run(path, tmp_path, "eager", graphs=False, compile_=True, vision=True, **kw)
     got, wgot, stats = _run(path, tmp_path, "graphs", graphs=True, compile_=True, vision=True, **kw)
-    assert stats["failure"] is None and stats["replays"] >= 1 and stats["vision_outside"] is True, stats
+    assert stats["failure"] is None and stats["replays"] >= 1 and stats["host_arena_bytes"] > 0, stats
     for a, b in zip(ref, got):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, got)
     for n in wref:
@@ -260,3 +271,22 @@ def test_cuda_graphs_auto_on_cuda(tmp_path, caplog):
         assert tr.memory_plan.estimate == est and not tr.uses_cuda_graphs
         tr.train()
     assert tr.graph_stats is None and "over 1/2 of the memory budget" in caplog.text
+
+
+def test_host_arena_views():
+    """The page-locked buffers captured copies write: one per offloaded tensor of a forward, page
+    aligned, disjoint, carved from one flat buffer that several graphs' traces share."""
+    from minift.train.offload import HostArena
+
+    trace = [((2, 3, 8), torch.bfloat16), ((1, 5, 8), torch.float32), ((1, 1, 8), torch.float16)]
+    arena = HostArena(HostArena.size(trace))
+    views = arena.views(trace)
+    assert [(tuple(v.shape), v.dtype) for v in views] == trace
+    assert all(v.data_ptr() % 4096 == 0 and v.is_contiguous() for v in views)
+    for i, v in enumerate(views):
+        v.fill_(i + 1)
+    assert [v.float().unique().tolist() for v in views] == [[1.0], [2.0], [3.0]]
+    assert [tuple(v.shape) for v in arena.views(trace[1:])] == [(1, 5, 8), (1, 1, 8)]  # a smaller trace fits too
+    with pytest.raises(ValueError, match="bytes asked"):
+        arena.views(trace * 2)
+    arena.close()

@@ -138,7 +138,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                                        "in --output_dir and exit with status 130 (Ctrl-C again: at once)", flag=True)
     _add(g, "peak_tflops", None, "the accelerator's peak TFLOP/s: logs MFU", type=float)
     _add(g, "cuda_graphs", "auto", "replay each micro-batch's forward and backward as a CUDA graph: auto (one GPU, "
-                                   "no decoder offloading, the step within half the memory), true or false")
+                                   "the step within half the memory), true or false")
 
     g = p.add_argument_group("report")
     _add(g, "report_to", ["none"], "none, tensorboard, wandb or all (one or several)", nargs="+")

@@ -96,8 +96,9 @@ class TrainConfig:
     instead of thousands, for steps bound by the host (small models, short rows: the Gemma 3
     vision notebook's job ran 3.8x faster on an H100, see bench/RESULTS.md). Rows are right-padded
     to bucket lengths (<= 12.5% more tokens; the loss and gradients are unchanged); each new length
-    runs eagerly once, then is captured; a checkpointed vision tower runs eagerly outside the
-    graphs (its checkpoints still offloaded). Needs CUDA, one process and no decoder offloading.
+    runs eagerly once, then is captured; offloaded checkpoints (a vision tower's, "offload")
+    are copied to the host inside the graphs, into page-locked buffers kept for the run. Needs CUDA
+    and one process.
     "auto": on where it can be, if the step's estimated peak is at most half the memory budget
     (the graphs' memory pool is kept apart); True: on where it can be (else off, with a log line);
     False: off."""

@@ -3,21 +3,87 @@ tower's whenever it is checkpointed (the Trainer installs both).
 
 With checkpointing, each decoder layer keeps only its input for the backward (the rest is
 recomputed). Those inputs are (batch, seq, hidden) per layer, which still adds up for long
-sequences (and for a vision tower's thousands of patches an image); here they go to pinned CPU
-memory during the forward, on a side stream (overlapping compute), and come back asynchronously
-during the backward, each layer's input prefetched while the layer after it recomputes. torch's non-reentrant checkpoint saves a layer's inputs through
-the saved-tensor hooks active around it, so hooks installed around the decoder see exactly the
-checkpointed layer inputs (the hooks are switched off again at the final norm); everything saved
-inside a checkpointed layer goes to the checkpoint's own hooks. On CPU the tensors are already in host memory and are
-kept as they are (same code path, no copies).
+sequences (and for a vision tower's thousands of patches an image); here they go to page-locked
+host memory during the forward, on a side stream (overlapping compute), and come back during the
+backward, each layer's input prefetched while the layer after it recomputes. torch's
+non-reentrant checkpoint saves a layer's inputs through the saved-tensor hooks active around it,
+so hooks installed around the decoder see exactly the checkpointed layer inputs (the hooks are
+switched off again at the final norm); everything saved inside a checkpointed layer goes to the
+checkpoint's own hooks. On CPU the tensors are already in host memory and are kept as they are.
+
+Every copy is ordered by events between the compute stream and the side stream, never by
+`record_stream`: a device tensor being copied out stays referenced until the compute stream has
+waited for its copy (at most `depth` copies in flight, then the oldest is waited for), and a
+tensor coming back is allocated on the compute stream before the side stream fills it. So the
+same code is safe inside a CUDA graph capture (`train/graphs.py`), where the allocator's
+deferred `record_stream` frees would keep every offloaded tensor's memory until the capture ends.
+A captured copy writes the same host address at every replay, so under capture the host side is a
+`HostArena`: buffers that belong to the graphs for their life, registered with CUDA directly
+rather than taken from PyTorch's caching host allocator (whose blocks go back to a shared cache).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import collections
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+
+Trace = list[tuple[tuple[int, ...], torch.dtype]]  # (shape, dtype) of each tensor a forward offloaded
+_ALIGN = 4096  # host buffers start on page boundaries
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n * dtype.itemsize
+
+
+class HostArena:
+    """Page-locked host memory for the copies of captured micro-batches, one flat buffer registered
+    with CUDA (`cudaHostRegister`; not from PyTorch's caching host allocator, see the module
+    docstring). `views(trace)` carves one contiguous buffer per offloaded tensor of a forward from its
+    start; graphs replay one at a time on one stream, so every graph's views may share it."""
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._raw = torch.empty(nbytes + _ALIGN, dtype=torch.uint8)
+        start = (-self._raw.data_ptr()) % _ALIGN
+        self.flat = self._raw[start:start + nbytes]
+        self._registered = False
+        if nbytes and torch.cuda.is_available():
+            err = torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), nbytes, 0)
+            if int(err) != 0:
+                raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of host memory failed (error {int(err)})")
+            self._registered = True
+
+    @staticmethod
+    def size(trace: Trace) -> int:
+        return sum(-(-_nbytes(s, d) // _ALIGN) * _ALIGN for s, d in trace)
+
+    def views(self, trace: Trace) -> list[torch.Tensor]:
+        if self.size(trace) > self.nbytes:
+            raise ValueError(f"HostArena: {self.size(trace)} bytes asked of {self.nbytes}")
+        out, off = [], 0
+        for shape, dtype in trace:
+            n = _nbytes(shape, dtype)
+            out.append(self.flat[off:off + n].view(dtype).view(shape))
+            off += -(-n // _ALIGN) * _ALIGN
+        return out
+
+    def close(self) -> None:
+        if self._registered:
+            self._registered = False
+            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone already
+            pass
 
 
 class _Handle:
@@ -33,15 +99,20 @@ class _Handle:
 
 class ActivationOffloader:
     """Saved-tensor hooks that offload (batch, seq, hidden_size) float tensors saved inside one
-    module's forward (a TextModel, or a vision tower of that width)."""
+    module's forward (a TextModel, or a vision tower of that width). `depth`: copies to the host in
+    flight before the compute stream waits for the oldest (each keeps its device tensor alive)."""
 
-    def __init__(self, hidden_size: int):
-        self.hidden_size = hidden_size
+    def __init__(self, hidden_size: int, depth: int = 2):
+        self.hidden_size, self.depth = hidden_size, depth
         self.handles: list[_Handle] = []
         self.offloaded = 0  # tensors packed so far (for tests and logs)
+        self.trace: Trace = []  # the last forward's offloaded tensors (what a capture's arena must hold)
         self._streams: dict[Any, Any] = {}
         self._ctx: Any = None
         self._removables: list[Any] = []
+        self._inflight: collections.deque[tuple[torch.Tensor, Any]] = collections.deque()
+        self._hosts: list[torch.Tensor] | None = None  # under capture: the arena's buffers, in pack order
+        self._arena: HostArena | None = None
 
     # -- the hooks -----------------------------------------------------------------------
     def _wanted(self, t: torch.Tensor) -> bool:
@@ -52,19 +123,38 @@ class ActivationOffloader:
             self._streams[device] = torch.cuda.Stream(device)
         return self._streams[device]
 
+    def _host_buffer(self, t: torch.Tensor) -> torch.Tensor:
+        if self._hosts is None:
+            return torch.empty_like(t, device="cpu", pin_memory=True)
+        i = len(self.trace) - 1
+        if i >= len(self._hosts) or self._hosts[i].shape != t.shape or self._hosts[i].dtype != t.dtype:
+            raise RuntimeError(f"offloading under capture: tensor {i} is {tuple(t.shape)} {t.dtype}, not what the "
+                               "same micro-batch offloaded when it ran eagerly")
+        return self._hosts[i]
+
+    def _wait_oldest(self, main: Any) -> None:
+        t, event = self._inflight.popleft()
+        main.wait_event(event)  # its copy has read t: t's memory may be reused from here on
+        del t
+
     def pack(self, t: torch.Tensor) -> Any:
         if not self._wanted(t):
             return t
         self.offloaded += 1
+        self.trace.append((tuple(t.shape), t.dtype))
         if not t.is_cuda:
             h = _Handle(t, t.device, len(self.handles))
         else:
-            side = self._stream(t.device)
-            side.wait_stream(torch.cuda.current_stream(t.device))
+            host = self._host_buffer(t)
+            main, side = torch.cuda.current_stream(t.device), self._stream(t.device)
+            side.wait_stream(main)
             with torch.cuda.stream(side):
-                host = torch.empty_like(t, device="cpu", pin_memory=True)
                 host.copy_(t, non_blocking=True)
-            t.record_stream(side)  # keep t's memory until the copy has read it
+            event = torch.cuda.Event()
+            event.record(side)
+            self._inflight.append((t, event))
+            while len(self._inflight) > self.depth:
+                self._wait_oldest(main)
             h = _Handle(host, t.device, len(self.handles))
         self.handles.append(h)
         return h
@@ -72,11 +162,14 @@ class ActivationOffloader:
     def _prefetch(self, h: _Handle) -> None:
         if h.dev is not None or h.device.type != "cuda":
             return
+        main = torch.cuda.current_stream(h.device)
+        h.dev = torch.empty(h.host.shape, dtype=h.host.dtype, device=h.device)  # on the compute stream
         side = self._stream(h.device)
+        side.wait_stream(main)
         with torch.cuda.stream(side):
-            h.dev = h.host.to(h.device, non_blocking=True)
-            h.event = torch.cuda.Event()
-            h.event.record(side)
+            h.dev.copy_(h.host, non_blocking=True)
+        h.event = torch.cuda.Event()
+        h.event.record(side)
 
     def unpack(self, h: Any) -> torch.Tensor:
         if not isinstance(h, _Handle):
@@ -85,21 +178,43 @@ class ActivationOffloader:
             out = h.host
         else:
             self._prefetch(h)
-            main = torch.cuda.current_stream(h.device)
-            main.wait_event(h.event)
-            out = h.dev
-            out.record_stream(main)
-            h.dev = None
+            torch.cuda.current_stream(h.device).wait_event(h.event)
+            out, h.dev, h.event = h.dev, None, None
         if h.index > 0 and h.index <= len(self.handles):  # the backward walks layers in reverse:
             self._prefetch(self.handles[h.index - 1])  # fetch the previous input while this one runs
         elif h.index == 0:
             self.handles = []  # the last one: the host copies live on only in the graph
         return out
 
+    # -- CUDA graphs -----------------------------------------------------------------------
+    @property
+    def arena_bytes(self) -> int:
+        """Page-locked host memory held for captured copies (the graphs' stats report it)."""
+        return self._arena.nbytes if self._arena is not None else 0
+
+    @contextlib.contextmanager
+    def capturing(self, trace: Trace) -> Iterator[HostArena | None]:
+        """While a micro-batch is captured: its offloaded tensors (`trace`, recorded when the same
+        micro-batch shape ran eagerly) go to buffers of this offloader's arena (made, or grown, now,
+        before the capture). Yields the arena, which the graph must keep alive."""
+        if not trace or not torch.cuda.is_available():
+            yield None
+            return
+        need = HostArena.size(trace)
+        if self._arena is None or self._arena.nbytes < need:
+            old = self._arena.nbytes if self._arena is not None else 0
+            self._arena = HostArena(max(need, old + old // 4))  # older graphs keep the old one
+        self._hosts = self._arena.views(trace)
+        try:
+            yield self._arena
+        finally:  # after a failed capture its events and handles are void: the next forward starts afresh
+            self._hosts, self.handles = None, []
+            self._inflight.clear()
+
     # -- installation --------------------------------------------------------------------
     def _enter(self, module: nn.Module, args: Any) -> None:
         if module.training and torch.is_grad_enabled():
-            self.handles = []
+            self.handles, self.trace = [], []
             self._ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
             self._ctx.__enter__()
 
@@ -107,6 +222,9 @@ class ActivationOffloader:
         if self._ctx is not None:
             ctx, self._ctx = self._ctx, None
             ctx.__exit__(None, None, None)
+            while self._inflight:  # every copy joins the compute stream (a capture must end joined)
+                t, _ = self._inflight[0]
+                self._wait_oldest(torch.cuda.current_stream(t.device))
 
     def install(self, module: nn.Module) -> "ActivationOffloader":
         """Hooks around `module`'s forward: on from its start until its end or, for a TextModel
@@ -126,3 +244,4 @@ class ActivationOffloader:
             r.remove()
         self._removables = []
         self.handles = []
+        self._arena = None

@@ -265,8 +265,6 @@ class Trainer:
         batch = rows if merge else cfg.batch_size
         if auto_ckpt and (plan is None or not merge):
             plan = plan_for(batch)
-        if graphs and plan is not None and plan.checkpointing == "offload":
-            graphs, why_not = False, "the memory plan offloads the decoder's activations to the host"
         if graphs and cfg.cuda_graphs == "auto":
             # the graphs' pool keeps its blocks apart from the eager allocator's (the tower's, the
             # first run of each shape), so a run can hold up to two steps' worth
@@ -315,7 +313,7 @@ class Trainer:
         offloaders = [ActivationOffloader(self.model.config.hidden_size).install(lm)] if mode == "offload" else []
         if enc is not None:
             enc.per_image = self.world.mode != "fsdp"  # FSDP2: every rank calls each layer once a forward
-            if mode:  # with cuda_graphs the tower runs outside the graphs, which cannot replay host copies
+            if mode:
                 tower = inner.vision_tower
                 offloaders.append(ActivationOffloader(tower.vision_model.cfg.hidden_size).install(tower))
         return old, offloaders
@@ -330,15 +328,12 @@ class Trainer:
         cfg = self.cfg
         why = ("cuda_graphs=False" if cfg.cuda_graphs is False else
                "the model is not on CUDA" if self.device.type != "cuda" else
-               "training runs under torch.distributed" if self.world.mode is not None else
-               'gradient_checkpointing="offload" copies the decoder\'s activations to the host'
-               if cfg.gradient_checkpointing == "offload" else None)
+               "training runs under torch.distributed" if self.world.mode is not None else None)
         return why is None, why
 
     def _make_graphs(self, offloaders: list[ActivationOffloader]) -> MicroBatchGraphs | None:
         """TrainConfig.cuda_graphs' replayer, or None (off: said once, unless the user turned it off
-        or "auto" found no single GPU). Only a checkpointed vision tower can offload here (decoder
-        offloading turned graphs off in _plan_memory), and it then runs outside the graphs."""
+        or "auto" found no single GPU). The offloaders' copies to the host are captured with the rest."""
         on, why = self._graphs_choice
         if not on:
             if self.cfg.cuda_graphs is True or (self.device.type == "cuda" and self.world.mode is None
@@ -346,11 +341,10 @@ class Trainer:
                 log.info("cuda_graphs=%r is off for this run: %s", self.cfg.cuda_graphs, why)
             return None
         log.info("cuda_graphs: each micro-batch's forward and backward replays as a CUDA graph "
-                 "(rows padded to bucket lengths; each new length runs eagerly once, then is captured)%s",
-                 "; the vision tower runs outside the graphs, offloading its checkpoints" if offloaders else "")
+                 "(rows padded to bucket lengths; each new length runs eagerly once, then is captured)")
         return MicroBatchGraphs(self.engine, self.params, self.device, pad_id=self.pad_id,
                                 max_length=self.max_length, forward_kw=self._forward_kw,
-                                vision_outside=bool(offloaders))
+                                offloaders=offloaders)
 
     def _restore_checkpointing(self, old: tuple[Any, int | None, bool | None, int | None]) -> None:
         inner = self.model.model
