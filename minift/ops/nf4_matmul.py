@@ -297,6 +297,36 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _nibble_weights(b, s, code_ptr, creg, WD: tl.constexpr, XD: tl.constexpr, SHFL: tl.constexpr,
+                        RNE_BY_HAND: tl.constexpr):
+        """The float32 weights of packed bytes `b` (..., NG, GB) with block scales `s` (..., NG): the
+        high nibbles' (the earlier k) and the low nibbles', each code[nibble] * scale rounded to
+        w.dtype and then to x's dtype, as dequantize_nf4(w).to(x.dtype)."""
+        if SHFL:
+            hi, lo = _lookup_shfl(b, creg)
+        else:
+            hi = tl.load(code_ptr + (b >> 4).to(tl.int32))
+            lo = tl.load(code_ptr + (b & 15).to(tl.int32))
+        sc = s[:, :, None]
+        hi = _round_to(_round_to(hi * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+        lo = _round_to(_round_to(lo * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+        return hi, lo
+
+    @triton.jit
+    def _store_rows(y, rows, mask, bias_ptr, lb_ptr, xa_ptr, rank, ls, out_ptr, HAS_BIAS: tl.constexpr,
+                    LORA: tl.constexpr, R: tl.constexpr, XD: tl.constexpr, RNE_BY_HAND: tl.constexpr,
+                    BF16_BITS: tl.constexpr):
+        """A one-row kernel's epilogue for the float32 sums `y` of `rows` (written where `mask`): the
+        bias rounded to x's dtype first, as F.linear's is; an adapter's round(base) + round(scaling *
+        B (A x)) as the LoRA layer adds it; the store rounded once more."""
+        if HAS_BIAS:
+            y += _round_to(tl.load(bias_ptr + rows, mask=mask, other=0.0).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+        if LORA:
+            up = _lora_up(lb_ptr, rows, mask, xa_ptr, 0, rank, R, XD)
+            y = _round_to(y, XD, RNE_BY_HAND).to(tl.float32) + _round_to(ls * up, XD, RNE_BY_HAND).to(tl.float32)
+        store_cast(out_ptr, rows, y, mask, BF16_BITS)
+
+    @triton.jit
     def _nf4_gemv_kernel(
         x_ptr, data_ptr, absmax_ptr, code_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, bias_ptr, out_ptr,
         N, K, half_k, blocks_per_row, xa_ptr, lb_ptr, rank, ls,
@@ -328,6 +358,8 @@ if HAS_TRITON:
             off = 0.0
         if SHFL:
             creg = _lane_code(code_ptr)
+        else:
+            creg = 0.0  # the interpreter loads code[nibble] instead
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kg = k0 + g * GW  # (NG,): first k of each scale group
@@ -342,24 +374,12 @@ if HAS_TRITON:
             else:
                 b = tl.load(data_ptr + byte, mask=gm[:, :, None], other=0, eviction_policy="evict_first")
                 xx = tl.load(x_ptr + k0 + kk, mask=(k0 + kk) < K, other=0.0)
-            if SHFL:
-                hi, lo = _lookup_shfl(b, creg)
-            else:
-                hi = tl.load(code_ptr + (b >> 4).to(tl.int32))
-                lo = tl.load(code_ptr + (b & 15).to(tl.int32))
-            sc = s[:, :, None]
-            hi = _round_to(_round_to(hi * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
-            lo = _round_to(_round_to(lo * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+            hi, lo = _nibble_weights(b, s, code_ptr, creg, WD, XD, SHFL, RNE_BY_HAND)
             w = tl.reshape(tl.join(hi, lo), (BLOCK_N, BLOCK_K))  # high nibble first: the earlier k
             # an explicit FMA: the launch turns contraction off (the nested scale rounds twice)
             acc = tl.fma(w, xx.to(tl.float32)[None, :], acc)
-        y = tl.sum(acc, axis=1)
-        if HAS_BIAS:  # rounded to x's dtype first, as F.linear's bias is
-            y += _round_to(tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
-        if LORA:  # round(base) + round(scaling * B (A x)), rounded once more at the store
-            up = _lora_up(lb_ptr, rows, rmask, xa_ptr, 0, rank, R, XD)
-            y = _round_to(y, XD, RNE_BY_HAND).to(tl.float32) + _round_to(ls * up, XD, RNE_BY_HAND).to(tl.float32)
-        store_cast(out_ptr, rows, y, rmask, BF16_BITS)
+        _store_rows(tl.sum(acc, axis=1), rows, rmask, bias_ptr, lb_ptr, xa_ptr, rank, ls, out_ptr, HAS_BIAS, LORA, R, XD,
+                    RNE_BY_HAND, BF16_BITS)
 
 
     @triton.jit
@@ -414,6 +434,8 @@ if HAS_TRITON:
             off = 0.0
         if SHFL:
             creg = _lane_code(code_ptr)
+        else:
+            creg = 0.0  # the interpreter loads code[nibble] instead
         zero = steps * 0  # the first two steps' indices as tensors, as the loop's are
         b1, q1 = _nf4_stream_loads(zero, steps, nk, P, pid, N, K, half_k, blocks_per_row, data_ptr, absmax_ptr,
                                    BLOCK_N, BLOCK_K, BS, EVEN_K)
@@ -448,23 +470,10 @@ if HAS_TRITON:
             else:
                 x_hi = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
                 x_lo = tl.load(x_ptr + xk + 1, mask=xk < K, other=0.0).to(tl.float32)
-            if SHFL:
-                hi, lo = _lookup_shfl(b, creg)
-            else:
-                hi = tl.load(code_ptr + (b >> 4).to(tl.int32))
-                lo = tl.load(code_ptr + (b & 15).to(tl.int32))
-            sc = s[:, :, None]
-            hi = _round_to(_round_to(hi * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
-            lo = _round_to(_round_to(lo * sc, WD, RNE_BY_HAND).to(tl.float32), XD, RNE_BY_HAND).to(tl.float32)
+            hi, lo = _nibble_weights(b, s, code_ptr, creg, WD, XD, SHFL, RNE_BY_HAND)
             acc += tl.sum(tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2), axis=1)
-            y = acc
-            if HAS_BIAS:  # rounded to x's dtype first, as F.linear's bias is
-                bias = tl.load(bias_ptr + rows, mask=done, other=0.0).to(tl.float32)
-                y += _round_to(bias, XD, RNE_BY_HAND).to(tl.float32)
-            if LORA:  # round(base) + round(scaling * B (A x)), rounded once more at the store
-                up = _lora_up(lb_ptr, rows, done, xa_ptr, 0, rank, R, XD)
-                y = _round_to(y, XD, RNE_BY_HAND).to(tl.float32) + _round_to(ls * up, XD, RNE_BY_HAND).to(tl.float32)
-            store_cast(out_ptr, rows, y, done, BF16_BITS)
+            _store_rows(acc, rows, done, bias_ptr, lb_ptr, xa_ptr, rank, ls, out_ptr, HAS_BIAS, LORA, R, XD, RNE_BY_HAND,
+                        BF16_BITS)
             acc = tl.where(last, 0.0, acc)
 
 
