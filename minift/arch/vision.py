@@ -248,7 +248,7 @@ class Gemma3VisionLM(nn.Module):
         image whose features enter times zero, so every rank's all-gathers and gradient
         reductions of the sharded tower line up (the embeddings are unchanged).
         `image_features`: the tower's output, computed by the caller instead of from
-        pixel_values (the CUDA-graph trainer runs the tower outside the graph)."""
+        pixel_values (a frozen tower's features computed once and reused, a tower run elsewhere)."""
         cfg = self.config
         is_image = input_ids == cfg.image_token_index
         ids = input_ids.masked_fill(is_image, 0) if cfg.image_token_index >= cfg.text.vocab_size else input_ids

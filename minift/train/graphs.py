@@ -142,6 +142,8 @@ class MicroBatchGraphs:
                 # a new shape runs eagerly first: it compiles (or recompiles) and loads its kernels,
                 # which must not happen inside a capture; what it offloads lays out the capture's host buffers
                 self._warm.add(sig)
+                for off in self.offloaders:  # a module this micro-batch does not run must not keep an old trace
+                    off.trace = []
                 loss = self._eager(inputs)
                 self._traces[sig] = [list(off.trace) for off in self.offloaders]
                 return loss
