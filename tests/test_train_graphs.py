@@ -289,4 +289,17 @@ def test_host_arena_views():
     assert [tuple(v.shape) for v in arena.views(trace[1:])] == [(1, 5, 8), (1, 1, 8)]  # a smaller trace fits too
     with pytest.raises(ValueError, match="bytes asked"):
         arena.views(trace * 2)
+    # under capture the offloader hands out the arena's buffers in pack order, and refuses a tensor
+    # the eager run did not offload (the capture then fails and the run goes on without graphs)
+    from minift.train.offload import ActivationOffloader
+
+    off = ActivationOffloader(8)
+    off._hosts = arena.views(trace)
+    for (shape, dtype), view in zip(trace[:2], views):
+        t = torch.zeros(shape, dtype=dtype)
+        off.trace.append((shape, dtype))
+        assert off._host_buffer(t).data_ptr() == view.data_ptr()
+    off.trace.append(((1, 2, 8), torch.float16))
+    with pytest.raises(RuntimeError, match=r"tensor 2 is \(1, 2, 8\)"):
+        off._host_buffer(torch.zeros(1, 2, 8, dtype=torch.float16))
     arena.close()
