@@ -163,7 +163,7 @@ class ActivationOffloader:
         if h.dev is not None or h.device.type != "cuda":
             return
         main = torch.cuda.current_stream(h.device)
-        h.dev = torch.empty(h.host.shape, dtype=h.host.dtype, device=h.device)  # on the compute stream
+        h.dev = torch.empty_like(h.host, device=h.device)  # on the compute stream; the host copy's strides
         side = self._stream(h.device)
         side.wait_stream(main)
         with torch.cuda.stream(side):
