@@ -129,7 +129,6 @@ class Encoder:
     def encode(self, row: dict[str, Any]) -> Example | None:
         """A canonical row (see formats.normalize_row) → Example; None when dropped."""
         kind = row["kind"]
-        pixel_values = token_type_ids = None
         if kind == "text":
             if self.responses_only:
                 raise DataError(
