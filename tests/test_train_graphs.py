@@ -216,6 +216,62 @@ def test_trainer_with_cuda_graphs_equals_without(tmp_path, compile_, merge):
 
 
 @pytest.mark.gpu
+def test_offloader_replays_its_copies(tmp_path):
+    """The offloading copies alone, without the Trainer: three micro-batches of one shape through
+    MicroBatchGraphs (eager, captured + replayed, replayed) with every decoder layer's input sent to
+    the host and back; each one's loss and gradients equal an eager run's on the same data, and
+    the host buffers hold the last replay's layer inputs."""
+    from minift.train.graphs import MicroBatchGraphs
+    from minift.train.offload import ActivationOffloader
+
+    path = write_tiny_checkpoint(tmp_path / "m", "llama", hidden_size=128, intermediate_size=256,
+                                 num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    g = torch.Generator().manual_seed(0)
+    batches = [dict(input_ids=(ids := torch.randint(3, 250, (2, 64), generator=g)), labels=ids.clone())
+               for _ in range(3)]
+    runs = {}
+    for graphs in (False, True):
+        torch._dynamo.reset()
+        model, _ = minift.load(path, dtype=torch.float32, device="cuda")
+        minift.add_lora(model, r=4, alpha=8, seed=0)
+        torch.manual_seed(0)
+        with torch.no_grad():  # B = 0 at init: move it so every gradient is non-trivial
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(0.02 * torch.randn_like(p))
+        model.train()
+        model.model.gradient_checkpointing = "offload"
+        off = ActivationOffloader(model.config.hidden_size).install(model.model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        mbg = MicroBatchGraphs(model, params, torch.device("cuda"), pad_id=0, offloaders=[off]) if graphs else None
+        out = []
+        for b in batches:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.zero_()
+            if mbg is not None:
+                loss = mbg.run(b, 100.0)
+            else:
+                loss = model(**{k: v.cuda() for k, v in b.items()}, loss_normalizer=100.0).loss
+                loss.backward()
+            out.append((loss.item(), [p.grad.clone() for p in params]))
+        if mbg is not None:
+            assert mbg.stats()["replays"] == 2 and mbg.failure is None, mbg.stats()
+            host = off._arena.views(off.trace)
+            assert len(host) == 3 and all(h.abs().sum() > 0 for h in host)
+            with torch.no_grad():  # the first layer's input of the last batch: its scaled embeddings
+                first = model.model.embed(batches[-1]["input_ids"].cuda()).cpu()
+            assert torch.equal(host[0], first)
+            mbg.release()
+        off.remove()
+        runs[graphs] = out
+    for (le, ge), (lg, gg) in zip(runs[False], runs[True]):
+        assert abs(le - lg) <= 1e-5 * abs(le)
+        for a, b in zip(ge, gg):
+            assert rel(b, a) <= 1e-5
+
+
+@pytest.mark.gpu
 def test_offloaded_checkpoints_inside_cuda_graphs(tmp_path):
     """gradient_checkpointing="offload" with graphs: each decoder layer's input is copied to the
     host and back inside the captured step; the same losses and LoRA weights as without graphs."""
