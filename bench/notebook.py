@@ -166,6 +166,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=300)
     ap.add_argument("--child", nargs=2, metavar=("PATH", "QUANT"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.steps < 3:
+        ap.error("--steps must be at least 3: samples/s is timed over the steps after the first two")
     sets = {}
     for item in a.set:
         k, v = item.split("=", 1)
