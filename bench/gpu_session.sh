@@ -4,7 +4,10 @@
 # open issues' pending GPU work: dist (issue 19's NCCL tests), notebook (issue 14 target 0: the
 # notebook job with its defaults, without graphs, unmerged, decoder offloaded; peak by phase), decode (issue 15's rows),
 # longctx (issue 14 target 4: Llama-3.1-8B NF4 at 32k tokens, MLPs whole and in chunks), parity
-# (issue 14 target 6: the Trainer's first losses against an HF+PEFT loop).
+# (issue 14 target 6: the Trainer's first losses against an HF+PEFT loop), target0 (issue 14 target 0:
+# the peers' notebook job, unsloth and minift in one process tree, ~9 min; needs .peer), notebook16
+# (the same job on a 16-bit base), woffload (workload W with checkpoints kept, offloaded, and offloaded
+# inside CUDA graphs: the data for making "offload" the default).
 #   bash bench/gpu_session.sh env dist notebook decode
 #   DECODE_ARGS="--shapes llama-3.2-1b --batch 1 --quant 4bit --impls minift,minift-lora" bash bench/gpu_session.sh decode
 #     (QLoRA right after training: adapters in the one-row NF4 kernel's epilogue)
@@ -36,6 +39,13 @@ for stage in "$@"; do
     longctx) for v in offload+compile offload+compile+mlpchunk; do  # issue 14 target 4: the per-token peak, unchunked vs chunked MLPs
         timeout ${LONGCTX_TIMEOUT:-240} python3 bench/train.py --shapes llama-3.1-8b --quant 4bit --bs 1 --seq ${LONGCTX_SEQ:-32768} --warmup 1 --steps 1 --variants $v 2>>"$OUT/longctx.err" | tee -a "$OUT/longctx.jsonl" | cut -c1-400; done ;;
     parity) timeout ${PARITY_TIMEOUT:-500} python3 bench/parity.py ${PARITY_ARGS:---shapes llama-3.2-1b --quant none,4bit} 2>"$OUT/parity.err" | tee -a "$OUT/parity.jsonl" | cut -c1-900 ;;
+    target0) timeout ${TARGET0_TIMEOUT:-590} python3 .peer/vision_notebook_job.py --impls unsloth,minift --steps ${NB_STEPS:-30} \
+        --timeout 400 2>"$OUT/target0.err" | tee -a "$OUT/target0.log" | tail -8 ;;
+    notebook16) timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --quant none --steps ${NB_STEPS:-30} 2>>"$OUT/notebook.err" \
+        | tee -a "$OUT/notebook.jsonl" | tail -2 ;;
+    woffload) for sh in ${W_SHAPES:-llama-3.2-1b gemma-3-4b}; do
+        timeout ${W_TIMEOUT:-280} python3 bench/train.py --shapes $sh --quant 4bit --steps 6 \
+          --variants ckpt+compile,offload+compile,offload+compile+graph 2>>"$OUT/woffload.err" | tee -a "$OUT/woffload.jsonl" | cut -c1-500; done ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
       timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac

@@ -55,13 +55,13 @@ def _profile_step(step, dev: str) -> dict:
                 cpu_top=[(e.key[:90], e.count, round(e.self_cpu_time_total / 1e3, 2)) for e in cpu_top])
 
 
-def _graphed_step(model, opt, params, batches):
+def _graphed_step(model, opt, params, batches, offloaders):
     """The Trainer's TrainConfig(cuda_graphs=True) path: each micro-batch's forward and backward
     replays as a CUDA graph (train/graphs.py; the first run of a shape eager, the second captured),
     the optimizer and zeroing eager between replays. W's rows are bucket lengths already."""
     from minift.train.graphs import MicroBatchGraphs
 
-    graphs = MicroBatchGraphs(model, params, batches[0].device, pad_id=0)
+    graphs = MicroBatchGraphs(model, params, batches[0].device, pad_id=0, offloaders=offloaders)
     norm = float(batches[0].shape[0] * (batches[0].shape[1] - 1))
     host = [b.cpu() for b in batches]  # the Trainer collates on the host: no device read-back a step
 
@@ -118,7 +118,9 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     if ckpt_mode == "offload":  # as the Trainer does: the hooks that move checkpointed inputs to the host
         from minift.train.offload import ActivationOffloader
 
-        ActivationOffloader(model.config.hidden_size).install(lm)
+        offloaders = [ActivationOffloader(model.config.hidden_size).install(lm)]
+    else:
+        offloaders = []
     if "compile" in variant:
         for layer in lm.layers:
             layer.compile()  # as the Trainer: static first, dynamic once a second length comes
@@ -154,7 +156,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         torch.cuda.reset_peak_memory_stats()
     if "+graph" in variant and dev == "cuda":
         # replays allocate nothing, so the peak is the capture's (and the eager first runs')
-        step = _graphed_step(model, opt, params, batches)
+        step = _graphed_step(model, opt, params, batches, offloaders)
         for i in range(2):  # each batch's shape: an eager run, then the capture
             losses.append(float(step(i)))
     t_warm = time.time() - t_warm
