@@ -7,7 +7,8 @@
 # (issue 14 target 6: the Trainer's first losses against an HF+PEFT loop), target0 (issue 14 target 0:
 # the peers' notebook job, unsloth and minift in one process tree, ~9 min; needs .peer), notebook16
 # (the same job on a 16-bit base), woffload (workload W with checkpoints kept, offloaded, and offloaded
-# inside CUDA graphs: the data for making "offload" the default).
+# inside CUDA graphs: the data for making "offload" the default), budgets (issue 14 target 2: the
+# memory planner's plan and tokens/s at 8-80 GiB budgets; BUDGET_SHAPE, default llama-3.1-8b).
 #   bash bench/gpu_session.sh env dist notebook decode
 #   DECODE_ARGS="--shapes llama-3.2-1b --batch 1 --quant 4bit --impls minift,minift-lora" bash bench/gpu_session.sh decode
 #     (QLoRA right after training: adapters in the one-row NF4 kernel's epilogue)
@@ -46,6 +47,9 @@ for stage in "$@"; do
     woffload) for sh in ${W_SHAPES:-llama-3.2-1b gemma-3-4b}; do
         timeout ${W_TIMEOUT:-280} python3 bench/train.py --shapes $sh --quant 4bit --steps 6 \
           --variants ckpt+compile,offload+compile,offload+compile+graph 2>>"$OUT/woffload.err" | tee -a "$OUT/woffload.jsonl" | cut -c1-500; done ;;
+    budgets) timeout ${BUDGET_TIMEOUT:-590} python3 bench/train.py --shapes ${BUDGET_SHAPE:-llama-3.1-8b} --quant 4bit --steps 4 \
+        --variants auto@8+compile,auto@16+compile,auto@24+compile,auto@48+compile,auto@80+compile \
+        2>"$OUT/budgets.err" | tee -a "$OUT/budgets.jsonl" | cut -c1-500 ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
       timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac
