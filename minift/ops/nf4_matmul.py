@@ -49,8 +49,12 @@ decode step (bench/RESULTS.md, fifteenth session). Its SASS for sm_90 says why: 
 candidate fix, not yet measured: a few long programs an SM, each walking row blocks and K chunks as
 one loop, loading the next two steps' bytes before dequantising this one (~30 KB in flight an
 SM), multiplying each nibble's values by x's even or odd elements in the bytes' own layout (6-8
-barriers), and summing each step at once. The default stays the measured kernel until the sweep
-has run on a GPU.
+barriers), and summing each step at once. Its cost, from the same SASS: the bytes carried across
+iterations are repacked with byte permutes (~120 PRMT a step of 32 weights a thread) and x still
+changes layout once a step through shared memory, ~1.6x the default kernel's instructions a
+weight; if the sweep finds it bound by issue rather than by memory, carry 32-bit words instead
+(a shuffle lookup taking whole words). The default stays the measured kernel until the sweep has
+run on a GPU.
 
 Tile rules (`_config`): BLOCK_N = 64, S = 1, KS = 256 weights an iteration (128 bytes, one 128-byte
 line, of each row), 4 warps, 3 stages; SPLIT = the largest split that keeps the grid within one wave
