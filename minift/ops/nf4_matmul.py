@@ -217,12 +217,7 @@ if HAS_TRITON:
         row_byte = rows * half_k
         row_blk = rows * blocks_per_row
         x_row = x_ptr + mrow.to(tl.int64) * sxm
-        if NESTED:
-            off = tl.load(offset_ptr)
-        else:
-            off = 0.0
-        if SHFL:
-            creg = _lane_code(code_ptr)
+        off, creg = _nf4_constants(offset_ptr, code_ptr, NESTED, SHFL)
         if S == 1:
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
@@ -301,6 +296,21 @@ if HAS_TRITON:
 
 
     @triton.jit
+    def _nf4_constants(offset_ptr, code_ptr, NESTED: tl.constexpr, SHFL: tl.constexpr):
+        """An NF4 kernel's per-program constants: the nested statistics' offset (0 without) and
+        this lane's code value for the shuffle lookup (0 under the interpreter, which loads
+        code[nibble] instead)."""
+        if NESTED:
+            off = tl.load(offset_ptr)
+        else:
+            off = 0.0
+        if SHFL:
+            creg = _lane_code(code_ptr)
+        else:
+            creg = 0.0
+        return off, creg
+
+    @triton.jit
     def _nibble_weights(b, s, code_ptr, creg, WD: tl.constexpr, XD: tl.constexpr, SHFL: tl.constexpr,
                         RNE_BY_HAND: tl.constexpr):
         """The float32 weights of packed bytes `b` (..., NG, GB) with block scales `s` (..., NG): the
@@ -356,14 +366,7 @@ if HAS_TRITON:
         kk = tl.arange(0, BLOCK_K)
         row_byte = rows * half_k
         row_blk = rows * blocks_per_row
-        if NESTED:
-            off = tl.load(offset_ptr)
-        else:
-            off = 0.0
-        if SHFL:
-            creg = _lane_code(code_ptr)
-        else:
-            creg = 0.0  # the interpreter loads code[nibble] instead
+        off, creg = _nf4_constants(offset_ptr, code_ptr, NESTED, SHFL)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             kg = k0 + g * GW  # (NG,): first k of each scale group
@@ -432,14 +435,7 @@ if HAS_TRITON:
         P = tl.num_programs(0)
         nk = tl.cdiv(K, BLOCK_K)
         steps = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, P) * nk
-        if NESTED:
-            off = tl.load(offset_ptr)
-        else:
-            off = 0.0
-        if SHFL:
-            creg = _lane_code(code_ptr)
-        else:
-            creg = 0.0  # the interpreter loads code[nibble] instead
+        off, creg = _nf4_constants(offset_ptr, code_ptr, NESTED, SHFL)
         zero = steps * 0  # the first two steps' indices as tensors, as the loop's are
         b1, q1 = _nf4_stream_loads(zero, steps, nk, P, pid, N, K, half_k, blocks_per_row, data_ptr, absmax_ptr,
                                    BLOCK_N, BLOCK_K, BS, EVEN_K)
