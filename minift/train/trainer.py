@@ -266,8 +266,8 @@ class Trainer:
         if auto_ckpt and (plan is None or not merge):
             plan = plan_for(batch)
         if graphs and cfg.cuda_graphs == "auto":
-            # the graphs' pool keeps its blocks apart from the eager allocator's (the tower's, the
-            # first run of each shape), so a run can hold up to two steps' worth
+            # the graphs' pool keeps its blocks apart from the eager allocator's (each shape's
+            # first, eager run), so a run can hold up to two steps' worth
             est = plan.estimate if plan is not None else estimate(batch)
             if est * memory.GRAPH_HEADROOM > budget:  # a budget: graphs are possible only on CUDA
                 graphs = False
