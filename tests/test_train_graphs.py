@@ -257,6 +257,7 @@ def test_offloader_replays_its_copies(tmp_path):
             out.append((loss.item(), [p.grad.clone() for p in params]))
         if mbg is not None:
             assert mbg.stats()["replays"] == 2 and mbg.failure is None, mbg.stats()
+            assert off.unused_fetches == 0  # every copy brought back was unpacked
             host = off._arena.views(off.trace)
             assert len(host) == 3 and all(h.abs().sum() > 0 for h in host)
             with torch.no_grad():  # the first layer's input of the last batch: its scaled embeddings
@@ -269,6 +270,36 @@ def test_offloader_replays_its_copies(tmp_path):
         assert abs(le - lg) <= 1e-5 * abs(le)
         for a, b in zip(ge, gg):
             assert rel(b, a) <= 1e-5
+
+
+@pytest.mark.gpu
+def test_failed_capture_falls_back_cleanly():
+    """A capture that fails (here: a host sync inside the forward) turns graphs off with its own
+    error as the reason, and leaves CUDA usable: random draws work (torch leaves the generator
+    registered with a capture that did not end cleanly) and the micro-batch runs eagerly."""
+    from types import SimpleNamespace
+
+    from minift.train.graphs import MicroBatchGraphs
+
+    class Syncing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(8, device="cuda"))
+
+        def forward(self, input_ids, loss_normalizer, **kw):
+            x = self.w * input_ids.float().mean()
+            if torch.cuda.is_current_stream_capturing():
+                float(x.sum())  # a host sync: not allowed in a capture
+            return SimpleNamespace(loss=x.sum() / loss_normalizer)
+
+    model = Syncing()
+    mbg = MicroBatchGraphs(model, [model.w], torch.device("cuda"), pad_id=0)
+    batch = dict(input_ids=torch.ones(2, 32, dtype=torch.long), labels=torch.ones(2, 32, dtype=torch.long))  # a bucket length
+    for _ in range(2):  # eager (warm), then the failing capture and its eager run
+        loss = mbg.run(batch, 1.0)
+    assert not mbg.enabled and mbg.failure is not None and "captur" in mbg.failure.lower(), mbg.failure
+    assert loss.item() == 8.0 and mbg.eager_runs == 2
+    torch.randn(4, device="cuda")  # the generator draws again
 
 
 @pytest.mark.gpu

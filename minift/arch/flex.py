@@ -16,6 +16,7 @@ stages and backward tiles 64x64 with 2 stages, both within the shared-memory bud
 head_dim 256 needs no override there. GPUs with under ~200 KiB per block (A10/L40/RTX, sm_12x)
 fail to compile the head_dim > 128 backward with those defaults; on them `SMALL_SMEM_OPTIONS`
 (32x32 tiles, 2 stages) is used for head_dim > 128. `set_kernel_options` overrides per head_dim.
+On CUDA the backend is always the tiled Triton kernel (`flex`), also for short queries.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ SMALL_SMEM_OPTIONS: dict[str, Any] = {
     "bwd_BLOCK_M1": 32, "bwd_BLOCK_N1": 32, "bwd_BLOCK_M2": 32, "bwd_BLOCK_N2": 32,
     "bwd_num_stages": 2, "bwd_num_warps": 4,
 }
+# The kernel option that selects the tiled kernel: BACKEND where torch has it, else the older knob.
+_TILED: dict[str, Any] = {"FORCE_USE_FLEX_ATTENTION": True}
+if AVAILABLE:
+    import typing
+
+    from torch.nn.attention import flex_attention as _fa
+
+    if "TRITON" in typing.get_args(getattr(_fa, "_Backend", None) or ()):
+        _TILED = {"BACKEND": "TRITON"}
 _kernel_options: dict[int, dict[str, Any] | None] = {}  # head_dim -> options (explicit overrides)
 _small_smem = False  # set by `block_mask` on the first CUDA device with little shared memory
 _checked_devices: set[int] = set()
@@ -222,6 +232,10 @@ def flex(
     opts = _kernel_options.get(d)
     if opts is None and _small_smem and d > 128:
         opts = SMALL_SMEM_OPTIONS
+    if q.is_cuda and not (opts and ("BACKEND" in opts or "FORCE_USE_FLEX_ATTENTION" in opts)):
+        # the tiled kernel, never flex-decoding: torch picks that for queries under 128 tokens,
+        # and finds no kernel config for some (a 98-token Gemma 3 row at head_dim 16, torch 2.11)
+        opts = {**(opts or {}), **_TILED}
     # Inside a compiled region (a compiled decoder layer) dynamo lowers flex_attention itself.
     fn = flex_attention if q.device.type == "cpu" or torch.compiler.is_compiling() else _compiled
     return fn(

@@ -44,6 +44,14 @@ from .report import log
 Signature = tuple[tuple[str, tuple[int, ...], torch.dtype], ...]
 
 
+def _release_generator(device: torch.device) -> None:
+    """After a failed capture: the device's random generator, registered with that capture, was
+    never released by it (torch releases it only when the capture ends cleanly), and would refuse
+    every later random draw outside a capture. It gets a fresh state with the same seed and offset."""
+    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    gen.graphsafe_set_state(gen.clone_state())
+
+
 class _Graph:
     __slots__ = ("graph", "inputs", "loss", "arenas")
 
@@ -102,6 +110,8 @@ class MicroBatchGraphs:
         self.eager_runs += 1
         loss = self.engine(**inputs, loss_normalizer=self._norm, **self.forward_kw).loss
         loss.backward()
+        for off in self.offloaders:
+            off.join()
         return loss.detach()
 
     def _capture(self, sig: Signature, inputs: dict[str, torch.Tensor]) -> _Graph | None:
@@ -114,9 +124,14 @@ class MicroBatchGraphs:
             with contextlib.ExitStack() as stack:
                 arenas = [stack.enter_context(off.capturing(tr)) for off, tr in zip(self.offloaders, traces)]
                 with torch.cuda.graph(graph, pool=self._pool):
-                    loss = self.engine(**inputs, loss_normalizer=self._norm, **self.forward_kw).loss
-                    loss.backward()
+                    try:
+                        loss = self.engine(**inputs, loss_normalizer=self._norm, **self.forward_kw).loss
+                        loss.backward()
+                    finally:  # the capture ends joined, so an error inside it is the one reported
+                        for off in self.offloaders:
+                            off.join()
         except Exception as e:  # noqa: BLE001 - any capture failure: fall back to eager for good
+            _release_generator(self.device)
             self.enabled, self.failure = False, f"{type(e).__name__}: {e}"
             log.warning("cuda_graphs: capturing a micro-batch of shape %s failed, so the rest of the run "
                         "runs without CUDA graphs (%s)", tuple(inputs["input_ids"].shape), self.failure)

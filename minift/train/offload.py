@@ -55,7 +55,9 @@ class HostArena:
         self.flat = self._raw[start:start + nbytes]
         self._registered = False
         if nbytes and torch.cuda.is_available():
-            err = torch.cuda.cudart().cudaHostRegister(self.flat.data_ptr(), nbytes, 0)
+            # all of it: a view's `is_pinned()` (checked by every copy under capture) asks about its
+            # storage's start, which precedes the aligned region
+            err = torch.cuda.cudart().cudaHostRegister(self._raw.data_ptr(), self._raw.numel(), 0)
             if int(err) != 0:
                 raise RuntimeError(f"cudaHostRegister of {nbytes} bytes of host memory failed (error {int(err)})")
             self._registered = True
@@ -77,7 +79,7 @@ class HostArena:
     def close(self) -> None:
         if self._registered:
             self._registered = False
-            torch.cuda.cudart().cudaHostUnregister(self.flat.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(self._raw.data_ptr())
 
     def __del__(self) -> None:
         try:
@@ -89,12 +91,13 @@ class HostArena:
 class _Handle:
     """One offloaded tensor: its host copy and, once prefetched, the device copy and event."""
 
-    __slots__ = ("host", "device", "dev", "event", "index")
+    __slots__ = ("host", "device", "dev", "event", "index", "used")
 
     def __init__(self, host: torch.Tensor, device: torch.device, index: int):
         self.host, self.device, self.index = host, device, index
         self.dev: torch.Tensor | None = None
         self.event: Any = None
+        self.used = False  # unpacked once: never prefetched again
 
 
 class ActivationOffloader:
@@ -113,6 +116,8 @@ class ActivationOffloader:
         self._inflight: collections.deque[tuple[torch.Tensor, Any]] = collections.deque()
         self._hosts: list[torch.Tensor] | None = None  # under capture: the arena's buffers, in pack order
         self._arena: HostArena | None = None
+        self._forked: set[torch.device] = set()  # devices whose side stream has work since the last join
+        self.unused_fetches = 0  # copies brought back but never unpacked (counted by join)
 
     # -- the hooks -----------------------------------------------------------------------
     def _wanted(self, t: torch.Tensor) -> bool:
@@ -148,6 +153,7 @@ class ActivationOffloader:
             host = self._host_buffer(t)
             main, side = torch.cuda.current_stream(t.device), self._stream(t.device)
             side.wait_stream(main)
+            self._forked.add(t.device)
             with torch.cuda.stream(side):
                 host.copy_(t, non_blocking=True)
             event = torch.cuda.Event()
@@ -159,13 +165,13 @@ class ActivationOffloader:
         self.handles.append(h)
         return h
 
-    def _prefetch(self, h: _Handle) -> None:
-        if h.dev is not None or h.device.type != "cuda":
-            return
+    def _fetch(self, h: _Handle) -> None:
+        """Starts h's copy back to the device, on the side stream."""
         main = torch.cuda.current_stream(h.device)
         h.dev = torch.empty_like(h.host, device=h.device)  # on the compute stream; the host copy's strides
         side = self._stream(h.device)
         side.wait_stream(main)
+        self._forked.add(h.device)
         with torch.cuda.stream(side):
             h.dev.copy_(h.host, non_blocking=True)
         h.event = torch.cuda.Event()
@@ -177,14 +183,33 @@ class ActivationOffloader:
         if h.device.type != "cuda":
             out = h.host
         else:
-            self._prefetch(h)
+            if h.dev is None:
+                self._fetch(h)
             torch.cuda.current_stream(h.device).wait_event(h.event)
             out, h.dev, h.event = h.dev, None, None
-        if h.index > 0 and h.index <= len(self.handles):  # the backward walks layers in reverse:
-            self._prefetch(self.handles[h.index - 1])  # fetch the previous input while this one runs
+        h.used = True
+        if 0 < h.index <= len(self.handles):  # the backward walks layers in reverse:
+            prev = self.handles[h.index - 1]  # fetch the previous input while this one runs
+            if prev.device.type == "cuda" and not prev.used and prev.dev is None:
+                self._fetch(prev)
         elif h.index == 0:
             self.handles = []  # the last one: the host copies live on only in the graph
         return out
+
+    def join(self) -> int:
+        """Makes the compute stream wait for everything the side streams were given since the
+        last join, and drops copies brought back but never unpacked (returns how many). A CUDA
+        graph capture must end with every stream it forked joined, also when it failed midway."""
+        left = 0
+        for h in self.handles:
+            if h.dev is not None:
+                left, h.dev, h.event = left + 1, None, None
+        self.unused_fetches += left
+        for device in self._forked:
+            torch.cuda.current_stream(device).wait_stream(self._streams[device])
+        self._forked.clear()
+        self._inflight.clear()  # their copies are waited for now
+        return left
 
     # -- CUDA graphs -----------------------------------------------------------------------
     @property
@@ -210,6 +235,7 @@ class ActivationOffloader:
         finally:  # after a failed capture its events and handles are void: the next forward starts afresh
             self._hosts, self.handles = None, []
             self._inflight.clear()
+            self._forked.clear()
 
     # -- installation --------------------------------------------------------------------
     def _enter(self, module: nn.Module, args: Any) -> None:
