@@ -392,8 +392,14 @@ def _nf4_gemv_sweep(nm, bw: float, nominal: float | None) -> None:
               for bn, bk, nw in ((2, 1024, 2), (4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 2048, 4))
               for per_sm in (4, 8, 16)]
     for n, k in ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (4096, 14336), (14336, 4096)):
-        ws, nbytes, _ = _nf4_weights(n, k)
+        ws, nbytes, bnb_ws = _nf4_weights(n, k)
         x = torch.randn(1, k, device="cuda", dtype=DT)
+        import bitsandbytes.functional as bnbf
+
+        with torch.no_grad():  # the peer on the same weights: bitsandbytes' CUDA GEMV
+            b = _time_each(lambda dq: bnbf.gemv_4bit(x, dq[0].t(), state=dq[1]), bnb_ws)
+        print(json.dumps(dict(kind="nf4_gemv_sweep_bnb", N=n, K=k, graph_us=b["graph_us"],
+                              gb_s=round(nbytes / (b["graph_us"] * 1e-6) / 1e9, 1))), flush=True)
         best = None
         for cfg in cands:
             nm.GEMV_CONFIG_OVERRIDE = cfg
