@@ -118,6 +118,8 @@ def test_offloader_trace_lays_out_a_capture(tmp_path):
     the post-LayerNorm's), and the same forward again records the same trace."""
     from test_train_vision import rows as image_rows
 
+    from minift.train.offload import Slot
+
     model, processor = minift.load(write_tiny_gemma3_vision(tmp_path / "v"))
     minift.add_lora(model, r=4, alpha=8, vision=True, language=True, seed=0)
     tr = Trainer(model, processor, image_rows(3), config=TrainConfig(output_dir=str(tmp_path / "o"),
@@ -137,7 +139,10 @@ def test_offloader_trace_lays_out_a_capture(tmp_path):
             off.remove()
         tr._restore_checkpointing(old)
     n_img = t["pixel_values"].shape[0]
-    one = ((1, vcfg.num_patches, vcfg.hidden_size), torch.float32)
+    # the patch embedding's layout (patch-major, as transformers') carries through the tower: a capture's
+    # host buffers keep it, so the recompute gets the eager run's layout and nothing recompiles
+    p, h = vcfg.num_patches, vcfg.hidden_size
+    one = Slot((1, p, h), (p * h, 1, p), torch.float32)
     assert traces[0] == traces[1] and traces[0][:vcfg.num_hidden_layers] == [one] * vcfg.num_hidden_layers
     assert len(traces[0]) == n_img * vcfg.num_hidden_layers + 1  # + the post-LayerNorm's input, all images
 
@@ -362,14 +367,18 @@ def test_cuda_graphs_auto_on_cuda(tmp_path, caplog):
 
 def test_host_arena_views():
     """The page-locked buffers captured copies write: one per offloaded tensor of a forward, page
-    aligned, disjoint, carved from one flat buffer that several graphs' traces share."""
-    from minift.train.offload import HostArena
+    aligned, disjoint, with the eager host copy's strides, carved from one flat buffer that several
+    graphs' traces share."""
+    from minift.train.offload import ActivationOffloader, HostArena, Slot
 
-    trace = [((2, 3, 8), torch.bfloat16), ((1, 5, 8), torch.float32), ((1, 1, 8), torch.float16)]
+    patch_major = torch.empty(1, 8, 5).transpose(1, 2)  # (1, 5, 8) laid out as a vision tower's
+    trace = [Slot((2, 3, 8), (24, 8, 1), torch.bfloat16), Slot.of(patch_major),
+             Slot((1, 1, 8), (8, 8, 1), torch.float16)]
+    assert trace[1] == Slot((1, 5, 8), (40, 1, 5), torch.float32)
     arena = HostArena(HostArena.size(trace))
     views = arena.views(trace)
-    assert [(tuple(v.shape), v.dtype) for v in views] == trace
-    assert all(v.data_ptr() % 4096 == 0 and v.is_contiguous() for v in views)
+    assert [Slot(tuple(v.shape), v.stride(), v.dtype) for v in views] == trace
+    assert all(v.data_ptr() % 4096 == 0 for v in views)
     for i, v in enumerate(views):
         v.fill_(i + 1)
     assert [v.float().unique().tolist() for v in views] == [[1.0], [2.0], [3.0]]
@@ -377,16 +386,15 @@ def test_host_arena_views():
     with pytest.raises(ValueError, match="bytes asked"):
         arena.views(trace * 2)
     # under capture the offloader hands out the arena's buffers in pack order, and refuses a tensor
-    # the eager run did not offload (the capture then fails and the run goes on without graphs)
-    from minift.train.offload import ActivationOffloader
-
+    # the eager run did not offload, or offloaded with other strides (the capture then fails and
+    # the run goes on without graphs)
     off = ActivationOffloader(8)
     off._hosts = arena.views(trace)
-    for (shape, dtype), view in zip(trace[:2], views):
-        t = torch.zeros(shape, dtype=dtype)
-        off.trace.append((shape, dtype))
+    for t, view in zip((torch.zeros(2, 3, 8, dtype=torch.bfloat16), patch_major), views):
+        off.trace.append(Slot.of(t))
         assert off._host_buffer(t).data_ptr() == view.data_ptr()
-    off.trace.append(((1, 2, 8), torch.float16))
-    with pytest.raises(RuntimeError, match=r"tensor 2 is \(1, 2, 8\)"):
-        off._host_buffer(torch.zeros(1, 2, 8, dtype=torch.float16))
+    t = torch.zeros(1, 8, 1, dtype=torch.float16).transpose(1, 2)
+    off.trace.append(Slot.of(t))
+    with pytest.raises(RuntimeError, match=r"tensor 2 is Slot\(shape=\(1, 1, 8\), stride=\(8, 1, 1\)"):
+        off._host_buffer(t)
     arena.close()

@@ -123,6 +123,9 @@ class MicroBatchGraphs:
         try:
             with contextlib.ExitStack() as stack:
                 arenas = [stack.enter_context(off.capturing(tr)) for off, tr in zip(self.offloaders, traces)]
+                # a recompile would run the compiler's benchmarks inside the capture and invalidate it
+                # with an unrelated error; this way the failure names the guard that changed
+                stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
                 with torch.cuda.graph(graph, pool=self._pool):
                     try:
                         loss = self.engine(**inputs, loss_normalizer=self._norm, **self.forward_kw).loss

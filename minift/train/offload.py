@@ -26,12 +26,30 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
 
-Trace = list[tuple[tuple[int, ...], torch.dtype]]  # (shape, dtype) of each tensor a forward offloaded
+
+
+class Slot(NamedTuple):
+    """One tensor a forward offloaded: a capture's host buffer must have its shape, dtype and the
+    strides its eager host copy had (`torch.empty_like`'s: the tensor's own when dense, e.g. a vision
+    tower's patch-major activations). Other strides would hand the checkpoint's recompute an input
+    laid out differently from the eager run's, and the compiled layer would recompile inside the
+    capture."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> "Slot":
+        return cls(tuple(t.shape), torch.empty_like(t, device="meta").stride(), t.dtype)
+
+
+Trace = list[Slot]  # each tensor a forward offloaded, in pack order
 _ALIGN = 4096  # host buffers start on page boundaries
 
 
@@ -45,7 +63,7 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 class HostArena:
     """Page-locked host memory for the copies of captured micro-batches, one flat buffer registered
     with CUDA (`cudaHostRegister`; not from PyTorch's caching host allocator, see the module
-    docstring). `views(trace)` carves one contiguous buffer per offloaded tensor of a forward from its
+    docstring). `views(trace)` carves one dense buffer per offloaded tensor of a forward from its
     start; graphs replay one at a time on one stream, so every graph's views may share it."""
 
     def __init__(self, nbytes: int):
@@ -64,15 +82,15 @@ class HostArena:
 
     @staticmethod
     def size(trace: Trace) -> int:
-        return sum(-(-_nbytes(s, d) // _ALIGN) * _ALIGN for s, d in trace)
+        return sum(-(-_nbytes(s.shape, s.dtype) // _ALIGN) * _ALIGN for s in trace)
 
     def views(self, trace: Trace) -> list[torch.Tensor]:
         if self.size(trace) > self.nbytes:
             raise ValueError(f"HostArena: {self.size(trace)} bytes asked of {self.nbytes}")
         out, off = [], 0
-        for shape, dtype in trace:
-            n = _nbytes(shape, dtype)
-            out.append(self.flat[off:off + n].view(dtype).view(shape))
+        for s in trace:  # dense strides: the buffer's n bytes hold every element once
+            n = _nbytes(s.shape, s.dtype)
+            out.append(self.flat[off:off + n].view(s.dtype).as_strided(s.shape, s.stride))
             off += -(-n // _ALIGN) * _ALIGN
         return out
 
@@ -132,10 +150,11 @@ class ActivationOffloader:
         if self._hosts is None:
             return torch.empty_like(t, device="cpu", pin_memory=True)
         i = len(self.trace) - 1
-        if i >= len(self._hosts) or self._hosts[i].shape != t.shape or self._hosts[i].dtype != t.dtype:
-            raise RuntimeError(f"offloading under capture: tensor {i} is {tuple(t.shape)} {t.dtype}, not what the "
-                               "same micro-batch offloaded when it ran eagerly")
-        return self._hosts[i]
+        h = self._hosts[i] if i < len(self._hosts) else None
+        if h is None or Slot(tuple(h.shape), h.stride(), h.dtype) != self.trace[i]:
+            raise RuntimeError(f"offloading under capture: tensor {i} is {self.trace[i]}, not what the same "
+                               "micro-batch offloaded when it ran eagerly")
+        return h
 
     def _wait_oldest(self, main: Any) -> None:
         t, event = self._inflight.popleft()
@@ -146,7 +165,7 @@ class ActivationOffloader:
         if not self._wanted(t):
             return t
         self.offloaded += 1
-        self.trace.append((tuple(t.shape), t.dtype))
+        self.trace.append(Slot.of(t))
         if not t.is_cuda:
             h = _Handle(t, t.device, len(self.handles))
         else:
