@@ -32,7 +32,6 @@ import torch
 from torch import nn
 
 
-
 class Slot(NamedTuple):
     """One tensor a forward offloaded: a capture's host buffer must have its shape, dtype and the
     strides its eager host copy had (`torch.empty_like`'s: the tensor's own when dense, e.g. a vision
