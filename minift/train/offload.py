@@ -19,7 +19,10 @@ same code is safe inside a CUDA graph capture (`train/graphs.py`), where the all
 deferred `record_stream` frees would keep every offloaded tensor's memory until the capture ends.
 A captured copy writes the same host address at every replay, so under capture the host side is a
 `HostArena`: buffers that belong to the graphs for their life, registered with CUDA directly
-rather than taken from PyTorch's caching host allocator (whose blocks go back to a shared cache).
+rather than taken from PyTorch's caching host allocator (whose blocks go back to a shared cache),
+each with the shape, dtype and strides the same micro-batch's eager copy had (`Slot`). A capture
+ends with `join`: the compute stream waits for the side stream, as CUDA requires of every stream
+a capture forked, also when the capture failed midway.
 """
 
 from __future__ import annotations
