@@ -139,10 +139,9 @@ def test_offloader_trace_lays_out_a_capture(tmp_path):
             off.remove()
         tr._restore_checkpointing(old)
     n_img = t["pixel_values"].shape[0]
-    # the patch embedding's layout (patch-major, as transformers') carries through the tower: a capture's
-    # host buffers keep it, so the recompute gets the eager run's layout and nothing recompiles
+    # each image's rows, contiguous (the tower's activations are row-major from the patch embedding on)
     p, h = vcfg.num_patches, vcfg.hidden_size
-    one = Slot((1, p, h), (p * h, 1, p), torch.float32)
+    one = Slot((1, p, h), (p * h, h, 1), torch.float32)
     assert traces[0] == traces[1] and traces[0][:vcfg.num_hidden_layers] == [one] * vcfg.num_hidden_layers
     assert len(traces[0]) == n_img * vcfg.num_hidden_layers + 1  # + the post-LayerNorm's input, all images
 

@@ -102,7 +102,10 @@ class VisionEmbeddings(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (n, hidden, gh, gw)
-        return x.flatten(2).transpose(1, 2) + self.position_embedding.weight  # row-major patches
+        # patches in row-major image order; the position table first, so the sum is laid out as it is
+        # (patch rows contiguous): the conv's transposed view as the first operand would make every
+        # later activation of the tower patch-major (strided norm reads; transformers' layout)
+        return self.position_embedding.weight + x.flatten(2).transpose(1, 2)
 
 
 class VisionAttention(nn.Module):
