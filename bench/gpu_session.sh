@@ -9,6 +9,8 @@
 # (the same job on a 16-bit base), woffload (workload W with checkpoints kept, offloaded, and offloaded
 # inside CUDA graphs: the data for making "offload" the default), budgets (issue 14 target 2: the
 # memory planner's plan and tokens/s at 8-80 GiB budgets; BUDGET_SHAPE, default llama-3.1-8b).
+# graphcheck: the vision tower's offloaded checkpoints inside CUDA graphs (the sixteenth session's
+# fixes), then the notebook job with its defaults; about 330 s.
 #   bash bench/gpu_session.sh env dist notebook decode
 #   DECODE_ARGS="--shapes llama-3.2-1b --batch 1 --quant 4bit --impls minift,minift-lora" bash bench/gpu_session.sh decode
 #     (QLoRA right after training: adapters in the one-row NF4 kernel's epilogue)
@@ -40,6 +42,11 @@ for stage in "$@"; do
     longctx) for v in offload+compile offload+compile+mlpchunk; do  # issue 14 target 4: the per-token peak, unchunked vs chunked MLPs
         timeout ${LONGCTX_TIMEOUT:-240} python3 bench/train.py --shapes llama-3.1-8b --quant 4bit --bs 1 --seq ${LONGCTX_SEQ:-32768} --warmup 1 --steps 1 --variants $v 2>>"$OUT/longctx.err" | tee -a "$OUT/longctx.jsonl" | cut -c1-400; done ;;
     parity) timeout ${PARITY_TIMEOUT:-500} python3 bench/parity.py ${PARITY_ARGS:---shapes llama-3.2-1b --quant none,4bit} 2>"$OUT/parity.err" | tee -a "$OUT/parity.jsonl" | cut -c1-900 ;;
+    graphcheck) MINIFT_EAGER_FAILURES=1 timeout ${GPUTEST_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider \
+        tests/test_train_graphs.py::test_vision_trainer_with_cuda_graphs_equals_without \
+        tests/test_train_graphs.py::test_offloaded_checkpoints_inside_cuda_graphs \
+        tests/test_train_gpu.py::test_trainer_vision_merged_peak_within_unmerged 2>&1 | tee "$OUT/graphcheck.log" | tail -15
+      timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps ${NB_STEPS:-30} 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2 ;;
     target0) timeout ${TARGET0_TIMEOUT:-590} python3 .peer/vision_notebook_job.py --impls unsloth,minift --steps ${NB_STEPS:-30} \
         --timeout 400 2>"$OUT/target0.err" | tee -a "$OUT/target0.log" | tail -8 ;;
     notebook16) timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --quant none --steps ${NB_STEPS:-30} 2>>"$OUT/notebook.err" \
