@@ -298,7 +298,8 @@ def test_failed_capture_falls_back_cleanly():
 
     model = Syncing()
     mbg = MicroBatchGraphs(model, [model.w], torch.device("cuda"), pad_id=0)
-    batch = dict(input_ids=torch.ones(2, 32, dtype=torch.long), labels=torch.ones(2, 32, dtype=torch.long))  # a bucket length
+    ones = torch.ones(2, 32, dtype=torch.long)  # 32: a bucket length, so no padding changes the mean
+    batch = dict(input_ids=ones, labels=ones.clone())
     for _ in range(2):  # eager (warm), then the failing capture and its eager run
         loss = mbg.run(batch, 1.0)
     assert not mbg.enabled and mbg.failure is not None and "captur" in mbg.failure.lower(), mbg.failure
@@ -370,7 +371,7 @@ def test_host_arena_views():
     graphs' traces share."""
     from minift.train.offload import ActivationOffloader, HostArena, Slot
 
-    patch_major = torch.empty(1, 8, 5).transpose(1, 2)  # (1, 5, 8) laid out as a vision tower's
+    patch_major = torch.empty(1, 8, 5).transpose(1, 2)  # (1, 5, 8) as a conv's flatten + transpose lays it out
     trace = [Slot((2, 3, 8), (24, 8, 1), torch.bfloat16), Slot.of(patch_major),
              Slot((1, 1, 8), (8, 8, 1), torch.float16)]
     assert trace[1] == Slot((1, 5, 8), (40, 1, 5), torch.float32)
