@@ -332,6 +332,7 @@ def test_vision_trainer_with_cuda_graphs_equals_without(tmp_path):
     ref, wref, _ = _run(path, tmp_path, "eager", graphs=False, compile_=True, vision=True, **kw)
     got, wgot, stats = _run(path, tmp_path, "graphs", graphs=True, compile_=True, vision=True, **kw)
     assert stats["failure"] is None and stats["replays"] >= 1 and stats["host_arena_bytes"] > 0, stats
+    assert stats["unused_fetches"] == 0, stats  # every checkpoint brought back was used
     for a, b in zip(ref, got):
         assert abs(a - b) <= 1e-4 * abs(a), (ref, got)
     for n in wref:

@@ -187,4 +187,5 @@ class MicroBatchGraphs:
     def stats(self) -> dict[str, Any]:
         return dict(graphs=len(self.graphs), replays=self.replays, eager_runs=self.eager_runs,
                     padded_tokens=self.padded_tokens, failure=self.failure,
-                    host_arena_bytes=sum(off.arena_bytes for off in self.offloaders))
+                    host_arena_bytes=sum(off.arena_bytes for off in self.offloaders),
+                    unused_fetches=sum(off.unused_fetches for off in self.offloaders))  # 0: no copy wasted
