@@ -53,7 +53,8 @@ def add_lora(
     init: "default" (PEFT's Kaiming A, zero B), "gaussian", or "pissa" (16-bit bases; the base
     becomes the SVD residual, and the adapter is saved as plain rank-2r LoRA over the original).
     modules_to_save: modules trained in full (e.g. ["embed_tokens", "lm_head"]), as copies in
-    the model's dtype. A tied lm_head / embedding stays tied: naming either trains one shared
+    the model's dtype; a name selects the modules whose path ends with it as whole components
+    (PEFT 0.22's rule: "norm" is model.norm, not q_norm). A tied lm_head / embedding stays tied: naming either trains one shared
     copy (PEFT's ensure_weight_tying=True), saved under both names. seed: a local generator;
     the global RNG is untouched. fuse: run the adapters through the fused custom ops
     (`ops.lora_linear`, `ops.lora_mlp`) instead of plain matmuls; the same function, off by

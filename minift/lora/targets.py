@@ -194,8 +194,9 @@ def match_modules_to_save(model: nn.Module, names: list[str], lora_paths: list[s
     mods = dict(model.named_modules())
     found: list[str] = []
     for n in names:
-        hit = [p for p, m in mods.items()  # PEFT's rule here is a plain endswith ("norm" takes q_norm too)
-               if p and (p.endswith(n) or hf_path(model, p).endswith(n) or peft_path(model, p).endswith(n))
+        hit = [p for p, m in mods.items()  # PEFT's rule (0.22): the name is the path's last components
+               if p and (_ends_with_module(p, n) or _ends_with_module(hf_path(model, p), n)
+                         or _ends_with_module(peft_path(model, p), n))
                and any(True for _ in m.parameters())]
         hit = [p for p in hit if not any(p.startswith(q + ".") for q in hit if q != p)]
         if not hit:
@@ -226,10 +227,20 @@ def add_modules_to_save(model: nn.Module, paths: list[str]) -> None:
         set_module(model, p, ModulesToSave(mods[p], cp).train(mods[p].training))
 
 
+def _ends_with_module(path: str, name: str) -> bool:
+    """Whether `name` is `path`'s last components ("norm" is model.norm's, not q_norm's)."""
+    return path == name or path.endswith("." + name)
+
+
 def peft_modules_to_save(model: nn.Module, wrapped: list[str], all_paths: list[str]) -> list[str]:
-    """Leaf names when they pick exactly the wrapped modules among the model's, else full paths."""
+    """Leaf names when they pick exactly the wrapped modules among the model's, else full paths.
+    Exactly under both of PEFT's rules: up to 0.21 a plain suffix ("norm" took q_norm too), from
+    0.22 whole components, so the adapter loads the same with either."""
     hf_wrapped = {peft_path(model, p) for p in wrapped}
     leaves = sorted({p.rsplit(".", 1)[-1] for p in hf_wrapped})
-    picked = {peft_path(model, p) for p in all_paths if any(peft_path(model, p).endswith(s) for s in leaves)}
-    picked = {p for p in picked if not any(p.startswith(q + ".") for q in picked)}
-    return leaves if picked == hf_wrapped else sorted(hf_wrapped)
+    for match in (str.endswith, _ends_with_module):
+        picked = {peft_path(model, p) for p in all_paths if any(match(peft_path(model, p), s) for s in leaves)}
+        picked = {p for p in picked if not any(p.startswith(q + ".") for q in picked)}
+        if picked != hf_wrapped:
+            return sorted(hf_wrapped)
+    return leaves
