@@ -386,11 +386,6 @@ def _nf4_gemv_sweep(nm, bw: float, nominal: float | None) -> None:
 
     cands = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw) for bn in (1, 2, 4, 8) for bk in (1024, 2048) for nw in (4, 8)
              if bn * bk // (32 * nw) >= 8]
-    # the streaming kernel: fewer, longer programs, two steps' bytes loaded ahead (PROGRAMS: the grid)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cands += [dict(STREAM=True, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, PROGRAMS=per_sm * sms)
-              for bn, bk, nw in ((2, 1024, 2), (4, 512, 2), (4, 1024, 4), (8, 512, 4), (2, 2048, 4))
-              for per_sm in (4, 8, 16)]
     for n, k in ((2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (4096, 14336), (14336, 4096)):
         ws, nbytes, bnb_ws = _nf4_weights(n, k)
         x = torch.randn(1, k, device="cuda", dtype=DT)

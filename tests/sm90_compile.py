@@ -132,13 +132,6 @@ def _drive() -> None:
                     for rows in (1, 20):
                         ops.nf4_matmul(rnd(rows, k, dtype=dt), nf4, None if nested else rnd(n, dtype=dt))
                     ops.nf4_matmul(rnd(1, k, dtype=dt), nf4, low_rank=(rnd(5, k, grad=False), rnd(n, 5, grad=False), 2.0))
-                    nm = sys.modules["minift.ops.nf4_matmul"]  # the streaming one-row kernel (the sweep's)
-                    nm.GEMV_CONFIG_OVERRIDE = dict(STREAM=True, BLOCK_N=4, BLOCK_K=512, num_warps=2)
-                    try:
-                        ops.nf4_matmul(rnd(1, k, dtype=dt), nf4, None if nested else rnd(n, dtype=dt),
-                                       low_rank=(rnd(5, k, grad=False), rnd(n, 5, grad=False), 2.0))
-                    finally:
-                        nm.GEMV_CONFIG_OVERRIDE = None
 
 
 def record(path: str) -> None:

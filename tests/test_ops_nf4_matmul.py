@@ -31,11 +31,8 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # batched K slices (S > 1), narrow K slices.
 CONFIGS = [None, dict(SPLIT=3), dict(S=2, BLOCK_N=32, num_warps=2), dict(BLOCK_N=16, S=4, KS=128, SPLIT=2, num_warps=4)]
 # The one-row kernel's tiles: the rules, one row a program, a K tile narrower than K (several
-# iterations, a masked tail), wide programs; the streaming kernel with several row blocks and K
-# chunks a program; None: one row takes the tensor-core kernel instead.
-GEMV_CONFIGS = [{}, dict(BLOCK_N=1, BLOCK_K=256, num_warps=1), dict(BLOCK_N=8, BLOCK_K=512, num_warps=4),
-                dict(STREAM=True, BLOCK_N=2, BLOCK_K=128, PROGRAMS=3, num_warps=1),
-                dict(STREAM=True, BLOCK_N=4, BLOCK_K=256, num_warps=2), None]
+# iterations, a masked tail), wide programs; None: one row takes the tensor-core kernel instead.
+GEMV_CONFIGS = [{}, dict(BLOCK_N=1, BLOCK_K=256, num_warps=1), dict(BLOCK_N=8, BLOCK_K=512, num_warps=4), None]
 
 
 def quantize(n: int, k: int, dtype: torch.dtype, nested: bool, device: str, seed: int = 0, blocksize: int = 64):
@@ -115,9 +112,8 @@ def test_weight_dequantised_exactly(device, dtype, w_dtype, nested, blocksize):
     for cfg in (None, dict(SPLIT=2, S=2, BLOCK_N=32, num_warps=2)):
         got = torch.cat([run(eye[i:i + 64], w, cfg=cfg) for i in range(0, k, 64)])
         assert torch.equal(got, want), cfg
-    stream = dict(STREAM=True, BLOCK_N=4, BLOCK_K=128 if blocksize <= 64 else 256, PROGRAMS=5, num_warps=1)
     for gemv_cfg, rows in (({}, (0, 63, k - 1)), (dict(BLOCK_K=128 if blocksize <= 64 else 256), (1, 129)),
-                           (stream, (2, 200))):
+                           (dict(BLOCK_N=4, BLOCK_K=128 if blocksize <= 64 else 256, num_warps=1), (2, 200))):
         for i in rows:
             assert torch.equal(run(eye[i:i + 1], w, gemv_cfg=gemv_cfg), want[i:i + 1]), (i, gemv_cfg)
 

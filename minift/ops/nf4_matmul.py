@@ -40,21 +40,16 @@ split-K tail. `_nf4_gemv_kernel` is the 16-bit GEMV's shape instead (`ops.gemv`,
 many small programs (2-4 rows of W, all of K, 16 packed bytes a thread an iteration), each weight
 dequantised exactly as above and multiplied by x in float32 FMAs, summed in registers, no split,
 no atomics. `_gemv_config` holds its tiles, `GEMV_CONFIG_OVERRIDE` replaces them
-(`bench/ops.py --nf4-gemv-sweep`). That kernel measured ~10% of an H100's HBM rate inside the
-decode step (bench/RESULTS.md, fifteenth session). Its SASS for sm_90 says why: each thread reads
+(`bench/ops.py --nf4-gemv-sweep`). Alone it reaches 16-35% of an H100's HBM rate (the sweep, small
+to large weights); the whole NF4 decode step ran at 18% of the roofline. Its SASS for sm_90 says why: each thread reads
 16 packed bytes a program and keeps a float32 accumulator per weight (~3 registers a weight), so
 ~12 KB are in flight an SM whatever the tile; and joining the two nibbles' values into one
 (BLOCK_N, BLOCK_K) tile changes register layout through shared memory (18-20 barriers a program).
-`_nf4_gemv_stream_kernel` (`GEMV_CONFIG_OVERRIDE` with STREAM=True; PROGRAMS, the grid) is the
-candidate fix, not yet measured: a few long programs an SM, each walking row blocks and K chunks as
-one loop, loading the next two steps' bytes before dequantising this one (~30 KB in flight an
-SM), multiplying each nibble's values by x's even or odd elements in the bytes' own layout (6-8
-barriers), and summing each step at once. Its cost, from the same SASS: the bytes carried across
-iterations are repacked with byte permutes (~120 PRMT a step of 32 weights a thread) and x still
-changes layout once a step through shared memory, ~1.6x the default kernel's instructions a
-weight; if the sweep finds it bound by issue rather than by memory, carry 32-bit words instead
-(a shuffle lookup taking whole words). The default stays the measured kernel until the sweep has
-run on a GPU.
+A streaming variant (a few long programs an SM, the next two steps' bytes loaded ahead, ~30 KB in
+flight an SM) measured 1.5-2.3x slower than this kernel at every shape of the H100 sweep (seventeenth
+session, bench/RESULTS.md) and was deleted: its byte repacking and per-step layout change cost more
+than its deeper prefetch won. bitsandbytes' `gemv_4bit` on the same weights took 1.4-3.5x this
+kernel's time.
 
 Tile rules (`_config`): BLOCK_N = 64, S = 1, KS = 256 weights an iteration (128 bytes, one 128-byte
 line, of each row), 4 warps, 3 stages; SPLIT = the largest split that keeps the grid within one wave
@@ -389,94 +384,6 @@ if HAS_TRITON:
                     RNE_BY_HAND, BF16_BITS)
 
 
-    @triton.jit
-    def _nf4_stream_loads(t, steps, nk, P, pid, N, K, half_k, blocks_per_row, data_ptr, absmax_ptr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BS: tl.constexpr, EVEN_K: tl.constexpr):
-        """The HBM reads of step t of a streaming program (`_nf4_gemv_stream_kernel`): the packed
-        bytes (BLOCK_N, NG, GB) and raw absmax values (BLOCK_N, NG) of row block pid + (t // nk) * P,
-        K chunk t % nk; zeros past the program's last step (issued ahead of need, never used)."""
-        GW: tl.constexpr = 64 if BS >= 64 else BS
-        NG: tl.constexpr = BLOCK_K // GW
-        rows = (pid + (t // nk) * P) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = rows < tl.where(t < steps, N, 0)  # (one comparison: the interpreter's `&` with a scalar is int32)
-        rows = tl.where(ok, rows, 0).to(tl.int64)
-        kg = (t % nk) * BLOCK_K + tl.arange(0, NG) * GW
-        if EVEN_K:
-            gm = ok[:, None] & (kg >= 0)[None, :]
-        else:
-            gm = ok[:, None] & (kg < K)[None, :]
-        byte = rows[:, None, None] * half_k + (kg // 2)[None, :, None] + tl.arange(0, GW // 2)[None, None, :]
-        b = tl.load(data_ptr + byte, mask=gm[:, :, None], other=0, eviction_policy="evict_first")
-        q = tl.load(absmax_ptr + rows[:, None] * blocks_per_row + (kg // BS)[None, :], mask=gm, other=0)
-        return b, q
-
-    @triton.jit
-    def _nf4_gemv_stream_kernel(
-        x_ptr, data_ptr, absmax_ptr, code_ptr, nabsmax_ptr, ncode_ptr, offset_ptr, bias_ptr, out_ptr,
-        N, K, half_k, blocks_per_row, xa_ptr, lb_ptr, rank, ls,
-        BS: tl.constexpr, NBS: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, W_DT: tl.constexpr,
-        LORA: tl.constexpr, R: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, BF16_BITS: tl.constexpr,
-    ):
-        """One row of x, streaming (module docstring, "One row"): program pid takes row blocks pid,
-        pid + P, ... (P programs, a few an SM) and walks them and their K chunks as one flat loop of
-        steps, each step's (BLOCK_N, BLOCK_K) products summed along K at once, so registers hold
-        one step's dequantised weights, not a whole tile's accumulator. The packed bytes and absmax
-        values of the next two steps are loaded before this step is dequantised (carried in
-        registers: 4 per 16 bytes), which keeps three steps' reads in flight a program whatever K
-        is. The arithmetic is `_nf4_gemv_kernel`'s; only the float32 summation order differs."""
-        GW: tl.constexpr = 64 if BS >= 64 else BS
-        NG: tl.constexpr = BLOCK_K // GW
-        WD: tl.constexpr = tl.float32 if W_DT == 0 else (tl.bfloat16 if W_DT == 1 else tl.float16)
-        XD: tl.constexpr = x_ptr.dtype.element_ty
-        SHFL: tl.constexpr = not _INTERP
-        RNE_BY_HAND: tl.constexpr = _INTERP
-        pid = tl.program_id(0)
-        P = tl.num_programs(0)
-        nk = tl.cdiv(K, BLOCK_K)
-        steps = tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, P) * nk
-        off, creg = _nf4_constants(offset_ptr, code_ptr, NESTED, SHFL)
-        zero = steps * 0  # the first two steps' indices as tensors, as the loop's are
-        b1, q1 = _nf4_stream_loads(zero, steps, nk, P, pid, N, K, half_k, blocks_per_row, data_ptr, absmax_ptr,
-                                   BLOCK_N, BLOCK_K, BS, EVEN_K)
-        b2, q2 = _nf4_stream_loads(zero + 1, steps, nk, P, pid, N, K, half_k, blocks_per_row, data_ptr, absmax_ptr,
-                                   BLOCK_N, BLOCK_K, BS, EVEN_K)
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for t in range(0, steps):
-            b, q = b1, q1
-            b1, q1 = b2, q2
-            b2, q2 = _nf4_stream_loads(t + 2, steps, nk, P, pid, N, K, half_k, blocks_per_row, data_ptr,
-                                       absmax_ptr, BLOCK_N, BLOCK_K, BS, EVEN_K)
-            last = (t % nk) == nk - 1  # this row block's last K chunk: its outputs are complete
-            rows = (pid + (t // nk) * P) * BLOCK_N + tl.arange(0, BLOCK_N)
-            done = rows < tl.where(last, N, 0)  # the rows to write now
-            rows = tl.where(rows < N, rows, 0).to(tl.int64)
-            k0 = (t % nk) * BLOCK_K
-            kg = k0 + tl.arange(0, NG) * GW
-            if NESTED:  # the nested statistics: a 256-entry table and one float a 256 blocks (cache hits)
-                bidx = rows[:, None] * blocks_per_row + (kg // BS)[None, :]
-                s = tl.load(ncode_ptr + q.to(tl.int32)) * tl.load(nabsmax_ptr + bidx // NBS) + off
-            else:
-                s = q.to(tl.float32)
-            if not EVEN_K:
-                s = tl.where((kg < K)[None, :], s, 0.0)  # groups past K: weights 0 (x is 0 there too)
-            # x in the bytes' own (NG, GB) shape, the even k (a byte's high nibble) and the odd k apart:
-            # the products need no change of register layout (a join of the nibbles would go through
-            # shared memory with barriers, every step)
-            xk = kg[:, None] + 2 * tl.arange(0, GW // 2)[None, :]
-            if EVEN_K:
-                x_hi = tl.load(x_ptr + xk).to(tl.float32)
-                x_lo = tl.load(x_ptr + xk + 1).to(tl.float32)
-            else:
-                x_hi = tl.load(x_ptr + xk, mask=xk < K, other=0.0).to(tl.float32)
-                x_lo = tl.load(x_ptr + xk + 1, mask=xk < K, other=0.0).to(tl.float32)
-            hi, lo = _nibble_weights(b, s, code_ptr, creg, WD, XD, SHFL, RNE_BY_HAND)
-            acc += tl.sum(tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2), axis=1)
-            _store_rows(acc, rows, done, bias_ptr, lb_ptr, xa_ptr, rank, ls, out_ptr, HAS_BIAS, LORA, R, XD, RNE_BY_HAND,
-                        BF16_BITS)
-            acc = tl.where(last, 0.0, acc)
-
-
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -549,21 +456,22 @@ def _kernel_ok(x: torch.Tensor, meta: list[int]) -> bool:
 
 
 def _gemv_config(n: int, k: int) -> dict:
-    """The one-row kernel's tiles: all of K up to 2048 weights an iteration (1 KB of a row), 2 rows a
-    program up to N = 4096 and 4 beyond (as the 16-bit GEMV's H200 sweep chose: many small programs
-    keep the most loads in flight), 32 weights a thread (16 packed bytes, one vector load).
-    `GEMV_CONFIG_OVERRIDE` replaces them (the bench sweep's hook)."""
-    bk = max(256, min(2048, triton.next_power_of_2(k)))
-    bn = 2 if n <= 4096 else 4
-    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=max(1, min(8, bn * bk // 1024)), num_stages=1)
+    """The one-row kernel's tiles, from the H100 sweep (`bench/ops.py --nf4-gemv-sweep`, seventeenth
+    session; each shape within 5% of its best of 15 tile choices, the earlier rules up to 22% off):
+    4 rows a program and 1024 weights of K an iteration (512 packed bytes a row), 2048 where K is
+    long (fewer loop trips) or N small (2 rows a program then, so the grid still fills 132 SMs
+    twice), 4 warps. `GEMV_CONFIG_OVERRIDE` replaces them (the sweep's hook)."""
+    small_n = n < 1024
+    bn = 2 if small_n else 4
+    bk = 2048 if (small_n or k > 4096) else 1024
+    bk = max(256, min(bk, triton.next_power_of_2(k)))
+    cfg = dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=4, num_stages=1)
     if GEMV_CONFIG_OVERRIDE:
         cfg.update(GEMV_CONFIG_OVERRIDE)
     return cfg
 
 
-GEMV_CONFIG_OVERRIDE: dict | None = None  # e.g. dict(BLOCK_N=4, BLOCK_K=1024, num_warps=4)
-# The streaming kernel (GEMV_CONFIG_OVERRIDE's STREAM=True, PROGRAMS: the grid's size): programs an SM.
-STREAM_PROGRAMS_PER_SM = 8
+GEMV_CONFIG_OVERRIDE: dict | None = None  # e.g. dict(BLOCK_N=2, BLOCK_K=2048, num_warps=8)
 
 
 def _launch_gemv(x2: torch.Tensor, data, absmax, code, nabsmax, ncode, offset, meta: list[int], nested: bool,
@@ -573,11 +481,7 @@ def _launch_gemv(x2: torch.Tensor, data, absmax, code, nabsmax, ncode, offset, m
     # A x first (one small launch), as the 16-bit GEMVs do
     low = _low_rank_inputs(x2.view(k), None if lora is None else [lora], x2, 0.0, 0.0, False)
     ranks, lbs, scales, xa = low if low is not None else ([0], [x2], [0.0], x2)
-    blocks = triton.cdiv(n, cfg["BLOCK_N"])
-    stream = cfg.get("STREAM", False)
-    kernel = _nf4_gemv_stream_kernel if stream else _nf4_gemv_kernel
-    grid = min(blocks, cfg.get("PROGRAMS") or STREAM_PROGRAMS_PER_SM * _sm_count(x2.device)) if stream else blocks
-    kernel[(grid,)](
+    _nf4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
         x2, data, absmax, code, nabsmax, ncode, offset, bias if bias is not None else code, out_arg(out),
         n, k, k // 2, k // meta[0], xa, lbs[0], ranks[0], scales[0],
         BS=meta[0], NBS=meta[1] or 1, NESTED=nested, HAS_BIAS=bias is not None, W_DT=meta[2],
