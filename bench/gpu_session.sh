@@ -6,8 +6,9 @@
 # longctx (issue 14 target 4: Llama-3.1-8B NF4 at 32k tokens, MLPs whole and in chunks), parity
 # (issue 14 target 6: the Trainer's first losses against an HF+PEFT loop), target0 (issue 14 target 0:
 # the peers' notebook job, unsloth and minift in one process tree, ~9 min; needs .peer), notebook16
-# (the same job on a 16-bit base), woffload (workload W with checkpoints kept or offloaded, each with
-# and without CUDA graphs: the data for making "offload" the default), budgets (issue 14 target 2: the
+# (the same job on a 16-bit base, unsloth's and minift's runs, ~8 min; bench/notebook.py --impls), woffload (workload W with checkpoints kept or offloaded, each with
+# and without CUDA graphs, and the fused LoRA ops inside graphs, where their host cost is gone: the
+# data for making "offload" and the fused MLP defaults; one W_SHAPES shape a call, ~5 min), budgets (issue 14 target 2: the
 # memory planner's plan and tokens/s at 8-80 GiB budgets; BUDGET_SHAPE, default llama-3.1-8b).
 # graphcheck: the vision tower's offloaded checkpoints inside CUDA graphs (the sixteenth session's
 # fixes), then the notebook job with its defaults; about 330 s.
@@ -49,11 +50,12 @@ for stage in "$@"; do
       timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps ${NB_STEPS:-30} 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2 ;;
     target0) timeout ${TARGET0_TIMEOUT:-590} python3 .peer/vision_notebook_job.py --impls unsloth,minift --steps ${NB_STEPS:-30} \
         --timeout 400 2>"$OUT/target0.err" | tee -a "$OUT/target0.log" | tail -8 ;;
-    notebook16) timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --quant none --steps ${NB_STEPS:-30} 2>>"$OUT/notebook.err" \
+    notebook16) timeout ${NB_TIMEOUT:-590} python3 bench/notebook.py --quant none --impls ${NB16_IMPLS:-unsloth,minift} \
+        --steps ${NB_STEPS:-30} --timeout 420 2>>"$OUT/notebook.err" \
         | tee -a "$OUT/notebook.jsonl" | tail -2 ;;
     woffload) for sh in ${W_SHAPES:-llama-3.2-1b gemma-3-4b}; do
-        timeout ${W_TIMEOUT:-330} python3 bench/train.py --shapes $sh --quant 4bit --steps 6 \
-          --variants ckpt+compile+gcfreeze,ckpt+compile+graph,offload+compile+gcfreeze,offload+compile+graph 2>>"$OUT/woffload.err" | tee -a "$OUT/woffload.jsonl" | cut -c1-500; done ;;
+        timeout ${W_TIMEOUT:-400} python3 bench/train.py --shapes $sh --quant 4bit --steps 6 \
+          --variants ${W_VARIANTS:-ckpt+compile+gcfreeze,ckpt+compile+graph,offload+compile+gcfreeze,offload+compile+graph,offload+compile+graph+fusedlora} 2>>"$OUT/woffload.err" | tee -a "$OUT/woffload.jsonl" | cut -c1-500; done ;;
     budgets) timeout ${BUDGET_TIMEOUT:-590} python3 bench/train.py --shapes ${BUDGET_SHAPE:-llama-3.1-8b} --quant 4bit --steps 4 \
         --variants auto@8+compile,auto@16+compile,auto@24+compile,auto@48+compile,auto@80+compile \
         2>"$OUT/budgets.err" | tee -a "$OUT/budgets.jsonl" | cut -c1-500 ;;

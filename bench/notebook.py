@@ -2,12 +2,15 @@
 shared/bench/vision_notebook_job.py, whose peers run in their own trainers): a random-weight
 Gemma-3-4B vision checkpoint, 4-bit (or bf16) base, LoRA r=16 on vision and language layers, rows
 of one image and a short LaTeX answer, batch 1 x grad accumulation 4, max_grad_norm 0.3, cosine,
-fused AdamW. Prints one JSON line a run: samples/s over the steps after the first two, peak GiB,
+fused AdamW; `--impls unsloth` runs the same job through unsloth's FastVisionModel, TRL's
+SFTTrainer and UnslothVisionDataCollator, as the peers' harness does (which loads 4-bit only; here
+`--quant none` gives both a bf16 base). Prints one JSON line a run: samples/s over the steps after the first two, peak GiB,
 the first two steps' time (compilation), and with --profile one profiled optimizer step: GPU busy
 time against wall time, kernel launches, the top kernels and host ops; with --phases the peak
 GiB of each phase of a step (where the memory goes).
 
   python bench/notebook.py --quant 4bit,none --steps 12 --profile
+  python bench/notebook.py --quant none --impls unsloth,minift --steps 30   # target 0, 16-bit base
   python bench/notebook.py --phases --set merge_micro_batches=False
   python bench/notebook.py --phases --answer 2500 --set batch_size=4 --set grad_accum=1   # W + images
   python bench/notebook.py --set merge_micro_batches=False      # a TrainConfig field, as a variant
@@ -151,10 +154,54 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
                 **extra)
 
 
+def run_unsloth(path: str, quant: str, steps: int) -> dict:
+    """The same job through unsloth + TRL, set up as unsloth's Gemma 3 vision notebook does (the peers'
+    harness's settings, its base precision a flag here). Step ends are timed by a callback after a
+    device sync; samples/s over the steps after the first two, as for minift."""
+    import torch
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+    from unsloth import FastVisionModel
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    t0 = time.time()
+    model, processor = FastVisionModel.from_pretrained(path, load_in_4bit=quant == "4bit")
+    model = FastVisionModel.get_peft_model(
+        model, finetune_vision_layers=True, finetune_language_layers=True, finetune_attention_modules=True,
+        finetune_mlp_modules=True, r=16, lora_alpha=16, lora_dropout=0, bias="none", random_state=3407,
+        use_rslora=False, loftq_config=None, target_modules="all-linear")
+    FastVisionModel.for_training(model)
+    ends: list[float] = []
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            torch.cuda.synchronize()
+            ends.append(time.time())
+
+    args = SFTConfig(
+        per_device_train_batch_size=1, gradient_accumulation_steps=4, gradient_checkpointing=True,
+        gradient_checkpointing_kwargs={"use_reentrant": False}, max_grad_norm=0.3, warmup_ratio=0.03,
+        max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", weight_decay=0.01,
+        optim="adamw_torch_fused", seed=3407, logging_steps=1, save_strategy="no", report_to="none",
+        output_dir=tempfile.mkdtemp(), remove_unused_columns=False, dataset_text_field="",
+        dataset_kwargs={"skip_prepare_dataset": True}, max_length=2048)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(4 * steps + 8, 896),
+                         processing_class=processor.tokenizer, callbacks=[StepClock()],
+                         data_collator=UnslothVisionDataCollator(model, processor))
+    setup = time.time() - t0
+    t1 = time.time()
+    out = trainer.train()
+    return dict(impl="unsloth", quant=quant, samples_per_s=4 * (len(ends) - 2) / (ends[-1] - ends[1]),
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30, setup_s=round(setup, 1),
+                first_steps_s=round(ends[1] - t1, 1), steps=len(ends), mean_loss=out.training_loss,
+                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="gemma-3-4b-vision", help="a bench/common.py vision shape (tiny-gemma3-vision: a CPU dry run)")
     ap.add_argument("--quant", default="4bit")
+    ap.add_argument("--impls", default="minift", help="minift and/or unsloth (each run in its own process)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--set", action="append", default=[], help="FIELD=VALUE: a TrainConfig field (a variant)")
     ap.add_argument("--profile", action="store_true")
@@ -164,7 +211,7 @@ def main() -> None:
                          "gives workload W's 4 x 2048 tokens with an image a row (cut at max_seq_length)")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
     ap.add_argument("--timeout", type=int, default=300)
-    ap.add_argument("--child", nargs=2, metavar=("PATH", "QUANT"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, metavar=("PATH", "QUANT", "IMPL"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.steps < 3:
         ap.error("--steps must be at least 3: samples/s is timed over the steps after the first two")
@@ -172,16 +219,24 @@ def main() -> None:
     for item in a.set:
         k, v = item.split("=", 1)
         sets[k] = json.loads(v.lower()) if v.lower() in ("true", "false", "null") or v[:1].isdigit() else v
+    impls = a.impls.split(",")
+    if not set(impls) <= {"minift", "unsloth"}:
+        ap.error(f"--impls: minift and/or unsloth, got {a.impls!r}")
+    if "unsloth" in impls and (sets or a.profile or a.phases or a.answer):
+        ap.error("--set, --profile, --phases and --answer apply to minift's runs only: run unsloth apart")
     if a.child:
-        print("RESULT " + json.dumps(run_one(a.child[0], a.child[1], a.steps, sets, a.profile, a.phases, a.answer)), flush=True)
+        path, quant, impl = a.child
+        res = (run_unsloth(path, quant, a.steps) if impl == "unsloth" else
+               run_one(path, quant, a.steps, sets, a.profile, a.phases, a.answer))
+        print("RESULT " + json.dumps(res), flush=True)
         return
     from common import environment, write_random_checkpoint
 
     path = Path(a.root) / a.shape
     if not (path / "config.json").exists():
         write_random_checkpoint(a.shape, path)
-    for quant in a.quant.split(","):
-        cmd = [sys.executable, __file__, "--child", str(path), quant, "--steps", str(a.steps)]
+    for quant, impl in [(q, i) for q in a.quant.split(",") for i in impls]:
+        cmd = [sys.executable, __file__, "--child", str(path), quant, impl, "--steps", str(a.steps)]
         cmd += [x for s in a.set for x in ("--set", s)] + (["--profile"] if a.profile else []) + (["--phases"] if a.phases else []) + (["--answer", str(a.answer)] if a.answer else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
@@ -189,7 +244,7 @@ def main() -> None:
         except subprocess.TimeoutExpired as e:
             out = f"TIMEOUT {(e.stdout or b'')[-800:]!r} {(e.stderr or b'')[-800:]!r}"
         res = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
-        print(json.dumps(res[0] | {"env": environment()} if res else dict(quant=quant, sets=sets, error=out[-2000:])),
+        print(json.dumps(res[0] | {"env": environment()} if res else dict(impl=impl, quant=quant, sets=sets, error=out[-2000:])),
               flush=True)
 
 
