@@ -13,6 +13,8 @@
 # graphcheck: the vision tower's offloaded checkpoints inside CUDA graphs (the sixteenth session's
 # fixes), then the notebook job with its defaults; about 330 s.
 #   bash bench/gpu_session.sh env dist notebook decode
+#   W_SHAPES=gemma-3-4b W_VARIANTS=offload+compile+graph,offload+compile+graph+mlpchunk2048 bash bench/gpu_session.sh woffload
+#     (MLPs in 2048-token chunks: their 5 x intermediate activations a token for a quarter of W's tokens)
 #   DECODE_ARGS="--shapes llama-3.2-1b --batch 1 --quant 4bit --impls minift,minift-lora" bash bench/gpu_session.sh decode
 #     (QLoRA right after training: adapters in the one-row NF4 kernel's epilogue)
 set -uo pipefail

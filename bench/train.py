@@ -22,6 +22,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -109,8 +110,9 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         lm.mlp_chunk_tokens = plan.mlp_chunk_tokens
     else:
         ckpt_mode = {"ckpt": True, "offload": "offload", "nockpt": False}.get(base_variant, True)
-    if "mlpchunk" in variant:  # long context: each MLP over 8192 tokens at a time (TrainConfig.mlp_chunk_tokens)
-        lm.mlp_chunk_tokens = 8192
+    chunk = re.search(r"mlpchunk(\d*)", variant)
+    if chunk:  # each MLP over 8192 (or mlpchunkN: N) tokens at a time (TrainConfig.mlp_chunk_tokens)
+        lm.mlp_chunk_tokens = int(chunk.group(1) or 8192)
     if hasattr(model, "vision_tower"):
         model.model.gradient_checkpointing = ckpt_mode  # the decoder and the vision encoder
     else:
@@ -221,7 +223,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings), +graph (each micro-batch's forward and backward replayed as a CUDA graph: TrainConfig.cuda_graphs)")
+    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context; +mlpchunkN: N-token chunks), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings), +graph (each micro-batch's forward and backward replayed as a CUDA graph: TrainConfig.cuda_graphs)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
