@@ -7,7 +7,10 @@ checkpoint's state dict maps onto this model 1:1. The hot path is plain tensors 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -143,16 +146,22 @@ class MLP(nn.Module):
         # Long context (TextModel.mlp_chunk_tokens): with gradients on, the MLP runs over this many
         # tokens at a time, each chunk checkpointed, so its intermediate-sized activations (gate, up,
         # the product and their gradients: 5 x intermediate_size a token, ~60% of a Llama layer's)
-        # exist for one chunk instead of the whole sequence. Costs one more MLP forward.
+        # exist for one chunk instead of the whole sequence. Costs one more MLP forward, unless the
+        # layer is checkpointed: then the chunks' recomputes replace the layer's (`_chunked`).
         self.chunk_tokens: int | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)), then `post_norm` (a sandwich layer's post-feedforward norm,
+        inside the MLP so that chunks take it too: see `_chunked`)."""
         parts = _decode_parts(x, [self.gate_proj, self.up_proj])
         if parts is not None:  # decoding: gate, up (their low-rank terms) and the activation in one launch
-            return self.down_proj(self.gated(x, parts))
-        if self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]:
-            return _chunked(self._project, x, self.chunk_tokens)
-        return self._project(x)
+            y = self.down_proj(self.gated(x, parts))
+        elif self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]:
+            fn = self._project if post_norm is None else (lambda t: post_norm(self._project(t)))
+            return _chunked(fn, x, self.chunk_tokens, self.down_proj.out_features)
+        else:
+            y = self._project(x)
+        return y if post_norm is None else post_norm(y)
 
     def gated(self, x: torch.Tensor, parts: list[tuple], norm: "RMSNorm | None" = None) -> torch.Tensor:
         """act(gate(x')) * up(x') from one decoding launch (`parts`: `_decode_parts` of gate and up;
@@ -186,12 +195,50 @@ def draws_random(module: nn.Module) -> bool:
     return False
 
 
+_LAYER_RECOMPUTE = threading.local()  # .active: a checkpointed decoder layer is being recomputed
+
+
+@contextlib.contextmanager
+def _layer_recompute() -> Iterator[None]:
+    _LAYER_RECOMPUTE.active = True
+    try:
+        yield
+    finally:
+        _LAYER_RECOMPUTE.active = False
+
+
+def _layer_checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+    """A decoder layer's checkpoint contexts (`checkpoint(context_fn=)`): nothing for its forward, a
+    flag while its recompute runs, which `_chunked` reads."""
+    return contextlib.nullcontext(), _layer_recompute()
+
+
+def _no_output(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty(0)
+
+
 @torch.compiler.disable  # a loop over a dynamic token count: eager (the GEMMs dominate), not a graph a length
-def _chunked(fn, x: torch.Tensor, chunk: int) -> torch.Tensor:
+def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int,
+             out_features: int) -> torch.Tensor:
     """fn over x's tokens `chunk` at a time, each chunk checkpointed (only its input, a view of x, is
-    kept for the backward): the same values as fn(x) for a token-wise fn."""
+    kept for the backward): the same values as fn(x) for a token-wise fn.
+
+    Inside a checkpointed layer, that layer's recompute in the backward need not run the chunks:
+    each chunk recomputes itself when its backward comes. The layer's checkpoint still wants back
+    what the chunks' checkpoints saved into it (their inputs), so the recompute saves them again
+    through checkpoints of a function that computes nothing, and the layer's checkpoint stops its
+    recompute there (early stop: nothing later in the layer saves a tensor, which is why a sandwich
+    layer's post-feedforward norm runs inside `fn`). What this returns then is never read; without
+    early stop (`torch.utils.checkpoint.set_checkpoint_early_stop(False)`) it feeds only the skip
+    connection's sum, which the recompute discards. Before this, the recompute ran all but the
+    last chunk's forward: a layer's MLP forward a step more."""
     flat = x.reshape(-1, x.shape[-1])
-    outs = [checkpoint(fn, flat[i:i + chunk], use_reentrant=False) for i in range(0, flat.shape[0], chunk)]
+    starts = range(0, flat.shape[0], chunk)
+    if getattr(_LAYER_RECOMPUTE, "active", False):
+        for i in starts:
+            checkpoint(_no_output, flat[i:i + chunk], use_reentrant=False, preserve_rng_state=False)
+        return x.new_empty(*x.shape[:-1], out_features)
+    outs = [checkpoint(fn, flat[i:i + chunk], use_reentrant=False) for i in starts]
     return torch.cat(outs).view(*x.shape[:-1], -1)
 
 
@@ -216,7 +263,7 @@ class DecoderLayer(nn.Module):
             return self._decode(x, cos, sin, mask, cache, parts)
         if self.sandwich:
             x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, mask, cache))
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.mlp(self.pre_feedforward_layernorm(x), post_norm=self.post_feedforward_layernorm)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -355,7 +402,7 @@ class TextModel(nn.Module):
             cos, sin = cos_sin[t]
             if ckpt and i < upto:
                 x = checkpoint(layer, x, cos, sin, masks[t], use_reentrant=False,
-                               preserve_rng_state=draws_random(layer))
+                               preserve_rng_state=draws_random(layer), context_fn=_layer_checkpoint_contexts)
             else:
                 x = layer(x, cos, sin, masks[t], cache)
         return self.norm(x)

@@ -29,15 +29,16 @@ class FusedLoraMLP(MLP):
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.train(mlp.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
         parts = []
         for proj in (self.gate_proj, self.up_proj, self.down_proj):
             p = proj.fused_parts(x) if isinstance(proj, LoraLinear) else None
             if p is None:
-                return super().forward(x)
+                return super().forward(x, post_norm)
             parts.append(p)
-        return ops.lora_mlp(x, *(p for p, _ in parts), activation=_MLP_ACTIVATIONS[self.act],
-                            scale=tuple(s for _, s in parts))
+        y = ops.lora_mlp(x, *(p for p, _ in parts), activation=_MLP_ACTIVATIONS[self.act],
+                         scale=tuple(s for _, s in parts))
+        return y if post_norm is None else post_norm(y)
 
     def unfused(self) -> MLP:
         """A plain MLP over the same modules."""

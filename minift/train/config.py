@@ -76,7 +76,8 @@ class TrainConfig:
     mlp_chunk_tokens: int | None = None
     """Long context: each decoder layer's MLP runs over this many tokens at a time, each chunk
     checkpointed, so its intermediate-sized activations (~60% of a Llama layer's) exist for one chunk
-    instead of the whole batch; costs one more MLP forward a step. None: off, unless
+    instead of the whole batch. With checkpointed layers the chunks' recomputes replace the layers'
+    (no extra FLOPs); without, one more MLP forward a step. None: off, unless
     gradient_checkpointing="auto" finds that even offloaded checkpoints do not fit (then 8192)."""
     merge_micro_batches: bool | str = "auto"
     """Run the grad_accum micro-batches of an optimizer step as one forward and backward over all
