@@ -55,7 +55,7 @@ for stage in "$@"; do
     notebook16) timeout ${NB_TIMEOUT:-590} python3 bench/notebook.py --quant none --impls ${NB16_IMPLS:-unsloth,minift} \
         --steps ${NB_STEPS:-30} --timeout 420 2>>"$OUT/notebook.err" \
         | tee -a "$OUT/notebook.jsonl" | tail -2 ;;
-    woffload) for sh in ${W_SHAPES:-llama-3.2-1b gemma-3-4b}; do
+    woffload) for sh in ${W_SHAPES:-gemma-3-4b}; do
         timeout ${W_TIMEOUT:-400} python3 bench/train.py --shapes $sh --quant 4bit --steps 6 \
           --variants ${W_VARIANTS:-ckpt+compile+gcfreeze,ckpt+compile+graph,offload+compile+gcfreeze,offload+compile+graph,offload+compile+graph+fusedlora} 2>>"$OUT/woffload.err" | tee -a "$OUT/woffload.jsonl" | cut -c1-500; done ;;
     budgets) timeout ${BUDGET_TIMEOUT:-590} python3 bench/train.py --shapes ${BUDGET_SHAPE:-llama-3.1-8b} --quant 4bit --steps 4 \

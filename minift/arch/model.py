@@ -158,7 +158,7 @@ class MLP(nn.Module):
             y = self.down_proj(self.gated(x, parts))
         elif self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]:
             fn = self._project if post_norm is None else (lambda t: post_norm(self._project(t)))
-            return _chunked(fn, x, self.chunk_tokens, self.down_proj.out_features)
+            return _chunked(fn, x, self.chunk_tokens, self.down_proj.out_features, draws_random(self))
         else:
             y = self._project(x)
         return y if post_norm is None else post_norm(y)
@@ -219,9 +219,11 @@ def _no_output(t: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.disable  # a loop over a dynamic token count: eager (the GEMMs dominate), not a graph a length
 def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int,
-             out_features: int) -> torch.Tensor:
+             out_features: int, draws: bool) -> torch.Tensor:
     """fn over x's tokens `chunk` at a time, each chunk checkpointed (only its input, a view of x, is
-    kept for the backward): the same values as fn(x) for a token-wise fn.
+    kept for the backward): the same values as fn(x) for a token-wise fn. `draws`: fn draws random
+    numbers (dropout), so each chunk's checkpoint keeps the RNG state for its recompute (else none is
+    read: CUDA graph captures cannot read it on every torch).
 
     Inside a checkpointed layer, that layer's recompute in the backward need not run the chunks:
     each chunk recomputes itself when its backward comes. The layer's checkpoint still wants back
@@ -238,7 +240,7 @@ def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk:
         for i in starts:
             checkpoint(_no_output, flat[i:i + chunk], use_reentrant=False, preserve_rng_state=False)
         return x.new_empty(*x.shape[:-1], out_features)
-    outs = [checkpoint(fn, flat[i:i + chunk], use_reentrant=False) for i in starts]
+    outs = [checkpoint(fn, flat[i:i + chunk], use_reentrant=False, preserve_rng_state=draws) for i in starts]
     return torch.cat(outs).view(*x.shape[:-1], -1)
 
 
