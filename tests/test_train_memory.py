@@ -252,6 +252,28 @@ def test_chunked_mlp_without_checkpoint_early_stop(sandwich):
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
 
 
+def test_chunked_mlp_with_fused_lora(sandwich):
+    """add_lora(fuse=True) swaps each MLP for a FusedLoraMLP: it keeps the chunk setting (readable on
+    the model, kept when unfused) and runs long batches in chunks, each projection still fused."""
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(4))
+    model, _ = lora_model(sandwich)
+    model.model.gradient_checkpointing = True
+    l0, g0 = loss_and_grads(model, ids)
+    model, _ = minift.load(sandwich)
+    minift.add_lora(model, r=4, alpha=8, seed=1, fuse=True)
+    model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = True, 5
+    assert model.model.mlp_chunk_tokens == 5
+    calls = []
+    model.model.layers[1].mlp.gate_proj.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    l1, g1 = loss_and_grads(model, ids)
+    assert sorted(calls) == [48 % 5] * 2 + [5] * 18
+    torch.testing.assert_close(l1, l0, rtol=1e-6, atol=0)
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7)
+    minift.lora.set_fused(model, False)
+    assert model.model.mlp_chunk_tokens == 5
+
+
 @pytest.mark.parametrize("chunk", [None, 7])
 def test_chunked_mlp_recompute_replays_dropout(deep, chunk):
     """With LoRA dropout, the layers' (and the chunks') recomputes draw the same masks as the

@@ -156,12 +156,16 @@ class MLP(nn.Module):
         parts = _decode_parts(x, [self.gate_proj, self.up_proj])
         if parts is not None:  # decoding: gate, up (their low-rank terms) and the activation in one launch
             y = self.down_proj(self.gated(x, parts))
-        elif self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]:
+        elif self.chunks(x):
             fn = self._project if post_norm is None else (lambda t: post_norm(self._project(t)))
             return _chunked(fn, x, self.chunk_tokens, self.down_proj.out_features, draws_random(self))
         else:
             y = self._project(x)
         return y if post_norm is None else post_norm(y)
+
+    def chunks(self, x: torch.Tensor) -> bool:
+        """Whether this forward runs in token chunks (`chunk_tokens`, gradients on, x longer)."""
+        return self.chunk_tokens is not None and torch.is_grad_enabled() and x.numel() > self.chunk_tokens * x.shape[-1]
 
     def gated(self, x: torch.Tensor, parts: list[tuple], norm: "RMSNorm | None" = None) -> torch.Tensor:
         """act(gate(x')) * up(x') from one decoding launch (`parts`: `_decode_parts` of gate and up;

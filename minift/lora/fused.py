@@ -25,11 +25,13 @@ class FusedLoraMLP(MLP):
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
-        self.act = mlp.act
+        self.act, self.chunk_tokens = mlp.act, mlp.chunk_tokens
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.train(mlp.training)
 
     def forward(self, x: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
+        if self.chunks(x):  # long context: the plain MLP's token chunks, each projection still fused
+            return super().forward(x, post_norm)
         parts = []
         for proj in (self.gate_proj, self.up_proj, self.down_proj):
             p = proj.fused_parts(x) if isinstance(proj, LoraLinear) else None
@@ -44,7 +46,7 @@ class FusedLoraMLP(MLP):
         """A plain MLP over the same modules."""
         plain = MLP.__new__(MLP)
         nn.Module.__init__(plain)
-        plain.act = self.act
+        plain.act, plain.chunk_tokens = self.act, self.chunk_tokens
         plain.gate_proj, plain.up_proj, plain.down_proj = self.gate_proj, self.up_proj, self.down_proj
         return plain.train(self.training)
 
