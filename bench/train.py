@@ -104,7 +104,8 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     if base_variant.startswith("auto@"):  # the Trainer's memory planner for this batch and budget
         from minift.train import memory
 
-        plan = memory.plan(model, batch=bs, seq=seq, budget_bytes=memory.gib(float(base_variant[5:])))
+        plan = memory.plan(model, batch=bs, seq=seq, budget_bytes=memory.gib(float(base_variant[5:])),
+                           host_budget_bytes=memory.host_budget())
         ckpt_mode = plan.checkpointing
         lm.checkpoint_layers = plan.checkpoint_layers
         lm.mlp_chunk_tokens = plan.mlp_chunk_tokens

@@ -313,6 +313,29 @@ def test_chunked_mlp_estimate_and_plan(deep):
     assert memory.plan(model, budget_bytes=1, batch=1, seq=8192).mlp_chunk_tokens is None  # one chunk: no gain
 
 
+def test_offload_plans_need_host_memory(deep):
+    """Offloaded checkpoints live in host memory, L * N * H * 2 bytes: where the host's free memory
+    cannot take them, the plan keeps every layer checkpointed on the device with its MLPs chunked."""
+    model, _ = lora_model(deep)
+    cfg = model.config
+    kw = dict(batch=2, seq=8192)
+    need = memory.host_offload_bytes(model, **kw)
+    assert need == cfg.num_hidden_layers * 2 * 8192 * cfg.hidden_size * 2
+    budget = int(memory.estimate(model, **kw, checkpointing="offload")["total"] / (1 - memory.PLAN_MARGIN)) + 2
+    for host in (None, 2 * need):
+        p = memory.plan(model, budget_bytes=budget, host_budget_bytes=host, **kw)
+        assert (p.checkpointing, p.host_bytes, p.fits) == ("offload", need, True)
+        assert f"{need / memory.GIB:.1f} GiB of host memory" in p.describe()
+        assert memory.host_shortfall(model, host_budget_bytes=host, **kw) is None
+    p = memory.plan(model, budget_bytes=budget, host_budget_bytes=need, **kw)  # less the margin: short
+    assert (p.checkpointing, p.checkpoint_layers, p.mlp_chunk_tokens, p.host_bytes) == (True, None, memory.MLP_CHUNK, 0)
+    assert p.estimate == memory.estimate(model, **kw, checkpointing=True, mlp_chunk=memory.MLP_CHUNK)["total"]
+    assert "every decoder layer checkpointed, MLPs in chunks of 8192 tokens" in p.describe()
+    why = memory.host_shortfall(model, host_budget_bytes=need, **kw)
+    assert why is not None and "2 x 8192 tokens" in why and "host memory" in why
+    assert memory.host_budget() is None or memory.host_budget() > 0
+
+
 def test_trainer_mlp_chunk_tokens(deep, tmp_path):
     """TrainConfig(mlp_chunk_tokens=...) is set on the model while it trains (and restored), and
     trains as the unchunked run does."""

@@ -204,11 +204,12 @@ _LAYER_RECOMPUTE = threading.local()  # .active: a checkpointed decoder layer is
 
 @contextlib.contextmanager
 def _layer_recompute() -> Iterator[None]:
+    before = getattr(_LAYER_RECOMPUTE, "active", False)
     _LAYER_RECOMPUTE.active = True
     try:
         yield
     finally:
-        _LAYER_RECOMPUTE.active = False
+        _LAYER_RECOMPUTE.active = before
 
 
 def _layer_checkpoint_contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:

@@ -68,8 +68,9 @@ class TrainConfig:
     """False, True (recompute each decoder layer in the backward), "offload" (also keep each
     layer's input in pinned CPU memory until the backward needs it) or "auto": the fastest plan
     whose estimated peak (`minift.train.memory`) fits `memory_budget_gb`, else the GPU's memory -
-    no checkpointing, else the fewest layers checkpointed, else all, else offloaded (off CUDA
-    without a budget: True). The choice is `Trainer.memory_plan` and is logged."""
+    no checkpointing, else the fewest layers checkpointed, else all, else offloaded if the host's
+    memory can hold the offloaded inputs (else all checkpointed with chunked MLPs; off CUDA without
+    a budget: True). The choice is `Trainer.memory_plan` and is logged."""
     memory_budget_gb: float | None = None
     """With gradient_checkpointing="auto": the peak GPU memory (GiB, as torch.cuda.max_memory_allocated
     counts it) the plan must fit in, 10% of it kept as margin. None: what the GPU has (free + held)."""

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -173,16 +174,17 @@ class MemoryPlan:
     budget: int
     fits: bool
     mlp_chunk_tokens: int | None = None  # long context: each MLP over this many tokens at a time
+    host_bytes: int = 0  # "offload": the decoder's checkpoints a forward keeps in host memory
 
     def describe(self) -> str:
+        chunks = f", MLPs in chunks of {self.mlp_chunk_tokens} tokens" if self.mlp_chunk_tokens else ""
         if self.checkpointing == "offload":
-            what = "every decoder layer checkpointed, inputs offloaded to the CPU"
-            if self.mlp_chunk_tokens:
-                what += f", MLPs in chunks of {self.mlp_chunk_tokens} tokens"
+            what = (f"every decoder layer checkpointed, inputs offloaded to the CPU "
+                    f"({self.host_bytes / GIB:.1f} GiB of host memory){chunks}")
         elif not self.checkpointing:
             what = "no gradient checkpointing"
         elif self.checkpoint_layers is None:
-            what = "every decoder layer checkpointed"
+            what = f"every decoder layer checkpointed{chunks}"
         else:
             what = f"the first {self.checkpoint_layers} decoder layers checkpointed"
         fit = "" if self.fits else " (does not fit: the leanest plan)"
@@ -198,12 +200,59 @@ def device_budget(device: torch.device) -> int | None:
     return int(free + torch.cuda.memory_allocated(device))
 
 
+def host_offload_bytes(model: nn.Module, *, batch: int, seq: int) -> int:
+    """Host memory the decoder's offloaded checkpoints take ("offload"): every layer's input,
+    L * N * H * s, held from its forward to its backward (a checkpointed vision tower's, offloaded
+    too, are a few images' worth and not counted)."""
+    text, _ = _configs(model)
+    return text.num_hidden_layers * batch * seq * text.hidden_size * 2
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # absent (not Linux, cgroup v1) or "max"
+        return None
+
+
+def host_budget() -> int | None:
+    """Bytes of host memory this process can still take: /proc/meminfo's MemAvailable, lowered to
+    what the cgroup v2 limit leaves (containers); None where neither is readable."""
+    avail = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                avail = int(line.split()[1]) * 1024
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    cg = Path("/sys/fs/cgroup")
+    limit, used = _read_int(cg / "memory.max"), _read_int(cg / "memory.current")
+    if limit is not None and used is not None:
+        avail = limit - used if avail is None else min(avail, limit - used)
+    return avail
+
+
+def host_shortfall(model: nn.Module, *, batch: int, seq: int, host_budget_bytes: int | None) -> str | None:
+    """Why offloaded checkpoints of this batch would not fit (1 - PLAN_MARGIN) of the host memory
+    left; None when they fit or the host's memory is unknown."""
+    need = host_offload_bytes(model, batch=batch, seq=seq)
+    if host_budget_bytes is None or need <= host_budget_bytes * (1 - PLAN_MARGIN):
+        return None
+    return (f"the offloaded checkpoints of a batch of {batch} x {seq} tokens take ~{need / GIB:.1f} GiB of "
+            f"host memory, and {host_budget_bytes / GIB:.1f} GiB is available")
+
+
 def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: str = "adamw",
-         images: int = 1, vision_per_image: bool = True, vision_offload: bool = True) -> MemoryPlan:
+         images: int = 1, vision_per_image: bool = True, vision_offload: bool = True,
+         host_budget_bytes: int | None = None) -> MemoryPlan:
     """The fastest plan whose estimate fits (1 - PLAN_MARGIN) of `budget_bytes`: no checkpointing,
     else the fewest checkpointed layers (recomputing as little as fits), else their inputs offloaded
-    to the CPU, else that with each MLP run in chunks of MLP_CHUNK tokens (long context: one more
-    MLP forward a step; the leanest, taken even when it does not fit). At most L - 1 of L layers are
+    to the CPU, else that with each MLP run in chunks of MLP_CHUNK tokens (long context; a
+    checkpointed layer's chunks cost no extra FLOPs); the leanest is taken even when it does not
+    fit. Offloading needs host memory too (`host_offload_bytes`): where it would not fit
+    (1 - PLAN_MARGIN) of `host_budget_bytes` (None: unknown, assumed to fit), every layer stays
+    checkpointed on the device, MLPs chunked. At most L - 1 of L layers are
     checkpointed: the last layer's backward comes right after its forward, so checkpointing it
     would keep its input and recompute it at once - more memory and more time than keeping it."""
     text, _ = _configs(model)
@@ -229,11 +278,16 @@ def plan(model: nn.Module, *, batch: int, seq: int, budget_bytes: int, optim: st
                 lo = mid + 1
         k = None if lo >= layers else lo
         return MemoryPlan(True, k, total(True, k), budget_bytes, True)
+    chunk = MLP_CHUNK if batch * seq > MLP_CHUNK else None  # one chunk: no gain
+    if host_shortfall(model, batch=batch, seq=seq, host_budget_bytes=host_budget_bytes) is not None:
+        on_device = total(True, None, chunk)
+        return MemoryPlan(True, None, on_device, budget_bytes, on_device <= limit, chunk)
+    host = host_offload_bytes(model, batch=batch, seq=seq)
     off = total("offload", None)
-    if off <= limit or batch * seq <= MLP_CHUNK:
-        return MemoryPlan("offload", None, off, budget_bytes, off <= limit)
-    chunked = total("offload", None, MLP_CHUNK)
-    return MemoryPlan("offload", None, chunked, budget_bytes, chunked <= limit, MLP_CHUNK)
+    if off <= limit or chunk is None:
+        return MemoryPlan("offload", None, off, budget_bytes, off <= limit, host_bytes=host)
+    chunked = total("offload", None, chunk)
+    return MemoryPlan("offload", None, chunked, budget_bytes, chunked <= limit, chunk, host)
 
 
 def gib(value: float) -> int:

@@ -246,9 +246,12 @@ class Trainer:
                                    optim=cfg.optimizer, images=images, vision_per_image=per_image,
                                    mlp_chunk=cfg.mlp_chunk_tokens)["total"]
 
+        # offloaded checkpoints take host memory (page-locked on CUDA; on CPU they stay where they are)
+        host = memory.host_budget() if device.type == "cuda" else None
+
         def plan_for(batch: int) -> memory.MemoryPlan:
             return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
-                               images=images, vision_per_image=per_image)
+                               images=images, vision_per_image=per_image, host_budget_bytes=host)
 
         plan = None
         if cfg.grad_accum == 1:  # one micro-batch: nothing to merge
@@ -274,6 +277,10 @@ class Trainer:
                 why_not = (f"the step's estimated peak ({est / memory.GIB:.2f} GiB) is over "
                            f"1/{memory.GRAPH_HEADROOM:g} of the memory budget ({budget / memory.GIB:.2f} GiB)")
         if self.world.main:
+            short = memory.host_shortfall(self.model, batch=batch, seq=seq, host_budget_bytes=host)
+            if cfg.gradient_checkpointing == "offload" and short:
+                log.warning('gradient_checkpointing="offload": %s, so the run may run out of host memory; '
+                            'True or "auto" keeps the checkpoints on the GPU', short)
             if merge:
                 log.info("merging the %d micro-batches of each optimizer step into one forward of %d rows",
                          cfg.grad_accum, rows)
