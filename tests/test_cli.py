@@ -425,6 +425,12 @@ def test_info_counts_equal_the_models(tmp_path, capsys, family):
     assert d["parameters"]["lora_trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert d["memory_bytes"]["qlora_nf4"]["total"] < d["memory_bytes"]["lora_16bit"]["total"]
     assert main(["info", str(path)]) == 0 and "parameters:" in capsys.readouterr().out
+    assert d["run"]["host_offload_bytes"] == 0  # checkpoints kept on the GPU
+    assert main(["info", str(path), "--use_gradient_checkpointing", "unsloth", "--max_seq_length", "64",
+                 "--per_device_train_batch_size", "3", "--json"]) == 0
+    cfg = model.config.text if hasattr(model.config, "text") else model.config
+    host = json.loads(capsys.readouterr().out)["run"]["host_offload_bytes"]
+    assert host == cfg.num_hidden_layers * 3 * 64 * cfg.hidden_size * 2
 
 
 LLAMA_1B = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,

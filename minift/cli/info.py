@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..train.memory import GIB, NF4_BYTES, activation_bytes, adapter_bytes
+from ..train.memory import GIB, NF4_BYTES, activation_bytes, adapter_bytes, host_offload_bytes
 from .common import UsageError, adapter_base, check_model_arg, is_adapter_dir, str2bool
 
 
@@ -113,7 +113,8 @@ def describe(cfg: dict[str, Any], *, r: int = 16, seq: int = 2048, batch: int = 
     return {"architecture": arch, "parameters": {"total": total, "linear": p_lin, "lora_trainable": lora,
                                                   "lora_targets": len(targets), "r": r},
             "run": {"batch_size": batch, "max_seq_length": seq, "gradient_checkpointing": checkpointing,
-                    "optimizer": optim},
+                    "optimizer": optim,
+                    "host_offload_bytes": host_offload_bytes(model, batch=batch, seq=seq) if checkpointing == "offload" else 0},
             "memory_bytes": {"lora_16bit": run(False), "qlora_nf4": run(True)}}
 
 
@@ -140,6 +141,8 @@ def _fmt(d: dict[str, Any], name: str, four_bit_only: bool) -> str:
         m = d["memory_bytes"][key]
         parts = ", ".join(f"{k.replace('_', ' ')} {_size(v)}" for k, v in m.items() if k != "total" and v)
         lines.append(f"  {label}: {_size(m['total'])} ({parts})")
+    if r["host_offload_bytes"]:
+        lines.append(f"host memory for the offloaded checkpoints: {_size(r['host_offload_bytes'])} (page-locked)")
     return "\n".join(lines)
 
 
