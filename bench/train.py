@@ -127,6 +127,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     if "compile" in variant:
         for layer in lm.layers:
             layer.compile()  # as the Trainer: static first, dynamic once a second length comes
+        lm.compile_mlp_chunks()  # as the Trainer: chunked MLPs (+mlpchunk) compiled on their own
     t_load = time.time() - t_load
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

@@ -210,6 +210,8 @@ def test_compiled_layers_match_eager(llama, tmp_path):
     torch._dynamo.reset()
     comp, mc = run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=3, compile=True)
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in mc.model.layers)
+    assert len({id(layer.mlp.chunk_fn) for layer in mc.model.layers}) == 1  # chunked MLPs' one compiled chunk
+    assert mc.model.layers[0].mlp.chunk_fn is not None
     assert eager.losses == pytest.approx(comp.losses, rel=1e-5)
 
 

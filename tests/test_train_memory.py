@@ -359,7 +359,8 @@ def test_trainer_mlp_chunk_tokens(deep, tmp_path):
 
 def test_chunked_mlp_inside_compiled_layers(deep):
     """The Trainer compiles each decoder layer: the chunk loop runs eagerly inside it (a graph break,
-    not a graph per length), with the same loss and gradients as the eager model."""
+    not a graph per length) and the chunks through one compiled function shared by every layer
+    (`compile_mlp_chunks`), with the same loss and gradients as the eager model."""
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(2))
     results = []
     for compiled in (False, True):
@@ -367,15 +368,22 @@ def test_chunked_mlp_inside_compiled_layers(deep):
         model, _ = lora_model(deep)
         model.train()
         model.model.gradient_checkpointing, model.model.mlp_chunk_tokens = True, 16
-        if compiled:
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        if compiled:  # as the Trainer compiles
+            model.model.input_requires_grad = True
             for layer in model.model.layers:
                 layer.compile(dynamic=True)
+            model.model.compile_mlp_chunks()  # the chunks, outside the layers' graphs, compiled too
         losses = []
         for n in (24, 20):  # a second length: no recompile of the chunk loop
             out = model(ids[:, :n], labels=ids[:, :n])
             out.loss.backward()
             losses.append(out.loss.detach())
         results.append((losses, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
+        if compiled:  # the layers' two graphs (before and after the chunk loop) and the chunks' few (a
+            # first chunk at offset 0, the others): a chunk graph a layer would make 2 + 6 or more
+            graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs
+            assert graphs < 2 + len(model.model.layers), graphs
     (l0, g0), (l1, g1) = results
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=0)
     for k in g0:

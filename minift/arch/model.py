@@ -8,6 +8,7 @@ checkpoint's state dict maps onto this model 1:1. The hot path is plain tensors 
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -149,6 +150,9 @@ class MLP(nn.Module):
         # exist for one chunk instead of the whole sequence. Costs one more MLP forward, unless the
         # layer is checkpointed: then the chunks' recomputes replace the layer's (`_chunked`).
         self.chunk_tokens: int | None = None
+        # A compiled `_mlp_chunk` (TextModel.compile_mlp_chunks): the chunks run outside the compiled
+        # layer's graph (a loop over a dynamic token count), so they are compiled on their own.
+        self.chunk_fn: Callable | None = None
 
     def forward(self, x: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
         """down(act(gate(x)) * up(x)), then `post_norm` (a sandwich layer's post-feedforward norm,
@@ -157,7 +161,7 @@ class MLP(nn.Module):
         if parts is not None:  # decoding: gate, up (their low-rank terms) and the activation in one launch
             y = self.down_proj(self.gated(x, parts))
         elif self.chunks(x):
-            fn = self._project if post_norm is None else (lambda t: post_norm(self._project(t)))
+            fn = functools.partial(self.chunk_fn or _mlp_chunk, self, post_norm=post_norm)
             return _chunked(fn, x, self.chunk_tokens, self.down_proj.out_features, draws_random(self))
         else:
             y = self._project(x)
@@ -197,6 +201,12 @@ def draws_random(module: nn.Module) -> bool:
             return True
         stack.extend(c for c in m._modules.values() if c is not None)
     return False
+
+
+def _mlp_chunk(mlp: MLP, t: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
+    """One chunk of a chunked MLP forward (and, when given, a sandwich layer's post-feedforward norm)."""
+    y = mlp._project(t)
+    return y if post_norm is None else post_norm(y)
 
 
 _LAYER_RECOMPUTE = threading.local()  # .active: a checkpointed decoder layer is being recomputed
@@ -354,6 +364,14 @@ class TextModel(nn.Module):
     def mlp_chunk_tokens(self, tokens: int | None) -> None:
         for layer in self.layers:
             layer.mlp.chunk_tokens = tokens
+
+    def compile_mlp_chunks(self) -> None:
+        """torch.compile the chunked MLPs' chunk function, one compiled function for every layer
+        (dynamic shapes: a short last chunk does not recompile). Compiled decoder layers need it:
+        their chunk loop breaks the layer's graph and would otherwise run eagerly."""
+        fn = torch.compile(_mlp_chunk, dynamic=True)
+        for layer in self.layers:
+            layer.mlp.chunk_fn = fn
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)

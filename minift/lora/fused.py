@@ -25,7 +25,7 @@ class FusedLoraMLP(MLP):
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
-        self.act, self.chunk_tokens = mlp.act, mlp.chunk_tokens
+        self.act, self.chunk_tokens, self.chunk_fn = mlp.act, mlp.chunk_tokens, mlp.chunk_fn
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.train(mlp.training)
 
@@ -46,7 +46,7 @@ class FusedLoraMLP(MLP):
         """A plain MLP over the same modules."""
         plain = MLP.__new__(MLP)
         nn.Module.__init__(plain)
-        plain.act, plain.chunk_tokens = self.act, self.chunk_tokens
+        plain.act, plain.chunk_tokens, plain.chunk_fn = self.act, self.chunk_tokens, self.chunk_fn
         plain.gate_proj, plain.up_proj, plain.down_proj = self.gate_proj, self.up_proj, self.down_proj
         return plain.train(self.training)
 

@@ -388,6 +388,8 @@ class Trainer:
             for layer in layers:
                 if getattr(layer, "_compiled_call_impl", None) is None:
                     layer.compile(dynamic=dyn)
+        if hasattr(lm, "compile_mlp_chunks") and lm.layers and lm.layers[0].mlp.chunk_fn is None:
+            lm.compile_mlp_chunks()  # used only when MLPs run in chunks (long context)
 
     # -- the loop ------------------------------------------------------------------------
     def train(self) -> TrainSummary:
