@@ -119,8 +119,12 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     else:
         lm.gradient_checkpointing = ckpt_mode
     if ckpt_mode == "offload":  # as the Trainer does: the hooks that move checkpointed inputs to the host
+        from minift.train import memory
         from minift.train.offload import ActivationOffloader
 
+        short = memory.host_shortfall(model, batch=bs, seq=seq, host_budget_bytes=memory.host_budget())
+        if dev == "cuda" and short:  # fail here (a try that does not fit) rather than be killed for host memory
+            raise MemoryError(f"host memory: {short}")
         offloaders = [ActivationOffloader(model.config.hidden_size).install(lm)]
     else:
         offloaders = []
