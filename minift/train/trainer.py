@@ -13,6 +13,7 @@ import gc
 import json
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -246,8 +247,11 @@ class Trainer:
                                    optim=cfg.optimizer, images=images, vision_per_image=per_image,
                                    mlp_chunk=cfg.mlp_chunk_tokens)["total"]
 
-        # offloaded checkpoints take host memory (page-locked on CUDA; on CPU they stay where they are)
+        # offloaded checkpoints take host memory (page-locked on CUDA; on CPU they stay where they are),
+        # shared by the ranks torchrun started on this host
         host = memory.host_budget() if device.type == "cuda" else None
+        if host is not None and self.world.mode is not None:
+            host //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
         def plan_for(batch: int) -> memory.MemoryPlan:
             return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
