@@ -48,6 +48,7 @@ for stage in "$@"; do
     graphcheck) MINIFT_EAGER_FAILURES=1 timeout ${GPUTEST_TIMEOUT:-240} python3 -m pytest -q -m gpu -p no:cacheprovider \
         tests/test_train_graphs.py::test_vision_trainer_with_cuda_graphs_equals_without \
         tests/test_train_graphs.py::test_offloaded_checkpoints_inside_cuda_graphs \
+        tests/test_train_graphs.py::test_chunked_mlps_inside_cuda_graphs \
         tests/test_train_gpu.py::test_trainer_vision_merged_peak_within_unmerged 2>&1 | tee "$OUT/graphcheck.log" | tail -15
       timeout ${NB_TIMEOUT:-200} python3 bench/notebook.py --steps ${NB_STEPS:-30} 2>>"$OUT/notebook.err" | tee -a "$OUT/notebook.jsonl" | tail -2 ;;
     target0) timeout ${TARGET0_TIMEOUT:-590} python3 .peer/vision_notebook_job.py --impls unsloth,minift --steps ${NB_STEPS:-30} \
