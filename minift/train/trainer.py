@@ -13,7 +13,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import tempfile
 import time
@@ -248,10 +247,10 @@ class Trainer:
                                    mlp_chunk=cfg.mlp_chunk_tokens)["total"]
 
         # offloaded checkpoints take host memory (page-locked on CUDA; on CPU they stay where they are),
-        # shared by the ranks torchrun started on this host
+        # shared by the ranks on this host: one a GPU, so at most as many as it has GPUs
         host = memory.host_budget() if device.type == "cuda" else None
         if host is not None and self.world.mode is not None:
-            host //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            host //= max(1, min(self.world.size, torch.cuda.device_count()))
 
         def plan_for(batch: int) -> memory.MemoryPlan:
             return memory.plan(self.model, batch=batch, seq=seq, budget_bytes=budget, optim=cfg.optimizer,
