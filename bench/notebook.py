@@ -162,10 +162,11 @@ def run_unsloth(path: str, quant: str, steps: int) -> dict:
     harness's settings, its base precision a flag here). Step ends are timed by a callback after a
     device sync; samples/s over the steps after the first two, as for minift."""
     import torch
+    from unsloth import FastVisionModel  # before trl and transformers, which unsloth patches on import
+    from unsloth.trainer import UnslothVisionDataCollator
+
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
-    from unsloth import FastVisionModel
-    from unsloth.trainer import UnslothVisionDataCollator
 
     t0 = time.time()
     model, processor = FastVisionModel.from_pretrained(path, load_in_4bit=quant == "4bit")
