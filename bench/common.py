@@ -151,6 +151,14 @@ def _word_tokenizer(vocab_size: int, vision: bool = False):
                                    unk_token="<unk>", extra_special_tokens=extra)
 
 
+def compile_seconds(top: int = 10) -> dict[str, float]:
+    """Where this process's compile time went: dynamo's per-phase totals in seconds, the largest
+    `top` (phases nest, so they overlap)."""
+    from torch._dynamo.utils import compilation_time_metrics as ctm
+
+    return {k: round(sum(v), 2) for k, v in sorted(ctm.items(), key=lambda kv: -sum(kv[1]))[:top]}
+
+
 def environment() -> dict:
     import transformers
 

@@ -208,9 +208,9 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     extra["graphs_in_timed_steps"] = counters["stats"]["unique_graphs"] - graphs_warm  # recompiles: 0 wanted
     if hasattr(step, "graphs"):
         extra["graphs"] = step.graphs.stats()
-    # where compile time went (issue 14 target 3, the first step): dynamo's per-phase totals, seconds
-    from torch._dynamo.utils import compilation_time_metrics as ctm
-    extra["compile_s"] = {k: round(sum(v), 2) for k, v in sorted(ctm.items(), key=lambda kv: -sum(kv[1]))[:10]}
+    from common import compile_seconds
+
+    extra["compile_s"] = compile_seconds()  # where compile time went (issue 14 target 3, the first step)
     if plan is not None:
         extra.update(plan=plan.describe(), plan_estimate_gib=round(plan.estimate / 2**30, 3),
                      plan_budget_gib=round(plan.budget / 2**30, 3))

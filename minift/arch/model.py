@@ -160,12 +160,11 @@ class MLP(nn.Module):
         parts = _decode_parts(x, [self.gate_proj, self.up_proj])
         if parts is not None:  # decoding: gate, up (their low-rank terms) and the activation in one launch
             y = self.down_proj(self.gated(x, parts))
-        elif self.chunks(x):
+            return y if post_norm is None else post_norm(y)
+        if self.chunks(x):
             fn = functools.partial(self.chunk_fn or _mlp_chunk, self, post_norm=post_norm)
             return _chunked(fn, x, self.chunk_tokens, self.down_proj.out_features, draws_random(self))
-        else:
-            y = self._project(x)
-        return y if post_norm is None else post_norm(y)
+        return _mlp_chunk(self, x, post_norm)
 
     def chunks(self, x: torch.Tensor) -> bool:
         """Whether this forward runs in token chunks (`chunk_tokens`, gradients on, x longer)."""
@@ -204,7 +203,8 @@ def draws_random(module: nn.Module) -> bool:
 
 
 def _mlp_chunk(mlp: MLP, t: torch.Tensor, post_norm: nn.Module | None = None) -> torch.Tensor:
-    """One chunk of a chunked MLP forward (and, when given, a sandwich layer's post-feedforward norm)."""
+    """The MLP's training forward over t (one chunk, when chunked), then a sandwich layer's
+    post-feedforward norm when given."""
     y = mlp._project(t)
     return y if post_norm is None else post_norm(y)
 

@@ -248,7 +248,8 @@ class Trainer:
 
         # offloaded checkpoints take host memory (page-locked on CUDA; on CPU they stay where they are),
         # shared by the ranks on this host: one a GPU, so at most as many as it has GPUs
-        host = memory.host_budget() if device.type == "cuda" else None
+        offloading = cfg.gradient_checkpointing in ("auto", "offload")
+        host = memory.host_budget() if device.type == "cuda" and offloading else None
         if host is not None and self.world.mode is not None:
             host //= max(1, min(self.world.size, torch.cuda.device_count()))
 
@@ -280,8 +281,9 @@ class Trainer:
                 why_not = (f"the step's estimated peak ({est / memory.GIB:.2f} GiB) is over "
                            f"1/{memory.GRAPH_HEADROOM:g} of the memory budget ({budget / memory.GIB:.2f} GiB)")
         if self.world.main:
-            short = memory.host_shortfall(self.model, batch=batch, seq=seq, host_budget_bytes=host)
-            if cfg.gradient_checkpointing == "offload" and short:
+            short = (memory.host_shortfall(self.model, batch=batch, seq=seq, host_budget_bytes=host)
+                     if cfg.gradient_checkpointing == "offload" else None)
+            if short:
                 log.warning('gradient_checkpointing="offload": %s, so the run may run out of host memory; '
                             'True or "auto" keeps the checkpoints on the GPU', short)
             if merge:
