@@ -9,7 +9,9 @@
 # (the same job on a 16-bit base, unsloth's and minift's runs, ~8 min; bench/notebook.py --impls), woffload (workload W with checkpoints kept or offloaded, each with
 # and without CUDA graphs, and the fused LoRA ops inside graphs, where their host cost is gone: the
 # data for making "offload" and the fused MLP defaults; one W_SHAPES shape a call, ~5 min), budgets (issue 14 target 2: the
-# memory planner's plan and tokens/s at 8-80 GiB budgets; BUDGET_SHAPE, default llama-3.1-8b).
+# memory planner's plan and tokens/s at 8-80 GiB budgets, and unsloth's three checkpointing settings,
+# whose peaks say which fits each budget; BUDGET_SHAPE, default llama-3.1-8b; BUDGET_VARIANTS).
+# firststep (issue 14 target 3): the notebook job's load + add_lora + first step, a cold compile cache then warm.
 # graphcheck: the vision tower's offloaded checkpoints inside CUDA graphs (the sixteenth session's
 # fixes), then the notebook job with its defaults; about 330 s.
 #   bash bench/gpu_session.sh env dist notebook decode
@@ -60,8 +62,12 @@ for stage in "$@"; do
         timeout ${W_TIMEOUT:-400} python3 bench/train.py --shapes $sh --quant 4bit --steps 6 \
           --variants ${W_VARIANTS:-ckpt+compile+gcfreeze,ckpt+compile+graph,offload+compile+gcfreeze,offload+compile+graph,offload+compile+graph+fusedlora} 2>>"$OUT/woffload.err" | tee -a "$OUT/woffload.jsonl" | cut -c1-500; done ;;
     budgets) timeout ${BUDGET_TIMEOUT:-590} python3 bench/train.py --shapes ${BUDGET_SHAPE:-llama-3.1-8b} --quant 4bit --steps 4 \
-        --variants auto@8+compile,auto@16+compile,auto@24+compile,auto@48+compile,auto@80+compile \
+        --variants ${BUDGET_VARIANTS:-auto@8+compile,auto@16+compile,auto@24+compile,auto@48+compile,auto@80+compile,unsloth,unsloth+ckpt,unsloth+nockpt} \
         2>"$OUT/budgets.err" | tee -a "$OUT/budgets.jsonl" | cut -c1-500 ;;
+    firststep) cache=$(mktemp -d)  # issue 14 target 3: a cold compile cache, then the same cache warm
+      for run in cold warm; do TORCHINDUCTOR_CACHE_DIR=$cache TRITON_CACHE_DIR=$cache/triton timeout ${NB_TIMEOUT:-240} \
+        python3 bench/notebook.py --steps 3 2>>"$OUT/firststep.err" | sed "s/^{/{\"cache\": \"$run\", /" \
+        | tee -a "$OUT/firststep.jsonl" | cut -c1-600; done ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
       timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac

@@ -5,7 +5,8 @@ of one image and a short LaTeX answer, batch 1 x grad accumulation 4, max_grad_n
 fused AdamW; `--impls unsloth` runs the same job through unsloth's FastVisionModel, TRL's
 SFTTrainer and UnslothVisionDataCollator, as the peers' harness does (which loads 4-bit only; here
 `--quant none` gives both a bf16 base). Prints one JSON line a run: samples/s over the steps after the first two, peak GiB,
-the first two steps' time (compilation), and with --profile one profiled optimizer step: GPU busy
+the first two steps' time (compilation), `first_step_s` (load + add_lora + the Trainer's setup + the
+first optimizer step: issue 14 target 3; cold or warm as the compile caches are), and with --profile one profiled optimizer step: GPU busy
 time against wall time, kernel launches, the top kernels and host ops; with --phases the peak
 GiB of each phase of a step (where the memory goes).
 
@@ -152,7 +153,7 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
     return dict(impl="minift", quant=quant, sets=sets, samples_per_s=4 * (s1 - s0) / (e1 - e0),
                 peak_gib=(max(extra["phases"]["peak_gib"].values()) if phases else
                           torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None, setup_s=round(setup, 1),
-                first_steps_s=round(e0, 1), steps=s.steps, last_loss=s.losses[-1], graphs=tr.graph_stats,
+                first_steps_s=round(e0, 1), first_step_s=round(setup + el[0][1], 1), steps=s.steps, last_loss=s.losses[-1], graphs=tr.graph_stats,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if torch.cuda.is_available() else None,
                 **extra)
 

@@ -13,7 +13,9 @@ same session and compare as ratios. Each (shape, quant, variant) runs in its own
 reported beside the measured peak. `--max-context G`: batch 1, the longest sequence whose step fits
 G GiB (the process capped with torch.cuda.set_per_process_memory_fraction), by bisection over
 fresh processes. `--first-step`: a fresh process's load + add_lora + first optimizer step
-(compilation included), then one more step (the warm figure).
+(compilation included), then one more step (the warm figure). Variants `unsloth`, `unsloth+ckpt` and
+`unsloth+nockpt` run the same batches through unsloth with its offloaded, plain or no checkpointing
+(the budgets stage's peer column: the fastest of them that fits a budget, by their peaks).
 """
 
 from __future__ import annotations
@@ -62,19 +64,105 @@ def _graphed_step(model, opt, params, batches, offloaders):
     the optimizer and zeroing eager between replays. W's rows are bucket lengths already."""
     from minift.train.graphs import MicroBatchGraphs
 
-    graphs = MicroBatchGraphs(model, params, batches[0].device, pad_id=0, offloaders=offloaders)
-    norm = float(batches[0].shape[0] * (batches[0].shape[1] - 1))
-    host = [b.cpu() for b in batches]  # the Trainer collates on the host: no device read-back a step
+    ids0 = batches[0]["input_ids"]
+    graphs = MicroBatchGraphs(model, params, ids0.device, pad_id=0, offloaders=offloaders)
+    norm = float(ids0.shape[0] * (ids0.shape[1] - 1))
+    host = [{k: v.cpu() for k, v in b.items()} for b in batches]  # the Trainer collates on the host
 
     def step(i: int):
-        ids = host[i % len(host)]
-        loss = graphs.run({"input_ids": ids, "labels": ids}, norm)
+        loss = graphs.run(host[i % len(host)], norm)
         opt.step()
         opt.zero_grad(set_to_none=False)
         return loss
 
     step.graphs = graphs
     return step
+
+
+def _batch(model, bs: int, seq: int, g, dev: str) -> dict:
+    """A batch of W: random tokens as labels too; on a vision model each row starts with one image
+    (bos, <start_of_image>, its soft tokens, <end_of_image>), its tokens out of the loss, as the
+    peers' harness builds them."""
+    import torch
+
+    cfg = model.config  # minift's or transformers' (unsloth's runs)
+    vision = getattr(cfg, "vision_config", None) or getattr(cfg, "vision", None)
+    vocab = cfg.get_text_config().vocab_size if hasattr(cfg, "get_text_config") else cfg.vocab_size
+    ids = torch.randint(4, vocab, (bs, seq), generator=g)
+    if vision is None:
+        ids = ids.to(dev)
+        return {"input_ids": ids, "labels": ids}
+    ids = torch.randint(200, cfg.boi_token_index - 1, (bs, seq), generator=g)
+    head = [2, cfg.boi_token_index] + [cfg.image_token_index] * cfg.mm_tokens_per_image + [cfg.eoi_token_index]
+    ids[:, :len(head)] = torch.tensor(head)
+    labels = ids.masked_fill(ids == cfg.image_token_index, -100)
+    size = vision.image_size
+    pix = torch.randn(bs, 3, size, size, generator=g).to(torch.bfloat16)
+    return {"input_ids": ids.to(dev), "labels": labels.to(dev), "pixel_values": pix.to(dev),
+            "token_type_ids": (ids == cfg.image_token_index).long().to(dev)}
+
+
+UNSLOTH_GC = {"unsloth": "unsloth", "unsloth+ckpt": True, "unsloth+nockpt": False}
+
+
+def run_unsloth(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str) -> dict:
+    """Workload W through unsloth's FastLanguageModel with one of its checkpointing settings
+    (`unsloth`: its offloaded checkpoints, the peers' harness's; `unsloth+ckpt`: plain checkpointing;
+    `unsloth+nockpt`: none), timed as minift's runs are: the peer column of target 2 (issue 14), where
+    each budget gets unsloth's fastest setting that fits it."""
+    import torch
+    from unsloth import FastLanguageModel  # before transformers, which unsloth patches on import
+
+    if variant not in UNSLOTH_GC:
+        raise SystemExit(f"unknown unsloth variant {variant!r}: one of {', '.join(UNSLOTH_GC)}")
+    torch.manual_seed(0)
+    t_load = time.time()
+    gc_mode = UNSLOTH_GC[variant]
+    if json.loads((Path(path) / "config.json").read_text())["model_type"] == "gemma3":  # as the peers' harness
+        from unsloth import FastVisionModel
+
+        model, _ = FastVisionModel.from_pretrained(path, max_seq_length=seq, dtype=torch.bfloat16,
+                                                   load_in_4bit=quant == "4bit")
+        model = FastVisionModel.get_peft_model(model, finetune_vision_layers=True, finetune_language_layers=True,
+                                               finetune_attention_modules=True, finetune_mlp_modules=True, r=r,
+                                               lora_alpha=r, lora_dropout=0, bias="none", random_state=0,
+                                               use_gradient_checkpointing=gc_mode, target_modules="all-linear")
+        FastVisionModel.for_training(model, use_gradient_checkpointing=gc_mode)
+    else:
+        model, _ = FastLanguageModel.from_pretrained(path, max_seq_length=seq, dtype=torch.bfloat16,
+                                                     load_in_4bit=quant == "4bit")
+        model = FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, lora_dropout=0, bias="none",
+                                                 target_modules=TARGETS, use_gradient_checkpointing=gc_mode,
+                                                 random_state=0)
+    t_load = time.time() - t_load
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    batches = [_batch(model, bs, seq, g, "cuda") for _ in range(4)]
+
+    def step(i: int):
+        loss = model(**batches[i % len(batches)]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    t_warm = time.time()
+    losses = [float(step(i)) for i in range(warmup)]
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t_warm = time.time() - t_warm
+    t0 = time.time()
+    for i in range(steps):
+        loss = step(i)
+    torch.cuda.synchronize()
+    dt = time.time() - t0
+    return dict(impl="unsloth", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
+                tokens_per_s=bs * seq * steps / dt, step_s=dt / steps,
+                peak_gib=torch.cuda.max_memory_allocated() / 2**30,
+                reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3), load_s=t_load, warmup_s=t_warm,
+                first_loss=losses[0] if losses else None, last_loss=float(loss))
 
 
 def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r: int, variant: str,
@@ -136,21 +224,19 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=dev == "cuda")
-    V = model.config.vocab_size
     g = torch.Generator(device="cpu").manual_seed(1)
     if "varylen" in variant:  # dynamic padding: every batch its own length, from seq / 4 to seq
         lens = torch.randint(seq // 4, seq + 1, (max(4, warmup + steps),), generator=g).tolist()
-        batches = [torch.randint(4, V, (bs, n), generator=g).to(dev) for n in lens]
     else:
-        batches = [torch.randint(4, V, (bs, seq), generator=g).to(dev) for _ in range(4)]
+        lens = [seq] * 4
+    batches = [_batch(model, bs, n, g, dev) for n in lens]
     from torch._dynamo.utils import counters
 
     compiles_before = counters["stats"]["unique_graphs"]
     losses = []
 
     def step(i: int):
-        ids = batches[i % len(batches)]
-        out = model(ids, labels=ids)
+        out = model(**batches[i % len(batches)])
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -221,7 +307,7 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
         model, batch=bs, seq=seq, checkpointing=ckpt_mode, checkpoint_layers=lm.checkpoint_layers,
         mlp_chunk=lm.mlp_chunk_tokens)["total"] / 2**30, 3)
     return dict(**extra, impl="minift", variant=variant, quant=quant, bs=bs, seq=seq, steps=steps,
-                tokens_per_s=sum(batches[(first + i) % len(batches)].numel() for i in range(steps)) / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
+                tokens_per_s=sum(batches[(first + i) % len(batches)]["input_ids"].numel() for i in range(steps)) / dt, step_s=dt / steps, step_ms=step_ms, host_ms=host_ms, gc_ms=gc_ms,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None,
                 reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if dev == "cuda" else None,
                 load_s=t_load, warmup_s=t_warm, trainable=sum(p.numel() for p in params),
@@ -232,7 +318,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context; +mlpchunkN: N-token chunks), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings), +graph (each micro-batch's forward and backward replayed as a CUDA graph: TrainConfig.cuda_graphs)")
+    ap.add_argument("--variants", default="ckpt+compile", help="unsloth, unsloth+ckpt, unsloth+nockpt (the peer), or minift's ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context; +mlpchunkN: N-token chunks), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings), +graph (each micro-batch's forward and backward replayed as a CUDA graph: TrainConfig.cuda_graphs)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)
@@ -255,7 +341,10 @@ def main() -> None:
             import torch
 
             torch.cuda.set_per_process_memory_fraction(a.cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
-        res = run_one(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant, a.profile)
+        if variant.startswith("unsloth"):
+            res = run_unsloth(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant)
+        else:
+            res = run_one(path, quant, a.bs, a.seq, a.warmup, a.steps, a.r, variant, a.profile)
         print("RESULT " + json.dumps(res), flush=True)
         return
     from common import checkpoint, environment
