@@ -46,7 +46,8 @@ def _profile(fn, steps: int) -> dict:
                 top=[(e.key[:80], e.count, round(e.self_device_time_total / 1e3, 2)) for e in top])
 
 
-def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int, prof: bool = False) -> dict:
+def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int, prof: bool = False,
+            repeats: int = 2) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -102,8 +103,8 @@ def run_one(path: str, quant: str, impl: str, batch: int, prompt: int, new: int,
     warm_s = time.perf_counter() - t0
     assert out.shape == (batch, prompt + new), out.shape
     gen(1)
-    prefill = min(_timed(lambda: gen(1)) for _ in range(2))
-    total = min(_timed(lambda: gen(new)) for _ in range(2))
+    prefill = min(_timed(lambda: gen(1)) for _ in range(repeats))
+    total = min(_timed(lambda: gen(new)) for _ in range(repeats))
     decode_tps = batch * (new - 1) / (total - prefill)
     extra_info = _profile(lambda: gen(new), new) if prof else {}
     params = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
@@ -128,12 +129,13 @@ def main() -> None:
     ap.add_argument("--bandwidth", type=float, default=4.8e12, help="HBM bytes/s for the roofline column")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "minift_bench_models"))
     ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--repeats", type=int, default=2, help="timed generates of each length (the fastest counts)")
     ap.add_argument("--profile", action="store_true", help="add the top kernels of one profiled generate")
     ap.add_argument("--child", nargs=4, metavar=("PATH", "QUANT", "IMPL", "BATCH"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         path, quant, impl, batch = a.child
-        print("RESULT " + json.dumps(run_one(path, quant, impl, int(batch), a.prompt, a.new, a.profile)), flush=True)
+        print("RESULT " + json.dumps(run_one(path, quant, impl, int(batch), a.prompt, a.new, a.profile, a.repeats)), flush=True)
         return
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from common import checkpoint, environment, run_child
@@ -146,7 +148,7 @@ def main() -> None:
             for batch in a.batch.split(","):
                 for impl in a.impls.split(","):
                     cmd = [sys.executable, os.path.abspath(__file__), "--child", path, quant, impl, batch,
-                           "--prompt", str(a.prompt), "--new", str(a.new)] + ["--profile"] * a.profile
+                           "--prompt", str(a.prompt), "--new", str(a.new), "--repeats", str(a.repeats)] + ["--profile"] * a.profile
                     res, out = run_child(cmd, a.timeout)
                     if res is None:
                         res = dict(impl=impl, quant=quant, batch=int(batch), error=out[-1500:])
