@@ -41,7 +41,8 @@ def test_vision_4bit_lora_trains_saves_and_reloads(tmp_path):
     trainer = Trainer(model, processor, data, eval_dataset=rows(4), config=cfg)
     ex = trainer.train_units[0]
     tok = processor.tokenizer
-    assert ex.pixel_values is not None and tok.decode(ex.labels[ex.labels != -100]) == "\\color{red}<end_of_turn>\n"
+    assert ex.n_images == 1 and ex.pixels() is not None
+    assert tok.decode(ex.labels[ex.labels != -100]) == "\\color{red}<end_of_turn>\n"
     summary = trainer.train()
     assert sum(summary.losses[-3:]) < sum(summary.losses[:3]) - 0.5
     moved = {n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])}
@@ -73,3 +74,71 @@ def test_compiled_vision_trainer_compiles_one_graph_per_stack(tmp_path):
     counters.clear()
     Trainer(model, processor, rows(4), config=cfg).train()
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def _two_images(i: int) -> dict:
+    a, b = Image.new("RGB", (16, 40), (i, 0, 0)), Image.new("RGB", (40, 16), (0, i, 0))
+    return {"messages": [
+        {"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "and"},
+                                     {"type": "image", "image": b}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "two"}]},
+        {"role": "user", "content": [{"type": "text", "text": "again?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "yes"}]}]}
+
+
+def _processed(processor, row: dict) -> dict:
+    """What the processor itself makes of a row: the reference for ids, token types and pixels."""
+    from minift.train.formats import images_of, normalize_row
+
+    msgs = normalize_row(row, 0)["messages"]
+    text = processor.apply_chat_template(msgs, tokenize=False)
+    return processor(text=[text], images=[images_of(msgs)], return_tensors="pt", add_special_tokens=False)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["text-expansion", "processor-each-row"])
+def test_vision_rows_hold_no_pixels_until_collated(tmp_path, fast, monkeypatch):
+    """A vision dataset keeps token ids only: each row's pixels are made by the processor when its
+    batch is collated (a list of dicts, or a datasets.Dataset whose images are decoded again), and
+    equal the processor's own output, as do the ids and token types; with or without the
+    text-only expansion of image placeholders (checked against the processor on probes)."""
+    from datasets import Dataset
+
+    from minift.train.data import collate
+
+    path = write_tiny_gemma3_vision(tmp_path / "v")
+    model, processor = minift.load(path)
+    minift.add_lora(model, r=4, alpha=8, vision=True, language=True, seed=0)
+    if not fast:  # no fixed expansion known: the processor runs on each row
+        from minift.train.tokenize import Encoder
+
+        monkeypatch.setattr(Encoder, "_image_text", lambda self: None)
+    data = rows(5) + [_two_images(1), _two_images(2)]
+    cfg = TrainConfig(output_dir=str(tmp_path / "out"), max_steps=1, batch_size=2, progress_bar=False, plot=False,
+                      train_on_responses_only=True)
+    for ds in (data, Dataset.from_list(data)):
+        trainer = Trainer(model, processor, ds, config=cfg)
+        assert (trainer.encoder._image_text() is not None) == fast
+        units = trainer.train_units
+        assert all(u.pixel_values is None for u in units) and [u.n_images for u in units] == [1] * 5 + [2, 2]
+        want = [_processed(processor, r) for r in data]
+        for u, w in zip(units, want):
+            assert torch.equal(u.input_ids, w["input_ids"][0])
+            assert torch.equal(u.token_type_ids, w["token_type_ids"][0])
+            assert torch.equal(u.labels[u.token_type_ids == 1], torch.full_like(u.labels[u.token_type_ids == 1], -100))
+        batch = collate(units[4:], trainer.pad_id).tensors
+        assert torch.equal(batch["pixel_values"], torch.cat([w["pixel_values"] for w in want[4:]]))
+    # the responses-only labels of a two-image row: both assistant turns, nothing else
+    tok = processor.tokenizer
+    assert tok.decode(units[5].labels[units[5].labels != -100]) == "two<end_of_turn>\nyes<end_of_turn>\n"
+
+
+def test_vision_row_with_a_wrong_image_count_is_refused(tmp_path):
+    from minift.errors import DataError
+
+    path = write_tiny_gemma3_vision(tmp_path / "v")
+    model, processor = minift.load(path)
+    minift.add_lora(model, r=4, alpha=8, seed=0)
+    row = rows(1)[0]
+    row["messages"][0]["content"].append({"type": "text", "text": "<start_of_image>"})  # a placeholder too many
+    with pytest.raises(DataError, match="2 image placeholders.*1 images"):
+        Trainer(model, processor, [row], config=TrainConfig(output_dir=str(tmp_path / "o"), max_steps=1))

@@ -101,7 +101,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
             if ex.token_type_ids is not None:
                 tt[r, : len(ex)] = ex.token_type_ids
         out["token_type_ids"] = tt
-    pv = [ex.pixel_values for ex in examples if ex.pixel_values is not None]
+    pv = [p for p in (ex.pixels() for ex in examples) if p is not None]  # images processed now, per batch
     if pv:
         out["pixel_values"] = torch.cat(pv)
     n_targets = int((labels[:, 1:] != IGNORE).sum())

@@ -10,6 +10,9 @@ processors, by tokenising the prefixes), so BPE merges across boundaries cannot 
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +28,9 @@ IGNORE = -100
 @dataclass
 class Example:
     """One tokenised example. labels are input_ids with -100 where no loss is taken (unshifted:
-    the model predicts labels[t+1] at position t)."""
+    the model predicts labels[t+1] at position t). An example with images holds their pixels as
+    `pixel_loader`, run when a batch is collated: a processed 896x896 image is 9.6 MB of float32,
+    so a dataset's worth (the Gemma 3 vision notebook's 68k rows: ~660 GB) cannot be kept."""
 
     input_ids: torch.Tensor
     labels: torch.Tensor
@@ -33,9 +38,17 @@ class Example:
     token_type_ids: torch.Tensor | None = None
     truncated: bool = False
     position_ids: torch.Tensor | None = None  # packed rows only: restarts at 0 per sequence
+    pixel_loader: Callable[[], torch.Tensor] | None = None  # the processor's pixel_values, made on demand
+    n_images: int = 0  # images the vision tower sees (pan-and-scan crops included)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def pixels(self) -> torch.Tensor | None:
+        """The example's pixel_values (None without images)."""
+        if self.pixel_values is not None or self.pixel_loader is None:
+            return self.pixel_values
+        return self.pixel_loader()
 
     @property
     def n_targets(self) -> int:
@@ -52,6 +65,8 @@ class Encoder:
     max_length: int = 2048
     responses_only: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_images_too_long": 0})
+    # pixels are made on the Trainer's collate thread too: one processor call at a time
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.has_offsets = bool(getattr(self.tokenizer, "is_fast", False))
@@ -126,8 +141,10 @@ class Encoder:
             labels[a:b] = ids[a:b]
         return ids, labels
 
-    def encode(self, row: dict[str, Any]) -> Example | None:
-        """A canonical row (see formats.normalize_row) → Example; None when dropped."""
+    def encode(self, row: dict[str, Any], images: Callable[[], list[Any]] | None = None) -> Example | None:
+        """A canonical row (see formats.normalize_row) → Example; None when dropped. `images`: gets
+        the row's images again when its pixels are needed (the Trainer reads them back from the
+        dataset, so decoded images are not held either); None: the row's own image objects."""
         kind = row["kind"]
         if kind == "text":
             if self.responses_only:
@@ -150,7 +167,7 @@ class Encoder:
                         "a row holds images but a tokenizer, not a processor, was given; load a vision checkpoint "
                         "(minift.load returns its processor) and pass the processor to the Trainer"
                     )
-                return self._encode_vision(row)
+                return self._encode_vision(row, images)
             full = self.render(msgs)
             if self.responses_only:
                 ids, labels = self._label_chat_text(full, self.assistant_spans(msgs, full, row["train_from"]))
@@ -163,7 +180,7 @@ class Encoder:
         eos = self.tokenizer.eos_token_id
         return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
-    def _finish(self, ids, labels, pixel_values=None, token_type_ids=None) -> Example:
+    def _finish(self, ids, labels, token_type_ids=None, pixel_loader=None, n_images: int = 0) -> Example:
         ids_t = torch.as_tensor(ids, dtype=torch.long)
         lab_t = torch.as_tensor(labels, dtype=torch.long)
         tt = None if token_type_ids is None else torch.as_tensor(token_type_ids, dtype=torch.long)
@@ -172,7 +189,7 @@ class Encoder:
             self.stats["truncated"] += 1
             ids_t, lab_t = ids_t[: self.max_length], lab_t[: self.max_length]
             tt = None if tt is None else tt[: self.max_length]
-        return Example(ids_t, lab_t, pixel_values, tt, truncated)
+        return Example(ids_t, lab_t, None, tt, truncated, pixel_loader=pixel_loader, n_images=n_images)
 
     # -- vision --------------------------------------------------------------------------
     def _process(self, text: str, images: list[Any]) -> dict[str, torch.Tensor]:
@@ -181,32 +198,86 @@ class Encoder:
             kw["images"] = [images]
         return self.processor(**kw)
 
-    def _encode_vision(self, row: dict[str, Any]) -> Example | None:
+    def _image_text(self) -> tuple[str, str, frozenset[int]] | None:
+        """(placeholder, expansion, image token ids) when this processor turns each image
+        placeholder into one fixed string whatever the image (Gemma 3's `full_image_sequence`,
+        without pan-and-scan), checked against the processor itself on a small and a wide image;
+        None otherwise. With it, a row's tokens come from its text alone, and its images are
+        processed only when a batch needs their pixels (~16 ms an 896x896 image on a CPU core)."""
+        if "_image_text_cache" in self.__dict__:
+            return self.__dict__["_image_text_cache"]
+        found = None
+        ph = getattr(self.processor, "image_token", None) or getattr(self.processor, "boi_token", None)
+        exp = getattr(self.processor, "full_image_sequence", None)
+        if isinstance(ph, str) and isinstance(exp, str) and ph:
+            try:
+                from PIL import Image
+
+                text, want = f"a{ph} b", self._ids(f"a{exp} b", False)
+                image_ids: set[int] = set()
+                for size in ((32, 32), (1792, 448)):  # a wide image is what pan-and-scan would crop
+                    out = self._process(text, [Image.new("RGB", size, (127, 127, 127))])
+                    ids = out["input_ids"][0].tolist()
+                    if ids != want:
+                        break
+                    tt = out.get("token_type_ids")
+                    image_ids |= ({i for i, t in zip(ids, tt[0].tolist()) if t == 1} if tt is not None
+                                  else {self.image_token_id()})
+                else:
+                    found = (ph, exp, frozenset(image_ids))
+            except Exception:  # a processor this probe does not fit: process every row
+                found = None
+        self.__dict__["_image_text_cache"] = found
+        return found
+
+    def _vision_ids(self, text: str, images: list[Any]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """(input_ids, token_type_ids or None, images the tower sees) of `text` with `images`."""
+        fast = self._image_text()
+        if fast is not None:
+            ph, exp, image_ids = fast
+            if text.count(ph) != len(images):
+                raise DataError(f"a row's text holds {text.count(ph)} image placeholders ({ph!r}) for "
+                                f"{len(images)} images; each image needs one")
+            ids = torch.as_tensor(self._ids(text.replace(ph, exp), False), dtype=torch.long)
+            tt = torch.isin(ids, torch.as_tensor(sorted(image_ids), dtype=torch.long)).long()
+            return ids, tt, len(images)
+        out = self._process(text, images)
+        pv = out.get("pixel_values")
+        tt = out.get("token_type_ids")
+        return out["input_ids"][0], None if tt is None else tt[0], 0 if pv is None else int(pv.shape[0])
+
+    def _pixels(self, text: str, images: Callable[[], list[Any]]) -> torch.Tensor:
+        imgs = images()
+        with self._lock:
+            return self._process(text, imgs)["pixel_values"]
+
+    def _encode_vision(self, row: dict[str, Any], fetch: Callable[[], list[Any]] | None = None) -> Example | None:
         msgs = row["messages"]
         full = self.render(msgs)
         images = images_of(msgs)
-        out = self._process(full, images)
-        ids = out["input_ids"][0]
+        ids, tt, n_images = self._vision_ids(full, images)
         if self.responses_only:
-            # Token positions of each span by processing the prefixes (with their images), since
-            # the processor expands every image placeholder into many tokens.
+            # Token positions of each span from the prefixes (with their images), since the
+            # processor expands every image placeholder into many tokens.
             labels = torch.full_like(ids, IGNORE)
             for s, e, i in self.assistant_spans(msgs, full, row["train_from"]):
-                a = self._process(full[:s], images_of(msgs[:i]))["input_ids"].shape[1]
-                b = self._process(full[:e], images_of(msgs[: i + 1]))["input_ids"].shape[1]
+                a = len(self._vision_ids(full[:s], images_of(msgs[:i]))[0])
+                b = len(self._vision_ids(full[:e], images_of(msgs[: i + 1]))[0])
                 labels[a:b] = ids[a:b]
         else:
             labels = ids.clone()
-        tt = out.get("token_type_ids")
         if tt is None:
-            tt = (ids == self.image_token_id()).long().unsqueeze(0)
-        tt = tt[0]
-        if "pixel_values" in out:
+            tt = (ids == self.image_token_id()).long()
+        if n_images:
             labels = labels.masked_fill(tt == 1, IGNORE)  # image tokens are never targets
         if len(ids) > self.max_length and bool((tt[self.max_length:] == 1).any()):
             self.stats["dropped_images_too_long"] += 1  # cutting inside an image would break the model
             return None
-        return self._finish(ids, labels, out.get("pixel_values"), tt)
+        if fetch is None:
+            def fetch(kept: list[Any] = images) -> list[Any]:
+                return kept
+        loader = functools.partial(self._pixels, full, fetch) if n_images else None
+        return self._finish(ids, labels, tt, loader, n_images)
 
     def image_token_id(self) -> int:
         tok = getattr(self.processor, "image_token_id", None)
