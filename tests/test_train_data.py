@@ -175,6 +175,9 @@ def test_bad_inputs(llama, tmp_path):
                             {"role": "assistant", "content": "A square."}]}
     with pytest.raises(DataError, match="processor"):
         Trainer(model, tok, [img_row], config=cfg)
+    ocr_row = {"image": Image.new("RGB", (8, 8)), "text": "x^2"}  # LaTeX_OCR's columns, not yet a chat
+    with pytest.raises(DataError, match=r"image column \(image\) beside text rows.*formatting_func"):
+        Trainer(model, tok, [ocr_row], config=cfg)
     for field, value in [("grad_accum", 0), ("batch_size", 0), ("batch_size", -2), ("max_steps", 0),
                          ("scheduler", "poly"), ("optimizer", "adam"), ("gradient_checkpointing", "yes")]:
         with pytest.raises(TrainConfigError, match=field):

@@ -36,10 +36,16 @@ def check_columns(columns: Iterable[str], where: str) -> str:
         return "messages"
     if "conversations" in cols:
         return "conversations"
-    if "prompt" in cols and "completion" in cols:
-        return "prompt_completion"
-    if "text" in cols:
-        return "text"
+    fmt = "prompt_completion" if "prompt" in cols and "completion" in cols else "text" if "text" in cols else None
+    if fmt is not None and cols & {"image", "images"}:  # a LaTeX_OCR-style row: its image would be dropped
+        raise DataError(
+            f"{where}: an image column ({', '.join(sorted(cols & {'image', 'images'}))}) beside "
+            f"{'prompt/completion' if fmt == 'prompt_completion' else 'text'} rows, which carry no image; map each row "
+            "into a chat whose user content holds {'type': 'image', 'image': ...} and {'type': 'text', ...} parts "
+            "and whose assistant turn holds the answer (formatting_func=, as unsloth's vision notebooks do)"
+        )
+    if fmt is not None:
+        return fmt
     raise DataError(
         f"{where}: columns {sorted(cols)} hold no supported format; expected one of {SUPPORTED} "
         "(or pass formatting_func= to map rows into one)"
