@@ -142,3 +142,26 @@ def test_vision_row_with_a_wrong_image_count_is_refused(tmp_path):
     row["messages"][0]["content"].append({"type": "text", "text": "<start_of_image>"})  # a placeholder too many
     with pytest.raises(DataError, match="2 image placeholders.*1 images"):
         Trainer(model, processor, [row], config=TrainConfig(output_dir=str(tmp_path / "o"), max_steps=1))
+
+
+def test_an_image_that_cannot_be_decoded_names_its_row(tmp_path):
+    """Pixels are made when a batch is collated, so a corrupt image surfaces there: as a DataError
+    naming the dataset row, not the image library's own error."""
+    import io
+
+    from minift.errors import DataError
+
+    path = write_tiny_gemma3_vision(tmp_path / "v")
+    model, processor = minift.load(path)
+    minift.add_lora(model, r=4, alpha=8, seed=0)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, format="PNG")
+    broken = Image.open(io.BytesIO(buf.getvalue()[: len(buf.getvalue()) // 2]))  # the header reads, the data does not
+    data = rows(3)
+    data[2]["messages"][0]["content"][1]["image"] = broken
+    cfg = TrainConfig(output_dir=str(tmp_path / "o"), max_steps=3, batch_size=1, grad_accum=1, shuffle=False,
+                      progress_bar=False, plot=False)  # row 2 is step 3's, collated on the thread during step 2
+    trainer = Trainer(model, processor, data, config=cfg)
+    with pytest.raises(DataError, match="train_dataset row 2: its images could not be processed"):
+        trainer.train()
+    assert trainer.step == 2  # the steps before the one that needs the row ran

@@ -141,10 +141,12 @@ class Encoder:
             labels[a:b] = ids[a:b]
         return ids, labels
 
-    def encode(self, row: dict[str, Any], images: Callable[[], list[Any]] | None = None) -> Example | None:
+    def encode(self, row: dict[str, Any], images: Callable[[], list[Any]] | None = None,
+               where: str = "a dataset row") -> Example | None:
         """A canonical row (see formats.normalize_row) → Example; None when dropped. `images`: gets
         the row's images again when its pixels are needed (the Trainer reads them back from the
-        dataset, so decoded images are not held either); None: the row's own image objects."""
+        dataset, so decoded images are not held either); None: the row's own image objects.
+        `where` names the row in the error an image that cannot be processed raises then."""
         kind = row["kind"]
         if kind == "text":
             if self.responses_only:
@@ -167,7 +169,7 @@ class Encoder:
                         "a row holds images but a tokenizer, not a processor, was given; load a vision checkpoint "
                         "(minift.load returns its processor) and pass the processor to the Trainer"
                     )
-                return self._encode_vision(row, images)
+                return self._encode_vision(row, images, where)
             full = self.render(msgs)
             if self.responses_only:
                 ids, labels = self._label_chat_text(full, self.assistant_spans(msgs, full, row["train_from"]))
@@ -246,12 +248,19 @@ class Encoder:
         tt = out.get("token_type_ids")
         return out["input_ids"][0], None if tt is None else tt[0], 0 if pv is None else int(pv.shape[0])
 
-    def _pixels(self, text: str, images: Callable[[], list[Any]]) -> torch.Tensor:
-        imgs = images()
-        with self._lock:
-            return self._process(text, imgs)["pixel_values"]
+    def _pixels(self, text: str, images: Callable[[], list[Any]], where: str) -> torch.Tensor:
+        try:
+            imgs = images()
+            with self._lock:
+                return self._process(text, imgs)["pixel_values"]
+        except DataError:
+            raise
+        except Exception as e:  # PIL, numpy or the processor: a corrupt or unreadable image
+            raise DataError(f"{where}: its images could not be processed when its batch was collated: "
+                            f"{type(e).__name__}: {e}") from e
 
-    def _encode_vision(self, row: dict[str, Any], fetch: Callable[[], list[Any]] | None = None) -> Example | None:
+    def _encode_vision(self, row: dict[str, Any], fetch: Callable[[], list[Any]] | None = None,
+                       where: str = "a dataset row") -> Example | None:
         msgs = row["messages"]
         full = self.render(msgs)
         images = images_of(msgs)
@@ -276,7 +285,7 @@ class Encoder:
         if fetch is None:
             def fetch(kept: list[Any] = images) -> list[Any]:
                 return kept
-        loader = functools.partial(self._pixels, full, fetch) if n_images else None
+        loader = functools.partial(self._pixels, full, fetch, where) if n_images else None
         return self._finish(ids, labels, tt, loader, n_images)
 
     def image_token_id(self) -> int:

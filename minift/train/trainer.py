@@ -211,8 +211,8 @@ class Trainer:
 
         examples = []
         for i, row in enumerate(dataset):
-            ex = self.encoder.encode(normalize_row(row, i, ff),
-                                     functools.partial(images_at, i) if indexable else None)
+            ex = self.encoder.encode(normalize_row(row, i, ff), functools.partial(images_at, i) if indexable else None,
+                                     where=f"{name} row {i}")
             if ex is not None:
                 examples.append(ex)
         truncated = stats["truncated"] - before["truncated"]
