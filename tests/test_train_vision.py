@@ -132,6 +132,22 @@ def test_vision_rows_hold_no_pixels_until_collated(tmp_path, fast, monkeypatch):
     assert tok.decode(units[5].labels[units[5].labels != -100]) == "two<end_of_turn>\nyes<end_of_turn>\n"
 
 
+def test_pan_and_scan_processes_each_row(tmp_path):
+    """Pan-and-scan crops depend on each image's size, so a processor set to crop gets no text-only
+    expansion: every row goes through the processor, and its ids are the processor's."""
+    from minift.train.tokenize import make_encoder
+
+    _, processor = minift.load(write_tiny_gemma3_vision(tmp_path / "v"))
+    assert make_encoder(processor, max_length=512, responses_only=False)._image_text() is not None
+    processor.image_processor.do_pan_and_scan = True
+    enc = make_encoder(processor, max_length=512, responses_only=False)
+    assert enc._image_text() is None
+    from minift.train.formats import normalize_row
+
+    row = rows(1)[0]
+    assert torch.equal(enc.encode(normalize_row(row, 0)).input_ids, _processed(processor, row)["input_ids"][0])
+
+
 def test_vision_row_with_a_wrong_image_count_is_refused(tmp_path):
     from minift.errors import DataError
 

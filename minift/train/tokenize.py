@@ -211,7 +211,8 @@ class Encoder:
         found = None
         ph = getattr(self.processor, "image_token", None) or getattr(self.processor, "boi_token", None)
         exp = getattr(self.processor, "full_image_sequence", None)
-        if isinstance(ph, str) and isinstance(exp, str) and ph:
+        crops = getattr(getattr(self.processor, "image_processor", None), "do_pan_and_scan", None)
+        if isinstance(ph, str) and isinstance(exp, str) and ph and not crops:  # crops depend on each image's size
             try:
                 from PIL import Image
 
