@@ -151,12 +151,26 @@ def _word_tokenizer(vocab_size: int, vision: bool = False):
                                    unk_token="<unk>", extra_special_tokens=extra)
 
 
-def compile_seconds(top: int = 10) -> dict[str, float]:
+def compile_seconds(top: int = 25) -> dict[str, float]:
     """Where this process's compile time went: dynamo's per-phase totals in seconds, the largest
     `top` (phases nest, so they overlap)."""
     from torch._dynamo.utils import compilation_time_metrics as ctm
 
     return {k: round(sum(v), 2) for k, v in sorted(ctm.items(), key=lambda kv: -sum(kv[1]))[:top]}
+
+
+def compile_counts() -> dict[str, int]:
+    """What this process compiled: inductor's counters (FX graph cache hits and misses, autotuning,
+    ...), the kernels it generated, and dynamo's frames and restarts: with `compile_seconds`, what
+    the first step's compile time is made of (issue 14 target 3)."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import metrics
+
+    out = {f"inductor.{k}": int(v) for k, v in counters["inductor"].items()}
+    out.update({f"stats.{k}": int(v) for k, v in counters["stats"].items()})
+    out.update({f"frames.{k}": int(v) for k, v in counters["frames"].items()})
+    out["generated_kernels"] = int(metrics.generated_kernel_count)
+    return out
 
 
 def environment() -> dict:

@@ -147,9 +147,10 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
     (s0, e0), (s1, e1) = el[1], el[-1]
     if prof:  # the profiled step is slower: time the steps before it
         (s1, e1) = el[-3]
-    from common import compile_seconds
+    from common import compile_counts, compile_seconds
 
     extra["compile_s"] = compile_seconds()  # the first steps' compile phases
+    extra["compile_counts"] = compile_counts()  # kernels generated, FX graph cache hits, dynamo restarts
     return dict(impl="minift", quant=quant, sets=sets, samples_per_s=4 * (s1 - s0) / (e1 - e0),
                 peak_gib=(max(extra["phases"]["peak_gib"].values()) if phases else
                           torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None, setup_s=round(setup, 1),

@@ -172,6 +172,9 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     import minift
 
     minift.ops.set_compiled_elementwise("kernel" if "kernelew" in variant else "reference")
+    from minift.train.trainer import compile_settings
+
+    compile_settings().__enter__()  # traced as the Trainer traces its layers (for this process's life)
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if "torchops" in variant:  # plain-PyTorch references everywhere (inductor fuses them when compiled)
@@ -294,9 +297,10 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     extra["graphs_in_timed_steps"] = counters["stats"]["unique_graphs"] - graphs_warm  # recompiles: 0 wanted
     if hasattr(step, "graphs"):
         extra["graphs"] = step.graphs.stats()
-    from common import compile_seconds
+    from common import compile_counts, compile_seconds
 
     extra["compile_s"] = compile_seconds()  # where compile time went (issue 14 target 3, the first step)
+    extra["compile_counts"] = compile_counts()  # kernels generated, FX graph cache hits, dynamo restarts
     if plan is not None:
         extra.update(plan=plan.describe(), plan_estimate_gib=round(plan.estimate / 2**30, 3),
                      plan_budget_gib=round(plan.budget / 2**30, 3))
