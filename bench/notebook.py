@@ -125,16 +125,22 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
 
     t0 = time.time()
     model, processor = minift.load(path, load_in_4bit=quant == "4bit")
+    parts = {"load": time.time() - t0}  # where setup_s goes (target 3's first step includes it)
     processor = minift.get_chat_template(processor, "gemma-3")  # the notebook's step
     minift.add_lora(model, r=16, alpha=16, dropout=0.0, vision=True, language=True, attention=True, mlp=True,
                     seed=3407)
+    parts["template_and_lora"] = time.time() - t0 - sum(parts.values())
     job = dict(batch_size=1, grad_accum=4, max_steps=steps, lr=2e-4, max_grad_norm=0.3, warmup_ratio=0.03,
                scheduler="cosine", weight_decay=0.01, optimizer="adamw", seed=3407, max_seq_length=2048,
                output_dir=tempfile.mkdtemp(), logging_steps=1, progress_bar=False, plot=False)
     cfg = TrainConfig(**{**job, **sets})
-    tr = Trainer(model, processor, dataset(4 * steps + 8, 896, answer=answer), config=cfg)
+    rows = dataset(4 * steps + 8, 896, answer=answer)
+    parts["dataset"] = time.time() - t0 - sum(parts.values())
+    tr = Trainer(model, processor, rows, config=cfg)
+    parts["trainer"] = time.time() - t0 - sum(parts.values())
     setup = time.time() - t0
-    extra = {}
+    extra_parts = {k: round(v, 2) for k, v in parts.items()}
+    extra = {"setup_parts_s": extra_parts}
     phases = phases and torch.cuda.is_available() and not tr.uses_cuda_graphs  # replays run no hooks
     if phases:
         extra["phases"] = _phases(tr)
