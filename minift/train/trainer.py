@@ -191,7 +191,7 @@ class Trainer:
             raise TrainConfigError(f"TrainConfig.output_dir={str(path)!r} is not a writable directory: {e}") from e
         return path
 
-    def _rows(self, dataset: Any, name: str) -> int:
+    def _check_dataset(self, dataset: Any, name: str) -> int:
         """The dataset's row count, after checking it can be read."""
         try:
             n = len(dataset)
@@ -206,7 +206,7 @@ class Trainer:
         return n
 
     def _prepare(self, dataset: Any, name: str) -> list[Example]:
-        n = self._rows(dataset, name)
+        n = self._check_dataset(dataset, name)
         stats = self.encoder.stats
         before = dict(stats)
         ff = self.formatting_func
