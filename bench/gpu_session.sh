@@ -11,7 +11,8 @@
 # data for making "offload" and the fused MLP defaults; one W_SHAPES shape a call, ~5 min), budgets (issue 14 target 2: the
 # memory planner's plan and tokens/s at 8-80 GiB budgets, and unsloth's three checkpointing settings,
 # whose peaks say which fits each budget; BUDGET_SHAPE, default llama-3.1-8b; BUDGET_VARIANTS).
-# firststep (issue 14 target 3): the notebook job's load + add_lora + first step, a cold compile cache then warm.
+# firststep (issue 14 target 3): the notebook job's load + add_lora + first step, a cold compile cache then warm,
+# then warm under cProfile (FS_RUNS).
 # graphcheck: the vision tower's offloaded checkpoints inside CUDA graphs (the sixteenth session's
 # fixes), then the notebook job with its defaults; about 330 s.
 #   bash bench/gpu_session.sh env dist notebook decode
@@ -65,8 +66,9 @@ for stage in "$@"; do
         --variants ${BUDGET_VARIANTS:-auto@8+compile,auto@16+compile,auto@24+compile,auto@48+compile,auto@80+compile,unsloth,unsloth+ckpt,unsloth+nockpt} \
         2>"$OUT/budgets.err" | tee -a "$OUT/budgets.jsonl" | cut -c1-500 ;;
     firststep) cache=$(mktemp -d)  # issue 14 target 3: a cold compile cache, then the same cache warm
-      for run in cold warm; do TORCHINDUCTOR_CACHE_DIR=$cache TRITON_CACHE_DIR=$cache/triton timeout ${NB_TIMEOUT:-240} \
-        python3 bench/notebook.py --steps 3 2>>"$OUT/firststep.err" | sed "s/^{/{\"cache\": \"$run\", /" \
+      for run in ${FS_RUNS:-cold warm warm-cprofile}; do  # warm-cprofile: where the warm load time goes
+        TORCHINDUCTOR_CACHE_DIR=$cache TRITON_CACHE_DIR=$cache/triton timeout ${NB_TIMEOUT:-240} \
+        python3 bench/notebook.py --steps 3 $([[ $run == *cprofile ]] && echo --cprofile) 2>>"$OUT/firststep.err" | sed "s/^{/{\"cache\": \"$run\", /" \
         | tee -a "$OUT/firststep.jsonl" | cut -c1-600; done ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
       timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;

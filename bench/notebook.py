@@ -165,6 +165,27 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
                 **extra)
 
 
+def _cprofiled(fn, *args, n: int = 40):
+    """Run fn under cProfile; return its result and the n functions with the most cumulative and
+    the most own time, as "file:line(function)": [calls, seconds]."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    res = prof.runcall(fn, *args)
+    stats = pstats.Stats(prof).stats  # {(file, line, func): (prim calls, calls, own s, cumulative s, callers)}
+
+    def name(k):
+        f, line, func = k
+        return f"{'/'.join(f.split('/')[-3:])}:{line}({func})"
+
+    def top(col):
+        rows = sorted(stats.items(), key=lambda kv: kv[1][col], reverse=True)[:n]
+        return {name(k): [v[1], round(v[col], 2)] for k, v in rows}
+
+    return res, {"cumulative": top(3), "own": top(2)}
+
+
 def run_unsloth(path: str, quant: str, steps: int) -> dict:
     """The same job through unsloth + TRL, set up as unsloth's Gemma 3 vision notebook does (the peers'
     harness's settings, its base precision a flag here). Step ends are timed by a callback after a
@@ -218,6 +239,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="FIELD=VALUE: a TrainConfig field (a variant)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--phases", action="store_true", help="the peak of each phase of a step (CUDA)")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="minift's run under cProfile: the top functions by cumulative and own time in the "
+                         "output (where a warm compile cache's load time goes, issue 14 target 3)")
     ap.add_argument("--answer", type=int, default=None,
                     help="symbols an answer (default 8-30); with --set batch_size=4 --set grad_accum=1, 2500 "
                          "gives workload W's 4 x 2048 tokens with an image a row (cut at max_seq_length)")
@@ -234,12 +258,17 @@ def main() -> None:
     impls = a.impls.split(",")
     if not set(impls) <= {"minift", "unsloth"}:
         ap.error(f"--impls: minift and/or unsloth, got {a.impls!r}")
-    if "unsloth" in impls and (sets or a.profile or a.phases or a.answer):
-        ap.error("--set, --profile, --phases and --answer apply to minift's runs only: run unsloth apart")
+    if "unsloth" in impls and (sets or a.profile or a.phases or a.answer or a.cprofile):
+        ap.error("--set, --profile, --phases, --cprofile and --answer apply to minift's runs only: run unsloth apart")
     if a.child:
         path, quant, impl = a.child
-        res = (run_unsloth(path, quant, a.steps) if impl == "unsloth" else
-               run_one(path, quant, a.steps, sets, a.profile, a.phases, a.answer))
+        if impl == "unsloth":
+            res = run_unsloth(path, quant, a.steps)
+        elif a.cprofile:
+            res, top = _cprofiled(run_one, path, quant, a.steps, sets, a.profile, a.phases, a.answer)
+            res["cprofile"] = top
+        else:
+            res = run_one(path, quant, a.steps, sets, a.profile, a.phases, a.answer)
         print("RESULT " + json.dumps(res), flush=True)
         return
     from common import environment, write_random_checkpoint
@@ -249,7 +278,7 @@ def main() -> None:
         write_random_checkpoint(a.shape, path)
     for quant, impl in [(q, i) for q in a.quant.split(",") for i in impls]:
         cmd = [sys.executable, __file__, "--child", str(path), quant, impl, "--steps", str(a.steps)]
-        cmd += [x for s in a.set for x in ("--set", s)] + (["--profile"] if a.profile else []) + (["--phases"] if a.phases else []) + (["--answer", str(a.answer)] if a.answer else [])
+        cmd += [x for s in a.set for x in ("--set", s)] + (["--profile"] if a.profile else []) + (["--phases"] if a.phases else []) + (["--cprofile"] if a.cprofile else []) + (["--answer", str(a.answer)] if a.answer else [])
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout)
             out = p.stdout + p.stderr
