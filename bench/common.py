@@ -169,6 +169,7 @@ def compile_counts() -> dict[str, int]:
     out = {f"inductor.{k}": int(v) for k, v in counters["inductor"].items()}
     out.update({f"stats.{k}": int(v) for k, v in counters["stats"].items()})
     out.update({f"frames.{k}": int(v) for k, v in counters["frames"].items()})
+    out.update({f"aot_autograd.{k}": int(v) for k, v in counters["aot_autograd"].items()})  # its cache's hits
     out["generated_kernels"] = int(metrics.generated_kernel_count)
     return out
 

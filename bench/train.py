@@ -186,10 +186,6 @@ def run_one(path: str, quant: str, bs: int, seq: int, warmup: int, steps: int, r
     minift.add_lora(model, r=r, alpha=r, targets="all-linear" if vision else TARGETS, seed=0,
                     fuse="fusedlora" in variant)  # fused LoRA custom ops or plain matmuls
     lm = model.language_model if hasattr(model, "language_model") else model.model
-    if "+group" in variant:  # compiled 4-bit linears dequantise one call a sibling group (opt-in)
-        from minift.quant import group_siblings
-
-        group_siblings(model)
     base_variant = variant.split("+")[0]
     plan = None
     if base_variant.startswith("auto@"):  # the Trainer's memory planner for this batch and budget
@@ -322,7 +318,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="llama-3.2-1b")
     ap.add_argument("--quant", default="none")
-    ap.add_argument("--variants", default="ckpt+compile", help="unsloth, unsloth+ckpt, unsloth+nockpt (the peer), or minift's ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context; +mlpchunkN: N-token chunks), +group (compiled 4-bit linears dequantise one call a sibling group: quant.group_siblings), +graph (each micro-batch's forward and backward replayed as a CUDA graph: TrainConfig.cuda_graphs)")
+    ap.add_argument("--variants", default="ckpt+compile", help="unsloth, unsloth+ckpt, unsloth+nockpt (the peer), or minift's ckpt, offload, nockpt or auto@GIB, each optionally +compile (the Trainer default on CUDA), +varylen (a new length every batch: counts recompiles), +torchops, +fusedlora, +kernelew (our norm/rope/act kernels inside compiled layers), +gcfreeze (gc.freeze() after warm-up), +mlpchunk (MLPs in 8192-token chunks: long context; +mlpchunkN: N-token chunks), +graph (each micro-batch's forward and backward replayed as a CUDA graph: TrainConfig.cuda_graphs)")
     ap.add_argument("--bs", type=int, default=4)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--warmup", type=int, default=3)

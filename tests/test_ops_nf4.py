@@ -149,6 +149,74 @@ def test_dequantize_nf4_many_bad_input():
         ops.dequantize_nf4_many([w32, _weight(code=torch.zeros(8))])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    lead=st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    rows=st.integers(1, 96),
+    cols64=st.integers(1, 3),
+    dtype=st.sampled_from(DTYPES),
+    nested=st.booleans(),
+    strided=st.booleans(),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_nf4_linear_against_float64(device, lead, rows, cols64, dtype, nested, strided, bias, seed):
+    """x W^T (+ b) and its input gradient g W against float64 over the exact dequantised W, for odd
+    shapes, a strided x and every dtype (reference and Triton); nothing dense is saved."""
+    cols = 64 * cols64
+    data, qs = quantize(rows, cols, dtype, nested, device, seed)
+    w = NF4Weight.from_bnb(data, qs)
+    dense = bnbF.dequantize_4bit(data, qs, quant_type="nf4").double()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, 2 * cols if strided else cols, generator=gen).to(device, dtype)
+    x = x[..., ::2] if strided else x
+    b = torch.randn(rows, generator=gen).to(device, dtype) if bias else None
+    g = torch.randn(*lead, rows, generator=gen).to(device, dtype)
+    want = x.double() @ dense.T + (b.double() if bias else 0)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}[dtype]
+    for backend in ("torch", "triton"):
+        xr = x.detach().requires_grad_()
+        saved: list[tuple] = []
+        with ops.backend(backend), torch.autograd.graph.saved_tensors_hooks(
+                lambda t, saved=saved: saved.append(tuple(t.shape)) or t, lambda t: t):
+            y = ops.nf4_linear(xr, w, b)
+        assert y.dtype == dtype and y.shape == (*lead, rows)
+        assert (rows, cols) not in saved
+        with ops.backend(backend):
+            y.backward(g)
+        scale = want.abs().max().item() + 1e-30
+        assert (y.double() - want).abs().max().item() <= tol * scale
+        gwant = g.double() @ dense
+        assert xr.grad.dtype == dtype and (xr.grad.double() - gwant).abs().max().item() <= tol * (gwant.abs().max().item() + 1e-30)
+
+
+def test_nf4_linear_compiles_and_passes_opcheck():
+    data, qs = quantize(24, 128, torch.float32, True, "cpu", seed=7)
+    w = NF4Weight.from_bnb(data, qs)
+    x = torch.randn(2, 5, 128)
+    b = torch.randn(24)
+    xe = x.clone().requires_grad_()
+    ye = ops.nf4_linear(xe, w, b)
+    ye.square().sum().backward()
+    xc = x.clone().requires_grad_()
+    yc = torch.compile(lambda x: ops.nf4_linear(x, w, b), fullgraph=True)(xc)
+    yc.square().sum().backward()
+    assert torch.allclose(yc, ye, rtol=1e-6, atol=1e-6) and torch.allclose(xc.grad, xe.grad, rtol=1e-6, atol=1e-6)
+    ts, meta = nf4.pack_base(w)
+    torch.library.opcheck(torch.ops.minift.nf4_linear.default, (x.requires_grad_(), ts, meta, b))
+    torch.library.opcheck(torch.ops.minift.nf4_linear_dx.default, (torch.randn(2, 5, 24), ts, meta))
+
+
+def test_nf4_linear_bad_input():
+    w = _weight()  # (4, 128)
+    with pytest.raises(InputError, match=r"x: last dimension 64 does not match w.shape \(4, 128\)"):
+        ops.nf4_linear(torch.randn(3, 64), w)
+    with pytest.raises(InputError, match=r"x: expected one of .* got torch.float64"):
+        ops.nf4_linear(torch.randn(3, 128, dtype=torch.float64), w)
+    with pytest.raises(InputError, match=r"w\.code"):
+        ops.nf4_linear(torch.randn(3, 128), _weight(code=torch.zeros(8)))
+
+
 def test_opcheck():
     data, qs = quantize(4, 128, torch.float16, True, "cpu")
     ts, meta = nf4.pack_base(NF4Weight.from_bnb(data, qs))

@@ -22,7 +22,7 @@ from torch.nn.utils import skip_init
 from .. import ops
 from ..errors import AdapterError
 from ..ops.nf4 import NF4Weight
-from ..quant import FrozenNF4Linear, Linear4bit
+from ..quant import Linear4bit
 
 
 def is_4bit(m: nn.Module) -> bool:
@@ -45,7 +45,7 @@ def frozen_linear(x: torch.Tensor, base: nn.Module) -> torch.Tensor:
     in the backward rather than kept)."""
     if is_4bit(base):
         if torch.is_grad_enabled() and x.requires_grad:
-            return FrozenNF4Linear.apply(x, base, None)
+            return ops.nf4_linear(x, base.nf4)
         return base.frozen_matmul(x)  # decoding: the NF4 matmul kernel for a few rows
     return ops.linear(x, base.weight.to(x.dtype))
 

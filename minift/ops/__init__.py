@@ -13,7 +13,7 @@ from .cross_entropy import cross_entropy, linear_cross_entropy
 from .gemv import gemv, gemv_cat, gemv_glu, linear, linear_cat, takes_gemv
 from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
-from .nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_many
+from .nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_many, nf4_linear
 from .nf4_matmul import nf4_matmul
 from .nf4_matmul import prepare as prepare_nf4_matmul
 from .rms_norm import rms_norm
@@ -36,6 +36,7 @@ __all__ = [
     "NF4Weight",
     "dequantize_nf4",
     "dequantize_nf4_many",
+    "nf4_linear",
     "gemv",
     "gemv_cat",
     "gemv_glu",

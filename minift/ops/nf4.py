@@ -399,3 +399,62 @@ def dequantize_nf4_many(ws: list[NF4Weight] | tuple[NF4Weight, ...], *, tag: int
             raise InputError(f"ws[{i}]: is {w.dtype} on {w.device}, but ws[0] is {ws[0].dtype} on {ws[0].device}; "
                              "one call dequantises weights of one dtype and device")
     return _dequantize_many_op(*_pack_many(list(ws), tag))
+
+
+# ---- a frozen NF4 linear ---------------------------------------------------------------------------
+# What every 4-bit matmul that needs an input gradient runs (a Linear4bit in training, a LoRA layer's
+# base): x W^T with W dequantised inside the op in the forward and again in the backward, so no dense
+# weight is ever saved for the backward. A custom op (not an autograd.Function holding the module)
+# so a compiled layer's graph holds only ops, which lets AOTAutograd's cache keep its forward and
+# backward across processes: a warm compile cache then skips tracing the joint graph.
+
+
+def _in_dtype_meta(meta: list[int], dtype: torch.dtype) -> list[int]:
+    return meta if _DTYPES[meta[2]] == dtype else [meta[0], meta[1], _DTYPE_IDS[dtype], *meta[3:]]
+
+
+def _nf4_linear_impl(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int],
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.nn.functional.linear(x, _dequantize_impl(ts, _in_dtype_meta(meta, x.dtype)), bias)
+
+
+def _nf4_linear_fake(x, ts, meta, bias):
+    return x.new_empty((*x.shape[:-1], meta[3]))
+
+
+def _nf4_linear_dx_impl(grad: torch.Tensor, ts: list[torch.Tensor], meta: list[int]) -> torch.Tensor:
+    return grad @ _dequantize_impl(ts, _in_dtype_meta(meta, grad.dtype))
+
+
+def _nf4_linear_dx_fake(grad, ts, meta):
+    return grad.new_empty((*grad.shape[:-1], meta[4]))
+
+
+_nf4_linear_dx_op = Op("nf4_linear_dx", _nf4_linear_dx_impl, _nf4_linear_dx_fake)
+
+
+def _nf4_linear_setup(ctx, inputs, output):
+    x, ts, meta, _ = inputs
+    ctx.save_for_backward(*ts)  # the packed weight (held by the module anyway), never a dense one
+    ctx.meta, ctx.x_dtype, ctx.n_ts = meta, x.dtype, len(ts)
+
+
+def _nf4_linear_backward(ctx, grad):
+    dx = _nf4_linear_dx_op(grad, list(ctx.saved_tensors), ctx.meta).to(ctx.x_dtype)
+    return dx, [None] * ctx.n_ts, None, None
+
+
+_nf4_linear_op = Op("nf4_linear", _nf4_linear_impl, _nf4_linear_fake, _nf4_linear_setup, _nf4_linear_backward)
+
+
+def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T (+ bias) for a frozen NF4 weight, W dequantised straight to x's dtype (exactly as
+    `dequantize_nf4`). Differentiable in x only (the weight and bias are frozen): the backward
+    dequantises W again, in the gradient's dtype, rather than keeping the dense weight alive."""
+    _validate(w, "w")
+    if x.shape[-1] != w.shape[1]:
+        raise InputError(f"x: last dimension {x.shape[-1]} does not match w.shape {tuple(w.shape)} (out, in)")
+    if x.dtype not in _DTYPES:
+        raise InputError(f"x: expected one of {[str(d) for d in _DTYPES]}, got {x.dtype}")
+    ts, meta = pack_base(w)
+    return _nf4_linear_op(x, ts, _in_dtype_meta(meta, x.dtype), bias)

@@ -1,6 +1,6 @@
-"""`Linear4bit`: a frozen linear layer holding one NF4 weight in bitsandbytes' exact layout, and
-`FrozenNF4Linear`, the autograd function every 4-bit matmul (plain or under LoRA) goes through.
-Dequantisation is `minift.ops.dequantize_nf4`, bit-identical to bitsandbytes'; bitsandbytes
+"""`Linear4bit`: a frozen linear layer holding one NF4 weight in bitsandbytes' exact layout. Its
+matmuls with an input gradient (plain or under LoRA) run `minift.ops.nf4_linear`, which never
+keeps a dense weight for the backward. Dequantisation is `minift.ops.dequantize_nf4`, bit-identical to bitsandbytes'; bitsandbytes
 itself is not needed to run a 4-bit model, only to quantise one (`minift.quant.bnb`)."""
 
 from __future__ import annotations
@@ -107,38 +107,16 @@ class Linear4bit(nn.Module):
         )
         self.blocksize, self.nested_blocksize, self.compute_dtype = w.blocksize, w.nested_blocksize, w.dtype
 
-    @property
-    def siblings(self) -> tuple["Linear4bit", ...]:
-        """The group this linear's weight is dequantised with under torch.compile (`group_siblings`),
-        itself included; (self,) without one."""
-        group = self.__dict__.get("_siblings")
-        return group[0] if group is not None else (self,)
-
-    def dequantize(self, dtype: torch.dtype | None = None, *, again: bool = False) -> torch.Tensor:
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense (out_features, in_features) weight in `dtype` (default: the compute dtype),
-        dequantised straight to it, exactly; fresh, never cached.
-
-        While torch.compile traces, it is one `dequantize_nf4_many` call over this linear alone,
-        or, once linked by `group_siblings` (opt-in), this linear's part of a call over its
-        siblings, which the compiler merges into one call a group a pass. `again` (the backward's
-        dequantisation) keeps the backward's call apart from the forward's, so the compiled graph
-        dequantises again instead of keeping the dense weights alive from the forward to the
-        backward (a whole layer's, in 16 bits, for every layer not checkpointed)."""
-        dtype = dtype or self.compute_dtype
-        if torch.compiler.is_compiling():
-            mods, i = self.__dict__.get("_siblings") or ((self,), 0)
-            if any(m.weight.device != self.weight.device for m in mods):
-                mods, i = (self,), 0
-            flat = ops.dequantize_nf4_many([_in_dtype(m.nf4, dtype) for m in mods], tag=int(again))
-            start = sum(m.in_features * m.out_features for m in mods[:i])
-            return flat[start:start + self.in_features * self.out_features].view(self.out_features, self.in_features)
-        return ops.dequantize_nf4(_in_dtype(self.nf4, dtype))
+        dequantised straight to it, exactly; fresh, never cached."""
+        return ops.dequantize_nf4(_in_dtype(self.nf4, dtype or self.compute_dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         if torch.is_grad_enabled() and x.requires_grad:
             # Dequantise again in backward instead of keeping a dense 16-bit weight per layer alive.
-            return FrozenNF4Linear.apply(x.to(self.compute_dtype), self, bias).to(x.dtype)
+            return ops.nf4_linear(x.to(self.compute_dtype), self.nf4, bias).to(x.dtype)
         return self.frozen_matmul(x.to(self.compute_dtype), bias).to(x.dtype)
 
     def frozen_matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,39 +159,8 @@ class Linear4bit(nn.Module):
                 f"compute_dtype={self.compute_dtype}")
 
 
-class FrozenNF4Linear(torch.autograd.Function):
-    """x W^T (+ b) for a frozen 4-bit `base` (a Linear4bit), W dequantised to x's dtype: nothing of W
-    is saved; the input gradient dequantises it again. Used by Linear4bit and by LoRA over it."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, base: nn.Module, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.base = base
-        return F.linear(x, base.dequantize(x.dtype), bias)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad @ ctx.base.dequantize(grad.dtype, again=True), None, None
-
-
 def _in_dtype(w: NF4Weight, dtype: torch.dtype) -> NF4Weight:
     return w if w.dtype == dtype else dataclasses.replace(w, dtype=dtype)
-
-
-def group_siblings(model: nn.Module) -> None:
-    """Opt-in: links the Linear4bit children of each module (a layer's q/k/v/o, its gate/up/down)
-    as siblings, whose weights a compiled forward or backward dequantises in one call
-    (`Linear4bit.dequantize`): 2 op calls a layer a pass instead of 7. Not the default: on an H100
-    (bench/RESULTS.md, 2026-12-07) it left Llama-3.2-1B NF4 training at the same speed (54.1k vs
-    54.0k tokens/s, the host time goes elsewhere) and raised its peak by 0.06 GiB (a whole MLP's
-    weights dequantised at once). Call it before compiling. Any grouping is correct, each linear
-    reads only its own part."""
-    for parent in model.modules():
-        kids = [m for m in parent.children() if isinstance(m, Linear4bit)]
-        if len(kids) < 2:
-            continue
-        mods = tuple(kids)
-        for i, m in enumerate(mods):
-            m.__dict__["_siblings"] = (mods, i)  # a plain attribute: not registered as submodules
 
 
 def bits_per_weight(m: Linear4bit) -> float:

@@ -20,9 +20,8 @@ Hq = heads * head_dim, KV = kv_heads * head_dim, V vocabulary, s = 2 (16-bit com
                once: each layer keeps N * (8H + 2Hq + 3KV) * s
   logits       linear_cross_entropy's one token chunk of logits: min(N, 256 MiB / (V * s)) * V * s,
                plus the final norm's input / output and the hidden gradient, 3 * N * H * s
-  4-bit        NF4 only: the weights dequantised at once, max(2 * max(in*out), G) * s: one linear in
-               the forward and one in the backward, or, for linears linked by `quant.group_siblings`
-               (opt-in), the largest group G = sum(in*out) (an MLP's three) under torch.compile
+  4-bit        NF4 only: the weights dequantised at once, 2 * max(in*out) * s: one linear in the
+               forward and one in the backward
   pixels       vision models: the batch's float32 images, n_img * C * side^2 * 4
   vision       with adapters on the vision tower. It is checkpointed whenever the decoder is, one
                image at a time (k = 1 image a pass; all n_img under FSDP2, `vision_per_image`),
@@ -77,12 +76,11 @@ def adapter_bytes(trainable: int, optim: str = "adamw") -> int:
 
 def activation_bytes(text: Any, vision: Any = None, *, batch: int, seq: int, checkpointing: bool | str = True,
                      checkpoint_layers: int | None = None, images: int = 1, vision_lora: bool = True,
-                     max_linear: int = 0, max_group: int = 0, four_bit: bool = False, vision_per_image: bool = True,
+                     max_linear: int = 0, four_bit: bool = False, vision_per_image: bool = True,
                      vision_offload: bool = True, mlp_chunk: int | None = None) -> dict[str, float]:
     """Every term but the weights and adapters (module docstring), from the decoder's config `text`
     (and the vision tower's `vision`): checkpointed inputs, one layer, logits chunk, the dequantised
-    NF4 weights (`max_linear` = the largest in * out, `max_group` = the largest module's linears'
-    sum of in * out), pixel values, vision activations and backward
+    NF4 weights (`max_linear` = the largest in * out), pixel values, vision activations and backward
     (`vision_per_image`: the checkpointed tower runs one image at a time, as the Trainer has it
     except under FSDP2; `vision_offload=False`: its saved inputs stay on the device, as in a loop
     without the Trainer's offloading hooks; `mlp_chunk`: TextModel.mlp_chunk_tokens)."""
@@ -117,7 +115,7 @@ def activation_bytes(text: Any, vision: Any = None, *, batch: int, seq: int, che
             else:
                 vision_act = n_img * P * (Lv * (8 * Hv + 2 * Iv) + 2 * Hv) * s
     return {"checkpointed_inputs": saved, "one_layer": layer, "logits_chunk": logits,
-            "dequantised_weight": max(2 * max_linear, max_group) * s if four_bit else 0, "pixel_values": pixels,
+            "dequantised_weight": 2 * max_linear * s if four_bit else 0, "pixel_values": pixels,
             "vision_activations": vision_act,
             # the vision backward runs once the decoder's checkpoints, layer and logits are freed
             "vision_backward": max(0, vision_layer - (saved + layer + logits))}
@@ -147,7 +145,6 @@ def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | st
     text, vision = _configs(model)
     q4 = [m for m in model.modules() if isinstance(m, Linear4bit)]  # LoRA's bases included
     max_lin = max((m.in_features * m.out_features for m in q4), default=0)
-    max_group = max((sum(s.in_features * s.out_features for s in m.siblings) for m in q4), default=0)
     four_bit = bool(q4)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vision_lora = vision is not None and any(p.requires_grad for n, p in model.named_parameters()
@@ -155,7 +152,7 @@ def estimate(model: nn.Module, *, batch: int, seq: int, checkpointing: bool | st
     parts = {"weights": model_bytes(model), "adapters_and_optimizer": adapter_bytes(trainable, optim)}
     parts.update(activation_bytes(text, vision, batch=batch, seq=seq, checkpointing=checkpointing,
                                   checkpoint_layers=checkpoint_layers, images=images, vision_lora=vision_lora,
-                                  max_linear=max_lin, max_group=max_group, four_bit=four_bit,
+                                  max_linear=max_lin, four_bit=four_bit,
                                   vision_per_image=vision_per_image, vision_offload=vision_offload,
                                   mlp_chunk=mlp_chunk))
     parts["total"] = sum(parts.values())
