@@ -217,16 +217,17 @@ def test_compiled_layers_match_eager(llama, tmp_path):
 
 def test_no_recompile_when_lengths_vary(llama, tmp_path, monkeypatch):
     """Rows of many lengths (dynamic padding): the compiled decoder layers are compiled with dynamic
-    shapes from the first step, so no later step compiles anything (every batch padded, so the
-    mask variant is the same throughout). Every decoder layer, layer 0 included (its input made to
-    require grad), shares one compiled graph."""
+    shapes from the first step, so no later step compiles anything, the last step's batch of two
+    equal lengths (nothing to pad) included: it gets an all-ones mask like the padded batches'
+    instead of a second graph. Every decoder layer, layer 0 included (its input made to require
+    grad), shares one compiled graph."""
     from torch._dynamo.utils import counters
 
     words = ("the quick brown fox jumps over the lazy dog again and again while the sun rises in the east and "
              "sets in the west each day").split()
     # 8 distinct lengths (60-92 tokens), 2 a batch; none equal to a model dimension (64, 128): dynamo
     # would take that size for the same symbol (duck shaping) and specialise it
-    rows = [{"text": " ".join(words[: 12 + i])} for i in range(8)]
+    rows = [{"text": " ".join(words[: 12 + i])} for i in range(8)] + [{"text": " ".join(words[:14])}] * 2
     graphs = []
     real_step = torch.optim.AdamW.step
 
@@ -237,9 +238,9 @@ def test_no_recompile_when_lengths_vary(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     torch._dynamo.reset()
     counters.clear()
-    run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=4, compile=True, shuffle=False)
-    assert len(graphs) == 4 and graphs[0] == 1, graphs
-    assert graphs[1:] == [graphs[0]] * 3, graphs
+    run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=5, compile=True, shuffle=False)
+    assert len(graphs) == 5 and graphs[0] == 1, graphs
+    assert graphs[1:] == [graphs[0]] * 4, graphs
 
 
 def test_gc_frozen_during_training_only(llama, tmp_path, monkeypatch):

@@ -70,10 +70,12 @@ def pack(examples: list[Example], max_length: int) -> list[Example]:
     return rows
 
 
-def collate(examples: list[Example], pad_id: int) -> Batch:
+def collate(examples: list[Example], pad_id: int, *, mask: bool = False) -> Batch:
     """Dynamic padding to the longest example (right padding, attention_mask, -100 labels on
     pads); packed rows (with position_ids) are padded by an extra segment instead, so they stay
-    padding-free for attention. No attention_mask is built when nothing needs padding."""
+    padding-free for attention. No attention_mask is built when nothing needs padding, unless
+    `mask` (then an all-ones one: compiled layers then see the same kind of mask on every batch,
+    padded or not, instead of compiling a second graph for the first unpadded one)."""
     lengths = [len(ex) for ex in examples]
     longest = max(lengths)
     b = len(examples)
@@ -90,7 +92,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
             pos[r, : len(ex)] = ex.position_ids
             pos[r, len(ex):] = torch.arange(longest - len(ex))
         out["position_ids"] = pos
-    elif min(lengths) != longest:
+    elif mask or min(lengths) != longest:
         am = torch.zeros((b, longest), dtype=torch.long)
         for r, n in enumerate(lengths):
             am[r, :n] = 1

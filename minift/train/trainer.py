@@ -159,6 +159,7 @@ class Trainer:
         self.unit_targets = [u.n_targets for u in self.train_units]
         self.total_steps = self.schedule.total_steps(cfg.max_steps, cfg.epochs)
         self.merge, self.memory_plan, self._graphs_choice = self._plan_memory()
+        self._mask_always = False  # set by _maybe_compile: every batch with an attention_mask
         # what the loop calls: the model (FSDP2 shards it in place), or DDP around it; before the
         # optimizer, which must hold the sharded parameters
         self.engine = distributed.wrap(model, self.world, self.device)
@@ -245,7 +246,7 @@ class Trainer:
         return examples
 
     def _batch(self, units: list[Example], idx: list[int]) -> Batch:
-        return collate([units[i] for i in idx], self.pad_id)
+        return collate([units[i] for i in idx], self.pad_id, mask=self._mask_always)
 
     def _plan_memory(self) -> tuple[bool, memory.MemoryPlan | None, tuple[bool, str | None]]:
         """Whether each step's micro-batches run merged (TrainConfig.merge_micro_batches); with
@@ -406,6 +407,11 @@ class Trainer:
         # compiling a static one first). One length (fixed-size rows): static shapes.
         lengths = {len(u) for u in self.train_units}
         dynamic = True if len(lengths) > 1 else None
+        # Forwards of several rows of varying lengths are mostly padded (a mask); the odd batch of
+        # equal lengths would have none and compile a second graph mid-run: give it an all-ones
+        # mask instead. One-row forwards never need padding and keep no mask (SDPA's causal path).
+        rows = self.cfg.batch_size * (self.cfg.grad_accum if self.merge else 1)
+        self._mask_always = bool(dynamic) and not self.cfg.packing and rows > 1
         # A vision tower's encoder layers see fixed-size images: automatic dynamic shapes (a new
         # image count per forward recompiles once, to a dynamic image dimension). Eager, its many
         # small ops (LoRA, 4-bit dequantisation) cost more host time than the decoder's.
