@@ -243,6 +243,35 @@ def test_no_recompile_when_lengths_vary(llama, tmp_path, monkeypatch):
     assert graphs[1:] == [graphs[0]] * 4, graphs
 
 
+def test_ragged_last_step_runs_the_same_graph(llama, tmp_path, monkeypatch):
+    """Five rows, two a batch: the epoch's last step has one row. Compiled, it gets a second row
+    without targets (a batch of 1 would be specialised into a second graph), which leaves the
+    losses and the adapters' result those of the eager run, whose last batch is the single row."""
+    from torch._dynamo.utils import counters
+
+    words = ("the quick brown fox jumps over the lazy dog again and again while the sun rises in the east and "
+             "sets").split()
+    rows = [{"text": " ".join(words[: 12 + i])} for i in range(5)]
+    graphs = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *a, **kw):
+        graphs.append(counters["stats"]["unique_graphs"])
+        return real_step(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    eager, me = run(llama, rows, tmp_path / "e", batch_size=2, grad_accum=1, max_steps=4, compile=False, shuffle=False)
+    torch._dynamo.reset()
+    counters.clear()
+    graphs.clear()
+    comp, mc = run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=4, compile=True, shuffle=False)
+    assert graphs == [1, 1, 1, 1], graphs
+    assert comp.losses == pytest.approx(eager.losses, rel=1e-5)
+    for (n, a), (_, b) in zip(me.named_parameters(), mc.named_parameters()):
+        if a.requires_grad:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), n
+
+
 def test_gc_frozen_during_training_only(llama, tmp_path, monkeypatch):
     """After the first step the Trainer moves long-lived objects out of the cyclic GC (whose full
     collections stalled GPU steps) and undoes that when train() returns; a caller's own freeze is kept."""

@@ -19,7 +19,7 @@ import tempfile
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
@@ -41,7 +41,7 @@ from .offload import ActivationOffloader
 from .optim import make_optimizer, make_scheduler, trainable_parameters
 from .report import Metrics, ensure_logging, flop_parameters, log, make_reporters, mfu, peak_memory_gb, plot_losses
 from .report import resolve_report_to
-from .tokenize import Example, make_encoder
+from .tokenize import IGNORE, Example, make_encoder
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -246,7 +246,14 @@ class Trainer:
         return examples
 
     def _batch(self, units: list[Example], idx: list[int]) -> Batch:
-        return collate([units[i] for i in idx], self.pad_id, mask=self._mask_always)
+        examples = [units[i] for i in idx]
+        if self._mask_always and len(examples) == 1:
+            # One row in a run of several-row forwards (an epoch's ragged last step, a last eval
+            # batch): dynamo specialises a batch of 1 and would compile a second graph mid-run. A
+            # second row, the same example without targets, keeps the shape family; it adds nothing
+            # to the loss or its gradient (targets and tokens are counted from the real units).
+            examples.append(replace(examples[0], labels=torch.full_like(examples[0].labels, IGNORE)))
+        return collate(examples, self.pad_id, mask=self._mask_always)
 
     def _plan_memory(self) -> tuple[bool, memory.MemoryPlan | None, tuple[bool, str | None]]:
         """Whether each step's micro-batches run merged (TrainConfig.merge_micro_batches); with
@@ -409,7 +416,8 @@ class Trainer:
         dynamic = True if len(lengths) > 1 else None
         # Forwards of several rows of varying lengths are mostly padded (a mask); the odd batch of
         # equal lengths would have none and compile a second graph mid-run: give it an all-ones
-        # mask instead. One-row forwards never need padding and keep no mask (SDPA's causal path).
+        # mask instead (and a one-row batch a second row, `_batch`). Runs of one-row forwards never
+        # need padding and keep no mask (SDPA's causal path).
         rows = self.cfg.batch_size * (self.cfg.grad_accum if self.merge else 1)
         self._mask_always = bool(dynamic) and not self.cfg.packing and rows > 1
         # A vision tower's encoder layers see fixed-size images: automatic dynamic shapes (a new
