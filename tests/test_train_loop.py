@@ -215,20 +215,15 @@ def test_compiled_layers_match_eager(llama, tmp_path):
     assert eager.losses == pytest.approx(comp.losses, rel=1e-5)
 
 
-def test_no_recompile_when_lengths_vary(llama, tmp_path, monkeypatch):
-    """Rows of many lengths (dynamic padding): the compiled decoder layers are compiled with dynamic
-    shapes from the first step, so no later step compiles anything, the last step's batch of two
-    equal lengths (nothing to pad) included: it gets an all-ones mask like the padded batches'
-    instead of a second graph. Every decoder layer, layer 0 included (its input made to require
-    grad), shares one compiled graph."""
+WORDS = ("the quick brown fox jumps over the lazy dog again and again while the sun rises in the east and "
+         "sets in the west each day").split()
+
+
+def compiled_graph_counts(monkeypatch) -> list[int]:
+    """A list that each optimizer step appends dynamo's count of compiled graphs to (counters reset)."""
     from torch._dynamo.utils import counters
 
-    words = ("the quick brown fox jumps over the lazy dog again and again while the sun rises in the east and "
-             "sets in the west each day").split()
-    # 8 distinct lengths (60-92 tokens), 2 a batch; none equal to a model dimension (64, 128): dynamo
-    # would take that size for the same symbol (duck shaping) and specialise it
-    rows = [{"text": " ".join(words[: 12 + i])} for i in range(8)] + [{"text": " ".join(words[:14])}] * 2
-    graphs = []
+    graphs: list[int] = []
     real_step = torch.optim.AdamW.step
 
     def step(self, *a, **kw):
@@ -238,6 +233,19 @@ def test_no_recompile_when_lengths_vary(llama, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     torch._dynamo.reset()
     counters.clear()
+    return graphs
+
+
+def test_no_recompile_when_lengths_vary(llama, tmp_path, monkeypatch):
+    """Rows of many lengths (dynamic padding): the compiled decoder layers are compiled with dynamic
+    shapes from the first step, so no later step compiles anything, the last step's batch of two
+    equal lengths (nothing to pad) included: it gets an all-ones mask like the padded batches'
+    instead of a second graph. Every decoder layer, layer 0 included (its input made to require
+    grad), shares one compiled graph."""
+    # 8 distinct lengths (60-92 tokens), 2 a batch; none equal to a model dimension (64, 128): dynamo
+    # would take that size for the same symbol (duck shaping) and specialise it
+    rows = [{"text": " ".join(WORDS[: 12 + i])} for i in range(8)] + [{"text": " ".join(WORDS[:14])}] * 2
+    graphs = compiled_graph_counts(monkeypatch)
     run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=5, compile=True, shuffle=False)
     assert len(graphs) == 5 and graphs[0] == 1, graphs
     assert graphs[1:] == [graphs[0]] * 4, graphs
@@ -247,23 +255,9 @@ def test_ragged_last_step_runs_the_same_graph(llama, tmp_path, monkeypatch):
     """Five rows, two a batch: the epoch's last step has one row. Compiled, it gets a second row
     without targets (a batch of 1 would be specialised into a second graph), which leaves the
     losses and the adapters' result those of the eager run, whose last batch is the single row."""
-    from torch._dynamo.utils import counters
-
-    words = ("the quick brown fox jumps over the lazy dog again and again while the sun rises in the east and "
-             "sets").split()
-    rows = [{"text": " ".join(words[: 12 + i])} for i in range(5)]
-    graphs = []
-    real_step = torch.optim.AdamW.step
-
-    def step(self, *a, **kw):
-        graphs.append(counters["stats"]["unique_graphs"])
-        return real_step(self, *a, **kw)
-
-    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    rows = [{"text": " ".join(WORDS[: 12 + i])} for i in range(5)]
     eager, me = run(llama, rows, tmp_path / "e", batch_size=2, grad_accum=1, max_steps=4, compile=False, shuffle=False)
-    torch._dynamo.reset()
-    counters.clear()
-    graphs.clear()
+    graphs = compiled_graph_counts(monkeypatch)
     comp, mc = run(llama, rows, tmp_path / "c", batch_size=2, grad_accum=1, max_steps=4, compile=True, shuffle=False)
     assert graphs == [1, 1, 1, 1], graphs
     assert comp.losses == pytest.approx(eager.losses, rel=1e-5)
