@@ -1,7 +1,8 @@
 """`Linear4bit`: a frozen linear layer holding one NF4 weight in bitsandbytes' exact layout. Its
 matmuls with an input gradient (plain or under LoRA) run `minift.ops.nf4_linear`, which never
-keeps a dense weight for the backward. Dequantisation is `minift.ops.dequantize_nf4`, bit-identical to bitsandbytes'; bitsandbytes
-itself is not needed to run a 4-bit model, only to quantise one (`minift.quant.bnb`)."""
+keeps a dense weight for the backward. Dequantisation is `minift.ops.dequantize_nf4`,
+bit-identical to bitsandbytes'; bitsandbytes itself is not needed to run a 4-bit model, only to
+quantise one (`minift.quant.bnb`)."""
 
 from __future__ import annotations
 
