@@ -456,5 +456,4 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
         raise InputError(f"x: last dimension {x.shape[-1]} does not match w.shape {tuple(w.shape)} (out, in)")
     if x.dtype not in _DTYPES:
         raise InputError(f"x: expected one of {[str(d) for d in _DTYPES]}, got {x.dtype}")
-    ts, meta = pack_base(w)
-    return _nf4_linear_op(x, ts, _in_dtype_meta(meta, x.dtype), bias)
+    return _nf4_linear_op(x, *pack_base(w), bias)  # dequantised in x's dtype by the op

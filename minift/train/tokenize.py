@@ -65,7 +65,7 @@ class Encoder:
     max_length: int = 2048
     responses_only: bool = False
     stats: dict[str, int] = field(default_factory=lambda: {"truncated": 0, "dropped_images_too_long": 0})
-    # pixels are made on the Trainer's collate thread too: one processor call at a time
+    # pixels are made on the Trainer's collate thread too: one processor call at a time (_process)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -198,7 +198,8 @@ class Encoder:
         kw: dict[str, Any] = dict(text=[text], return_tensors="pt", add_special_tokens=False)
         if images:
             kw["images"] = [images]
-        return self.processor(**kw)
+        with self._lock:
+            return self.processor(**kw)
 
     def _image_text(self) -> tuple[str, str, frozenset[int]] | None:
         """(placeholder, expansion, image token ids) when this processor turns each image
@@ -251,9 +252,7 @@ class Encoder:
 
     def _pixels(self, text: str, images: Callable[[], list[Any]], where: str) -> torch.Tensor:
         try:
-            imgs = images()
-            with self._lock:
-                return self._process(text, imgs)["pixel_values"]
+            return self._process(text, images())["pixel_values"]
         except DataError:
             raise
         except Exception as e:  # PIL, numpy or the processor: a corrupt or unreadable image
