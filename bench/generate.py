@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 
-# also minift-nofuse (decode layers unfused: norms, adds apart) and minift-lora (r=16 adapters, unmerged)
+# also minift-nofuse (decode layers unfused: norms, adds apart), minift-noattn (no one-launch decode attention)
+# and minift-lora (r=16 adapters, unmerged)
 IMPLS = ("minift", "hf", "hf-static", "unsloth")
 
 
@@ -75,6 +76,8 @@ def run_one(path: str, quant: str, impl: str, batches: list[int], prompt: int, n
             from minift.arch.model import DecoderLayer
 
             DecoderLayer._fused_decoding = lambda self, x: False
+        if impl == "minift-noattn":  # attention as before ops.decode_attention: RoPE, cache writes, SDPA apart
+            minift.ops.takes_decode_attention = lambda *a: False
 
         model, _ = minift.load(path, dtype=torch.bfloat16, device=dev, load_in_4bit=quant == "4bit",
                                use_name_map=False)

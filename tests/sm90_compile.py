@@ -132,6 +132,17 @@ def _drive() -> None:
                     for rows in (1, 20):
                         ops.nf4_matmul(rnd(rows, k, dtype=dt), nf4, None if nested else rnd(n, dtype=dt))
                     ops.nf4_matmul(rnd(1, k, dtype=dt), nf4, low_rank=(rnd(5, k, grad=False), rnd(n, 5, grad=False), 2.0))
+        # One-launch decode attention: Llama-1B / 8B and Gemma-3 (head_dim 256, q/k norms) groups,
+        # soft-capping, one program a head and a cache split over programs (with the combine launch).
+        for dt in (torch.bfloat16, torch.float32):
+            for hq, hk, d, slots, norm, cap in ((32, 8, 64, 40, False, None), (32, 8, 128, 3000, False, None),
+                                                (8, 4, 256, 40, True, None), (8, 4, 256, 40, False, 50.0)):
+                q, k, v = rnd(1, hq, 1, d, dtype=dt), rnd(1, hk, 1, d, dtype=dt), rnd(1, hk, 1, d, dtype=dt)
+                kc, vc = rnd(1, hk, slots, d, dtype=dt, grad=False), rnd(1, hk, slots, d, dtype=dt, grad=False)
+                mask = torch.ones(1, 1, 1, slots, dtype=torch.bool)
+                nw = dict(q_norm=rnd(d, dtype=dt), k_norm=rnd(d, dtype=dt)) if norm else {}
+                ops.decode_attention(q, k, v, kc, vc, torch.randn(1, 1, d), torch.randn(1, 1, d), mask,
+                                     torch.tensor([slots // 2]), 0.125, cap, **nw)
 
 
 def record(path: str) -> None:

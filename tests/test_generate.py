@@ -236,7 +236,34 @@ def test_compiled_decode_steps_equal_eager(tmp_path):
     free = ours(model, enc, eos_token_id=[])
     eos = int(free[0, enc["input_ids"].shape[1] + 2])
     for kw in ({"eos_token_id": eos}, {"eos_token_id": eos, "repetition_penalty": 1.3}):
+        torch._dynamo.reset()
+        counters.clear()
         assert_same(ours(model, enc, compile=True, **kw), ours(model, enc, compile=False, **kw))
+        assert counters["stats"]["unique_graphs"] == 1, "the decode step compiled more than once"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_decode_attention_equals_transformers(tmp_path, family, monkeypatch):
+    """The decode step's one-launch attention (q/k norms, RoPE, the cache write and attention in
+    ops.decode_attention's kernel, here under Triton's interpreter), eager and compiled: greedy
+    tokens equal transformers' past sliding windows, with soft-capping and qk norms."""
+    import importlib
+
+    kernel = importlib.import_module("minift.ops.decode_attention")
+    calls = []
+    impl = kernel._op.impl
+    monkeypatch.setattr(kernel._op, "impl", lambda *a: calls.append(1) or impl(*a))
+    path = write_tiny_checkpoint(tmp_path, family, **FAMILIES[family])
+    model, tok = minift.load(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    enc = batch(tok)
+    want = hf_greedy(ref, enc, eos_token_id=None)
+    with minift.ops.backend("triton"):
+        assert_same(ours(model, enc, eos_token_id=[]), want)
+        assert len(calls) == (NEW - 1) * model.config.num_hidden_layers, "the decode steps did not take the kernel"
+        if family in ("llama", "gemma3_text"):
+            torch._dynamo.reset()
+            assert_same(ours(model, enc, eos_token_id=[], compile=True), want)
 
 
 def test_text_generate_and_chat(tmp_path):
@@ -300,7 +327,7 @@ def test_bad_text_level_input(tmp_path, vision):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3_text"])
 def test_cuda_graph_decode_equals_transformers(tmp_path, family):
     """The compiled (CUDA-graph) decode step on a GPU: greedy tokens equal transformers' in fp32,
     twice in a row (a second call replays the compiled step)."""

@@ -34,8 +34,10 @@ class KVCache:
         self.slot_pos = {t: torch.full((batch, n), -1, device=device, dtype=torch.long) for t, n in self.size.items()}
         self.slot_real = {t: torch.zeros(batch, n, device=device, dtype=torch.bool) for t, n in self.size.items()}
         self.length = 0  # tokens written so far (host-side; the decode step takes it as a tensor)
-        self._masks: dict[str, torch.Tensor] = {}
-        self._slot: dict[str, torch.Tensor] = {}
+        # Each layer type's decode mask and slot, rebuilt by every `step`. The keys never change, so
+        # a compiled step's guards on these dicts hold from the first step on (no second compile).
+        self._masks = {t: self.slot_real[t][:, None, None, :] for t in self.size}
+        self._slot = {t: torch.zeros(1, device=device, dtype=torch.long) for t in self.size}
 
     def _size(self, layer_type: str) -> int:
         if layer_type == SLIDING and self.window is not None:
@@ -52,7 +54,6 @@ class KVCache:
         if n > self.max_len:
             raise InputError(f"prompt of {n} tokens does not fit a cache of {self.max_len}")
         self._prompt = attention_mask.bool()
-        self._masks, self._slot = {}, {}
 
     def step(self, position: torch.Tensor) -> None:
         """Start of a one-token decode forward at cache position `position` (a 0-d long tensor,
@@ -100,6 +101,11 @@ class KVCache:
         kb.index_copy_(2, slot, k.to(kb.dtype))
         vb.index_copy_(2, slot, v.to(vb.dtype))
         return kb, vb
+
+    def decode_target(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(keys, values, slot) of a decode step for a layer whose attention writes its new key and
+        value itself (ops.decode_attention) instead of calling `update`."""
+        return self.keys[layer_idx], self.values[layer_idx], self._slot[self.layer_types[layer_idx]]
 
     def advance(self, tokens: int) -> None:
         """After a forward of `tokens` tokens."""

@@ -127,6 +127,8 @@ class Attention(nn.Module):
         q = q.view(b, s, -1, d).transpose(1, 2)
         k = k.view(b, s, -1, d).transpose(1, 2)
         v = v.view(b, s, -1, d).transpose(1, 2)
+        if cache is not None and not cache.prefilling and ops.takes_decode_attention(q, k, cache.keys[self.layer_idx]):
+            return self._decode_attention(q, k, v, cos, sin, mask, cache).transpose(1, 2).reshape(b, s, -1)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.rope(q, k, cos, sin)
@@ -134,6 +136,20 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping)
         return out.transpose(1, 2).reshape(b, s, -1)
+
+
+    def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor, mask: Mask, cache: KVCache) -> torch.Tensor:
+        """A decode step's q/k norms, RoPE, cache write and attention in one launch: the same
+        arithmetic as the unfused path, up to float32 summation order."""
+        cfg = self.cfg
+        keys, values, slot = cache.decode_target(self.layer_idx)
+        norms = {}
+        if cfg.qk_norm:
+            norms = dict(q_norm=self.q_norm.weight, k_norm=self.k_norm.weight, eps=self.q_norm.eps,
+                         norm_offset=self.q_norm.offset)
+        return ops.decode_attention(q, k, v, keys, values, cos, sin, mask, slot, cfg.attn_scale,
+                                    cfg.attn_logit_softcapping, **norms)
 
 
 class MLP(nn.Module):

@@ -2,7 +2,7 @@
 and a plain-PyTorch reference (`minift.ops.reference`) that defines what it computes.
 
 One module per op family (rms_norm, layer_norm, rope, activations, cross_entropy, gemv, nf4,
-nf4_matmul, lora);
+nf4_matmul, lora, decode_attention);
 `_backend` holds the dispatch options and `Op`, the pattern every op is registered through.
 """
 
@@ -10,6 +10,7 @@ from ._backend import (backend, compiled_elementwise, get_backend, get_compiled_
                        set_compiled_elementwise)
 from .activations import geglu, swiglu
 from .cross_entropy import cross_entropy, linear_cross_entropy
+from .decode_attention import decode_attention, takes_decode_attention
 from .gemv import gemv, gemv_cat, gemv_glu, linear, linear_cat, takes_gemv
 from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
@@ -33,6 +34,8 @@ __all__ = [
     "geglu",
     "cross_entropy",
     "linear_cross_entropy",
+    "decode_attention",
+    "takes_decode_attention",
     "NF4Weight",
     "dequantize_nf4",
     "dequantize_nf4_many",

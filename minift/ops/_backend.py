@@ -154,12 +154,13 @@ class Op:
     same code at half the Python cost (the dispatcher took ~40 us of a stubbed rms_norm's ~70 us
     forward on the CI machine, and about as much again in its backward) - which is most of a small
     kernel's time on a GPU when the calls are not compiled. `impl`'s annotations are the custom
-    op's schema; the backward ops themselves are Ops without a backward.
+    op's schema (`mutates`: the arguments it writes in place, e.g. a KV cache); the backward ops
+    themselves are Ops without a backward.
     """
 
-    def __init__(self, name: str, impl, fake, setup=None, backward=None) -> None:
+    def __init__(self, name: str, impl, fake, setup=None, backward=None, mutates: tuple[str, ...] = ()) -> None:
         self.impl, self.setup, self.backward = impl, setup, backward
-        self.custom = torch.library.custom_op(f"minift::{name}", mutates_args=())(impl)
+        self.custom = torch.library.custom_op(f"minift::{name}", mutates_args=mutates)(impl)
         self.custom.register_fake(fake)
         if backward is not None:
             self.custom.register_autograd(backward, setup_context=setup)

@@ -163,3 +163,25 @@ def lora_mlp(x: torch.Tensor, gate: tuple, up: tuple, down: tuple, activation: s
     else:
         h = geglu(e, g, "tanh" if activation == "geglu_tanh" else "none")
     return _lora_proj(h, *down, sd)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor, scale: float,
+                     softcap: float | None = None, *, q_norm: torch.Tensor | None = None,
+                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, norm_offset: float = 0.0) -> torch.Tensor:
+    """One decode token's attention, as the unfused layer computes it: q/k RMSNorm (optional), RoPE,
+    the new key and value written into the caches at `slot`, then softmax(q k^T * scale
+    [soft-capped], masked) v over the cache in float32. Shapes: see ops.decode_attention."""
+    if q_norm is not None:
+        q, k = rms_norm(q, q_norm, eps, norm_offset), rms_norm(k, k_norm, eps, norm_offset)
+    q, k = rope(q, k, cos, sin)
+    k_cache.index_copy_(2, slot.reshape(1), k.to(k_cache.dtype))
+    v_cache.index_copy_(2, slot.reshape(1), v.to(v_cache.dtype))
+    rep = q.shape[1] // k_cache.shape[1]
+    keys = k_cache.float().repeat_interleave(rep, dim=1)
+    values = v_cache.float().repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q.float(), keys.transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), values).to(q.dtype)

@@ -1,0 +1,298 @@
+"""One decode step's attention for one layer as a single kernel: the optional q/k RMSNorm, RoPE on q
+and k, the new key and value written into their KV-cache slot, and softmax attention over the
+cache under its mask (with Gemma 2's soft-capping).
+
+Unfused, a decode step spends four or five small launches a layer here (RoPE, the two cache
+writes, SDPA and its reduction); at batch 1 each moves a few kilobytes, so that part of the step is
+bound by launches, not bytes (bench/RESULTS.md, the decode profiles). Each program takes one
+(row, KV head) and every query head of its group, so the cache is read once per group (GQA); the
+new key and value are used from registers for their own slot, so no program reads what another
+writes. Long caches are split along the slots over several programs whose partial softmax sums a
+second, small kernel combines (flash decoding); short ones take one launch.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..errors import InputError
+from . import reference as ref
+from ._backend import HAS_TRITON, Op, use_triton
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# A program's share of the cache (bytes of keys and values) above which the slots are split over
+# several programs, and the programs a split launch aims at (two waves of an H100's / H200's 132 SMs).
+SPLIT_BYTES = 512 * 1024
+TARGET_PROGRAMS = 264
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from ._ce_kernels import _softcap
+
+    @triton.jit
+    def _normed_rotated(lo, hi, NW, c1, c2, s1, s2, d, dmask, HALF, eps, offset, DT, NORM: tl.constexpr):
+        """RMSNorm (optional) then rotate-half RoPE of head vectors given as their two halves
+        (rows, BLOCK_D), each result rounded to DT where the unfused ops round (after the norm,
+        after RoPE), returned in float32."""
+        if NORM:
+            ms = (tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / (2 * HALF)
+            r = (1.0 / tl.sqrt(ms + eps))[:, None]
+            w1 = tl.load(NW + d, mask=dmask, other=0.0).to(tl.float32) + offset
+            w2 = tl.load(NW + HALF + d, mask=dmask, other=0.0).to(tl.float32) + offset
+            lo = (lo * r * w1[None, :]).to(DT).to(tl.float32)
+            hi = (hi * r * w2[None, :]).to(DT).to(tl.float32)
+        out1 = (lo * c1 - hi * s1).to(DT).to(tl.float32)
+        out2 = (hi * c2 + lo * s2).to(DT).to(tl.float32)
+        return out1, out2
+
+    @triton.jit
+    def _decode_attention_kernel(
+            Q, K, V, KC, VC, COS, SIN, MASK, SLOT, QNW, KNW, O, PM, PL, PACC,
+            HK, REP, S, HALF, SPLIT_LEN, scale, cap, inv_cap, eps, offset,
+            sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d,
+            skc_b, skc_h, skc_s, skc_d, svc_b, svc_h, svc_s, svc_d,
+            sc_b, sc_d, ss_b, ss_d, sm_b, sm_s, so_b, so_h, so_d,
+            QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)  # (batch row, KV head)
+        split = tl.program_id(1)
+        nsplit = tl.num_programs(1)
+        b = (pid // HK).to(tl.int64)
+        hk = (pid % HK).to(tl.int64)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < HALF
+        c1 = tl.load(COS + b * sc_b + d * sc_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        c2 = tl.load(COS + b * sc_b + (d + HALF) * sc_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s1 = tl.load(SIN + b * ss_b + d * ss_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        s2 = tl.load(SIN + b * ss_b + (d + HALF) * ss_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        slot = tl.load(SLOT)
+
+        # The new key (normed, rotated) and value, as the cache will hold them.
+        kp = K + b * sk_b + hk * sk_h
+        k1 = tl.load(kp + d * sk_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        k2 = tl.load(kp + (d + HALF) * sk_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+        k1, k2 = _normed_rotated(k1, k2, KNW, c1, c2, s1, s2, d, dmask, HALF, eps, offset, K.dtype.element_ty, QK_NORM)
+        k1 = k1.to(KC.dtype.element_ty).to(tl.float32)
+        k2 = k2.to(KC.dtype.element_ty).to(tl.float32)
+        vp = V + b * sv_b + hk * sv_h
+        v1 = tl.load(vp + d * sv_d, mask=dmask, other=0.0).to(VC.dtype.element_ty).to(tl.float32)[None, :]
+        v2 = tl.load(vp + (d + HALF) * sv_d, mask=dmask, other=0.0).to(VC.dtype.element_ty).to(tl.float32)[None, :]
+        kc = KC + b * skc_b + hk * skc_h
+        vc = VC + b * svc_b + hk * svc_h
+        if split == 0:  # the one writer of this (row, head)'s slot; every reader substitutes it below
+            wmask = dmask[None, :]
+            tl.store(kc + slot * skc_s + d[None, :] * skc_d, k1.to(KC.dtype.element_ty), mask=wmask)
+            tl.store(kc + slot * skc_s + (d[None, :] + HALF) * skc_d, k2.to(KC.dtype.element_ty), mask=wmask)
+            tl.store(vc + slot * svc_s + d[None, :] * svc_d, v1.to(VC.dtype.element_ty), mask=wmask)
+            tl.store(vc + slot * svc_s + (d[None, :] + HALF) * svc_d, v2.to(VC.dtype.element_ty), mask=wmask)
+
+        # The group's query heads (rows of the tile), normed and rotated.
+        r = tl.arange(0, BLOCK_R)
+        rmask = r < REP
+        qmask = rmask[:, None] & dmask[None, :]
+        qp = Q + b * sq_b + (hk * REP + r)[:, None] * sq_h
+        q1 = tl.load(qp + d[None, :] * sq_d, mask=qmask, other=0.0).to(tl.float32)
+        q2 = tl.load(qp + (d[None, :] + HALF) * sq_d, mask=qmask, other=0.0).to(tl.float32)
+        q1, q2 = _normed_rotated(q1, q2, QNW, c1, c2, s1, s2, d, dmask, HALF, eps, offset, Q.dtype.element_ty, QK_NORM)
+
+        m_i = tl.full((BLOCK_R,), -1.0e30, tl.float32)
+        l_i = tl.zeros((BLOCK_R,), tl.float32)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+        start = split * SPLIT_LEN
+        stop = tl.minimum(start + SPLIT_LEN, S)
+        for s0 in range(start, stop, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            smask = s < stop
+            ok = tl.load(MASK + b * sm_b + s * sm_s, mask=smask, other=0) != 0
+            tmask = smask[:, None] & dmask[None, :]
+            new = (s == slot)[:, None]
+            kt1 = tl.where(new, k1, tl.load(kc + s[:, None] * skc_s + d[None, :] * skc_d, mask=tmask, other=0.0).to(tl.float32))
+            kt2 = tl.where(new, k2, tl.load(kc + s[:, None] * skc_s + (d[None, :] + HALF) * skc_d, mask=tmask,
+                                            other=0.0).to(tl.float32))
+            sc = tl.sum(q1[:, None, :] * kt1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * kt2[None, :, :], axis=2)
+            sc = sc * scale
+            if SOFTCAP:
+                sc = _softcap(sc, cap, inv_cap)
+            sc = tl.where(ok[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            vt1 = tl.where(new, v1, tl.load(vc + s[:, None] * svc_s + d[None, :] * svc_d, mask=tmask, other=0.0).to(tl.float32))
+            vt2 = tl.where(new, v2, tl.load(vc + s[:, None] * svc_s + (d[None, :] + HALF) * svc_d, mask=tmask,
+                                            other=0.0).to(tl.float32))
+            acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vt1[None, :, :], axis=1)
+            acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vt2[None, :, :], axis=1)
+            m_i = m_new
+        if SPLIT:  # partial sums, combined by _combine_kernel
+            part = pid * nsplit + split
+            tl.store(PM + part * BLOCK_R + r, m_i)
+            tl.store(PL + part * BLOCK_R + r, l_i)
+            pacc = PACC + (part * BLOCK_R + r)[:, None] * (2 * BLOCK_D)
+            tl.store(pacc + d[None, :], acc1)
+            tl.store(pacc + BLOCK_D + d[None, :], acc2)
+        else:
+            op = O + b * so_b + (hk * REP + r)[:, None] * so_h
+            tl.store(op + d[None, :] * so_d, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=qmask)
+            tl.store(op + (d[None, :] + HALF) * so_d, (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=qmask)
+
+    @triton.jit
+    def _combine_kernel(PM, PL, PACC, O, HK, REP, HALF, NSPLIT, so_b, so_h, so_d,
+                        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out = sum_p exp(m_p - m) acc_p / sum_p exp(m_p - m) l_p over one (row, KV head)'s splits."""
+        pid = tl.program_id(0)
+        b = (pid // HK).to(tl.int64)
+        hk = (pid % HK).to(tl.int64)
+        p = tl.arange(0, BLOCK_P)
+        r = tl.arange(0, BLOCK_R)
+        d = tl.arange(0, 2 * BLOCK_D)
+        pr = ((pid * NSPLIT + p)[:, None] * BLOCK_R + r[None, :])  # (splits, rows)
+        pmask = (p < NSPLIT)[:, None]
+        m = tl.load(PM + pr, mask=pmask, other=-1.0e30)
+        l = tl.load(PL + pr, mask=pmask, other=0.0)
+        mx = tl.max(m, axis=0)
+        w = tl.exp(m - mx[None, :])
+        total = tl.sum(w * l, axis=0)
+        acc = tl.load(PACC + pr[:, :, None] * (2 * BLOCK_D) + d[None, None, :], mask=pmask[:, :, None], other=0.0)
+        out = tl.sum(w[:, :, None] * acc, axis=0) / total[:, None]  # (rows, 2 * BLOCK_D): two padded halves
+        half = d // BLOCK_D
+        col = d - half * BLOCK_D
+        omask = (r < REP)[:, None] & (col < HALF)[None, :]
+        op = O + b * so_b + (hk * REP + r)[:, None] * so_h + (col + half * HALF)[None, :] * so_d
+        tl.store(op, out.to(O.dtype.element_ty), mask=omask)
+
+
+@functools.lru_cache(maxsize=8)
+def _programs_target(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return TARGET_PROGRAMS
+
+
+def _splits(rows: int, slots: int, head_dim: int, itemsize: int, device: torch.device) -> int:
+    """Programs each (row, KV head) is split over: one while its share of the cache is small (one
+    launch), else enough to fill the GPU, each with at least SPLIT_BYTES // 2 of the cache."""
+    share = 2 * slots * head_dim * itemsize
+    if share <= SPLIT_BYTES:
+        return 1
+    return max(1, min(triton.cdiv(_programs_target(device), rows), triton.cdiv(share, SPLIT_BYTES // 2)))
+
+
+def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+          cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
+          q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, scale: float, softcap: float, eps: float,
+          norm_offset: float) -> torch.Tensor:
+    b, hq, _, dim = q.shape
+    hk, slots = k_cache.shape[1], k_cache.shape[2]
+    rep, half = hq // hk, dim // 2
+    out = torch.empty(b, hq, 1, dim, device=q.device, dtype=q.dtype)
+    block_r = max(2, triton.next_power_of_2(rep))
+    block_d = max(2, triton.next_power_of_2(half))
+    # A tile of slots: its four half-tiles of K and V hold 8k float32 values (64 registers a thread at
+    # 4 warps), and the broadcast product (rows x slots x half) takes 8 warps beyond 4k values: the
+    # sizes that compile for sm_90 without spilling (tests/sm90_compile.py).
+    block_s = max(16, min(128, 2048 // block_d, triton.next_power_of_2(slots)))
+    num_warps = 8 if block_r * block_s * block_d > 4096 else 4
+    splits = _splits(b * hk, slots, dim, k_cache.element_size(), q.device)
+    split_len = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
+    splits = triton.cdiv(slots, split_len)
+    if splits > 1:
+        pm = torch.empty(b * hk * splits * block_r, device=q.device, dtype=torch.float32)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(pm.numel() * 2 * block_d, device=q.device, dtype=torch.float32)
+    else:
+        pm = pl = pacc = out  # unused
+    cos, sin = cos.expand(b, 1, dim), sin.expand(b, 1, dim)
+    norms = q_norm is not None
+    cap = float(softcap) if softcap else 1.0
+    _decode_attention_kernel[(b * hk, splits)](
+        q, k, v, k_cache, v_cache, cos, sin, mask, slot, q_norm if norms else q, k_norm if norms else q, out,
+        pm, pl, pacc, hk, rep, slots, half, split_len, float(scale), cap, 1.0 / cap, float(eps), float(norm_offset),
+        q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
+        *(k_cache.stride(i) for i in range(4)), *(v_cache.stride(i) for i in range(4)),
+        cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2), mask.stride(0), mask.stride(-1),
+        out.stride(0), out.stride(1), out.stride(3),
+        QK_NORM=norms, SOFTCAP=bool(softcap), SPLIT=splits > 1, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d,
+        num_warps=num_warps)
+    if splits > 1:
+        _combine_kernel[(b * hk,)](pm, pl, pacc, out, hk, rep, half, splits, out.stride(0), out.stride(1),
+                                   out.stride(3), BLOCK_P=triton.next_power_of_2(splits), BLOCK_R=block_r,
+                                   BLOCK_D=block_d, num_warps=4)
+    return out
+
+
+def _fake(q, k, v, k_cache, v_cache, cos, sin, mask, slot, q_norm, k_norm, scale, softcap, eps, norm_offset):
+    return q.new_empty(q.shape[0], q.shape[1], 1, q.shape[3])
+
+
+_op = Op("decode_attention", _impl, _fake, mutates=("k_cache", "v_cache"))
+
+
+def _check(q, k, v, k_cache, v_cache, cos, sin, mask, slot, q_norm, k_norm) -> None:
+    """Shapes, dtypes and devices, in plain Python (guards under torch.compile, never graph breaks)."""
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise InputError(f"decode_attention: q must be (batch, heads, 1, head_dim), got {tuple(q.shape)}")
+    b, hq, _, dim = q.shape
+    if k_cache.dim() != 4 or k_cache.shape[0] != b or k_cache.shape[3] != dim:
+        raise InputError(f"decode_attention: k_cache must be (batch={b}, kv_heads, slots, head_dim={dim}), "
+                         f"got {tuple(k_cache.shape)}")
+    hk, slots = k_cache.shape[1], k_cache.shape[2]
+    if hq % hk:
+        raise InputError(f"decode_attention: q's {hq} heads are not a multiple of the cache's {hk} KV heads")
+    if dim % 2:
+        raise InputError(f"decode_attention: head_dim must be even for rotate-half RoPE, got {dim}")
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != (b, hk, 1, dim):
+            raise InputError(f"decode_attention: {name} must be (batch={b}, kv_heads={hk}, 1, head_dim={dim}), "
+                             f"got {tuple(t.shape)}")
+    if v_cache.shape != k_cache.shape:
+        raise InputError(f"decode_attention: v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 3 or t.shape[0] not in (1, b) or t.shape[1] != 1 or t.shape[2] != dim:
+            raise InputError(f"decode_attention: {name} must be (batch={b} or 1, 1, head_dim={dim}), got {tuple(t.shape)}")
+    if mask.dtype != torch.bool or mask.dim() != 4 or tuple(mask.shape) != (b, 1, 1, slots):
+        raise InputError(f"decode_attention: mask must be a bool (batch={b}, 1, 1, slots={slots}) tensor, "
+                         f"got {mask.dtype} {tuple(mask.shape)}")
+    if slot.dtype != torch.long or slot.numel() != 1:
+        raise InputError(f"decode_attention: slot must be one int64 cache slot, got {slot.dtype} {tuple(slot.shape)}")
+    if (q_norm is None) != (k_norm is None):
+        raise InputError("decode_attention: give both q_norm and k_norm weights, or neither")
+    for name, t in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if t is not None and tuple(t.shape) != (dim,):
+            raise InputError(f"decode_attention: {name} must be ({dim},), got {tuple(t.shape)}")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("cos", cos), ("sin", sin),
+                    ("mask", mask), ("slot", slot)):
+        if t.device != q.device:
+            raise InputError(f"decode_attention: {name} is on {t.device} but q is on {q.device}")
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                     slot: torch.Tensor, scale: float, softcap: float | None = None, *,
+                     q_norm: torch.Tensor | None = None, k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                     norm_offset: float = 0.0) -> torch.Tensor:
+    """One decode token's attention for a layer: q (b, heads, 1, d), k / v (b, kv_heads, 1, d) straight
+    from the projections (before q/k norm and RoPE); k_cache / v_cache (b, kv_heads, slots, d), into
+    whose `slot` (a one-element int64 tensor) the new key (normed, rotated) and value are written in
+    place; cos / sin (b or 1, 1, d); mask (b, 1, 1, slots) bool, True where the query may look (the
+    new slot included). `q_norm` / `k_norm`: RMSNorm weights over head_dim (`eps`, `norm_offset`).
+    Returns (b, heads, 1, d) in q's dtype. No gradient: generation only."""
+    _check(q, k, v, k_cache, v_cache, cos, sin, mask, slot, q_norm, k_norm)
+    if takes_decode_attention(q, k, k_cache):
+        return _op(q, k, v, k_cache, v_cache, cos, sin, mask, slot, q_norm, k_norm, float(scale),
+                   float(softcap or 0.0), float(eps), float(norm_offset))
+    return ref.decode_attention(q, k, v, k_cache, v_cache, cos, sin, mask, slot, scale, softcap,
+                                q_norm=q_norm, k_norm=k_norm, eps=eps, norm_offset=norm_offset)
+
+
+def takes_decode_attention(q: torch.Tensor, k: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether decode_attention runs the kernel: where Triton runs (CUDA; the CPU interpreter only
+    under backend "triton"), no gradient wanted, 16- or 32-bit q/k matching the cache's dtype."""
+    return (not torch.is_grad_enabled() and use_triton(q) and q.dtype in _KERNEL_DTYPES
+            and k.dtype == k_cache.dtype == q.dtype)
