@@ -20,7 +20,8 @@ import sys
 import tempfile
 import time
 
-# also minift-nofuse (decode layers unfused: norms, adds apart), minift-noattn (no one-launch decode attention)
+# also minift-nofuse (decode layers unfused: norms, adds apart), minift-noattn (no one-launch decode attention),
+# minift-split<KiB> (decode attention split over programs above that share of the cache a head)
 # and minift-lora (r=16 adapters, unmerged)
 IMPLS = ("minift", "hf", "hf-static", "unsloth")
 
@@ -78,6 +79,10 @@ def run_one(path: str, quant: str, impl: str, batches: list[int], prompt: int, n
             DecoderLayer._fused_decoding = lambda self, x: False
         if impl == "minift-noattn":  # attention as before ops.decode_attention: RoPE, cache writes, SDPA apart
             minift.ops.takes_decode_attention = lambda *a: False
+        if impl.startswith("minift-split"):  # e.g. minift-split32: decode attention split above 32 KiB a head
+            import importlib
+
+            importlib.import_module("minift.ops.decode_attention").SPLIT_BYTES = int(impl[12:]) * 1024
 
         model, _ = minift.load(path, dtype=torch.bfloat16, device=dev, load_in_4bit=quant == "4bit",
                                use_name_map=False)

@@ -140,22 +140,28 @@ def check_case(c: dict, device: str) -> None:
 
 
 def test_long_caches_split_over_programs(monkeypatch) -> None:
-    """A cache share over SPLIT_BYTES takes several programs a head (and the combine launch)."""
-    assert kernel._splits(8, 768, 64, 2, torch.device("cpu")) == 1  # Llama-1B at 768 slots: one launch
+    """A cache share over SPLIT_BYTES takes several programs a head in the one launch; the last of
+    each group combines (the same result up to float32 summation order, bit-identical call to call,
+    the ticket counters back at zero)."""
+    from minift.ops import _backend
+
+    assert kernel._splits(8, 768, 64, 2, torch.device("cpu")) == 1  # Llama-1B at 768 slots: one program a head
     assert kernel._splits(8, 32768, 128, 2, torch.device("cpu")) > 1
-    c = dict(batch=1, kv_heads=2, rep=2, head_dim=16, slots=300, dtype=torch.float32, softcap=None, qk_norm=False,
+    c = dict(batch=2, kv_heads=2, rep=3, head_dim=16, slots=300, dtype=torch.float32, softcap=None, qk_norm=False,
              layout="contiguous", table="b1", seed=3)
     inputs = make_inputs(c, "cpu")
     whole = call(inputs, c, "triton")
     monkeypatch.setattr(kernel, "SPLIT_BYTES", 256)
-    launches = []
-    combine = kernel._combine_kernel
-    monkeypatch.setattr(kernel, "_combine_kernel", type("Spy", (), {
-        "__getitem__": lambda self, grid: launches.append(grid) or combine[grid]})())
-    split = call(inputs, c, "triton")
-    assert launches, "the split path was not taken"
-    for a, b in zip(whole, split):
+    grids = []
+    launcher = kernel._decode_attention_kernel
+    monkeypatch.setattr(kernel, "_decode_attention_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: grids.append(grid) or launcher[grid]})())
+    split, again = call(inputs, c, "triton"), call(inputs, c, "triton")
+    assert grids[0][1] > 1, "the cache was not split"
+    for a, b, e in zip(whole, split, again):
         torch.testing.assert_close(a, b)
+        assert torch.equal(b, e)
+    assert int(_backend._TICKETS[torch.device("cpu")].abs().sum()) == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

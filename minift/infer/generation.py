@@ -269,7 +269,7 @@ def _compiled(fn: Callable[..., Any], model: nn.Module, cache: KVCache,
     a graph's output (the logits, when `fn` returns them) from being overwritten by the next replay."""
     for t in [*cache.keys, *cache.values, *cache.slot_pos.values(), *cache.slot_real.values(), *state.values()]:
         torch._dynamo.mark_static_address(t)
-    ops.prepare_nf4_matmul(cache.keys[0].device)  # its counters outside the graph's memory pool
+    ops.prepare_tickets(cache.keys[0].device)  # split kernels' counters, outside the graph's memory pool
     compiled = torch.compile(fn, mode="reduce-overhead", dynamic=False, fullgraph=False)
 
     def run(*args):

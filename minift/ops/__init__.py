@@ -6,8 +6,8 @@ nf4_matmul, lora, decode_attention);
 `_backend` holds the dispatch options and `Op`, the pattern every op is registered through.
 """
 
-from ._backend import (backend, compiled_elementwise, get_backend, get_compiled_elementwise, set_backend,
-                       set_compiled_elementwise)
+from ._backend import (backend, compiled_elementwise, get_backend, get_compiled_elementwise, prepare_tickets,
+                       set_backend, set_compiled_elementwise)
 from .activations import geglu, swiglu
 from .cross_entropy import cross_entropy, linear_cross_entropy
 from .decode_attention import decode_attention, takes_decode_attention
@@ -16,7 +16,6 @@ from .layer_norm import layer_norm
 from .lora import lora_linear, lora_mlp
 from .nf4 import NF4Weight, dequantize_nf4, dequantize_nf4_many, nf4_linear
 from .nf4_matmul import nf4_matmul
-from .nf4_matmul import prepare as prepare_nf4_matmul
 from .rms_norm import rms_norm
 from .rope import rope
 
@@ -47,7 +46,7 @@ __all__ = [
     "linear_cat",
     "takes_gemv",
     "nf4_matmul",
-    "prepare_nf4_matmul",
+    "prepare_tickets",
     "lora_linear",
     "lora_mlp",
 ]

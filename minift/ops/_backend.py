@@ -172,3 +172,31 @@ class Op:
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return _Direct.apply(*args, self)
         return self.impl(*args)
+
+
+_TICKETS: dict[torch.device, torch.Tensor] = {}
+
+
+def ticket_counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """A device's int32 ticket counters for kernels whose last program of a group finishes the
+    group's work (split-K nf4_matmul, split decode_attention): zero between calls, each call's last
+    programs resetting theirs. None while a CUDA graph is being captured and the counters would have
+    to grow (a tensor kept across calls must not come from a graph's pool). Calls on concurrent
+    streams must not share them."""
+    t = _TICKETS.get(device)
+    if t is None or t.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _TICKETS[device] = t
+    return t
+
+
+def prepare_tickets(device: torch.device | str, n: int = 4096) -> None:
+    """Makes the device's ticket counters now, outside any compiled or CUDA-graphed region: a
+    CUDA-graph tree's warm-up run allocates from the graph's private pool, where a tensor kept
+    across calls must not live (generation calls this before compiling its decode step)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    ticket_counters(device, n)

@@ -7,8 +7,9 @@ writes, SDPA and its reduction); at batch 1 each moves a few kilobytes, so that 
 bound by launches, not bytes (bench/RESULTS.md, the decode profiles). Each program takes one
 (row, KV head) and every query head of its group, so the cache is read once per group (GQA); the
 new key and value are used from registers for their own slot, so no program reads what another
-writes. Long caches are split along the slots over several programs whose partial softmax sums a
-second, small kernel combines (flash decoding); short ones take one launch.
+writes. Long caches are split along the slots over several programs (flash decoding); the last of
+a group's programs to finish (an atomic ticket, as split-K nf4_matmul) combines their partial
+softmax sums, so that is one launch too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, Op, use_triton
+from ._backend import HAS_TRITON, Op, ticket_counters, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -52,12 +53,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _decode_attention_kernel(
-            Q, K, V, KC, VC, COS, SIN, MASK, SLOT, QNW, KNW, O, PM, PL, PACC,
+            Q, K, V, KC, VC, COS, SIN, MASK, SLOT, QNW, KNW, O, PM, PL, PACC, TICKETS,
             HK, REP, S, HALF, SPLIT_LEN, scale, cap, inv_cap, eps, offset,
             sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d,
             skc_b, skc_h, skc_s, skc_d, svc_b, svc_h, svc_s, svc_d,
             sc_b, sc_d, ss_b, ss_d, sm_b, sm_s, so_b, so_h, so_d,
-            QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr,
+            QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr,
             BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)  # (batch row, KV head)
         split = tl.program_id(1)
@@ -130,36 +131,40 @@ if HAS_TRITON:
             acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vt1[None, :, :], axis=1)
             acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vt2[None, :, :], axis=1)
             m_i = m_new
-        if SPLIT:  # partial sums, combined by _combine_kernel
+        if SPLIT:  # partial sums; the (row, head)'s last program to finish combines them
             part = pid * nsplit + split
             tl.store(PM + part * BLOCK_R + r, m_i)
             tl.store(PL + part * BLOCK_R + r, l_i)
             pacc = PACC + (part * BLOCK_R + r)[:, None] * (2 * BLOCK_D)
             tl.store(pacc + d[None, :], acc1)
             tl.store(pacc + BLOCK_D + d[None, :], acc2)
+            tl.debug_barrier()  # the CTA's partial stores come before its ticket
+            ticket = tl.atomic_add(TICKETS + pid, 1, sem="acq_rel", scope="gpu")
+            if ticket == nsplit - 1:
+                _combine(PM, PL, PACC, O, b, hk, pid, nsplit, REP, HALF, so_b, so_h, so_d, BLOCK_P, BLOCK_R, BLOCK_D)
+                tl.atomic_xchg(TICKETS + pid, 0)  # ready for the next call
         else:
             op = O + b * so_b + (hk * REP + r)[:, None] * so_h
             tl.store(op + d[None, :] * so_d, (acc1 / l_i[:, None]).to(O.dtype.element_ty), mask=qmask)
             tl.store(op + (d[None, :] + HALF) * so_d, (acc2 / l_i[:, None]).to(O.dtype.element_ty), mask=qmask)
 
     @triton.jit
-    def _combine_kernel(PM, PL, PACC, O, HK, REP, HALF, NSPLIT, so_b, so_h, so_d,
-                        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out = sum_p exp(m_p - m) acc_p / sum_p exp(m_p - m) l_p over one (row, KV head)'s splits."""
-        pid = tl.program_id(0)
-        b = (pid // HK).to(tl.int64)
-        hk = (pid % HK).to(tl.int64)
+    def _combine(PM, PL, PACC, O, b, hk, pid, nsplit, REP, HALF, so_b, so_h, so_d,
+                 BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        """out = sum_p exp(m_p - m) acc_p / sum_p exp(m_p - m) l_p over one (row, KV head)'s splits,
+        in split order (the same bits every call)."""
         p = tl.arange(0, BLOCK_P)
         r = tl.arange(0, BLOCK_R)
         d = tl.arange(0, 2 * BLOCK_D)
-        pr = ((pid * NSPLIT + p)[:, None] * BLOCK_R + r[None, :])  # (splits, rows)
-        pmask = (p < NSPLIT)[:, None]
-        m = tl.load(PM + pr, mask=pmask, other=-1.0e30)
-        l = tl.load(PL + pr, mask=pmask, other=0.0)
+        pr = (pid * nsplit + p)[:, None] * BLOCK_R + r[None, :]  # (splits, rows)
+        pmask = (p < nsplit)[:, None]
+        m = tl.load(PM + pr, mask=pmask, other=-1.0e30, cache_modifier=".cg")
+        l = tl.load(PL + pr, mask=pmask, other=0.0, cache_modifier=".cg")
         mx = tl.max(m, axis=0)
         w = tl.exp(m - mx[None, :])
         total = tl.sum(w * l, axis=0)
-        acc = tl.load(PACC + pr[:, :, None] * (2 * BLOCK_D) + d[None, None, :], mask=pmask[:, :, None], other=0.0)
+        acc = tl.load(PACC + pr[:, :, None] * (2 * BLOCK_D) + d[None, None, :], mask=pmask[:, :, None], other=0.0,
+                      cache_modifier=".cg")
         out = tl.sum(w[:, :, None] * acc, axis=0) / total[:, None]  # (rows, 2 * BLOCK_D): two padded halves
         half = d // BLOCK_D
         col = d - half * BLOCK_D
@@ -202,28 +207,28 @@ def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tens
     splits = _splits(b * hk, slots, dim, k_cache.element_size(), q.device)
     split_len = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
     splits = triton.cdiv(slots, split_len)
+    tickets = ticket_counters(q.device, b * hk) if splits > 1 else None
+    if tickets is None:  # one program a (row, head): no partials, no tickets
+        splits, split_len = 1, slots
     if splits > 1:
         pm = torch.empty(b * hk * splits * block_r, device=q.device, dtype=torch.float32)
         pl = torch.empty_like(pm)
         pacc = torch.empty(pm.numel() * 2 * block_d, device=q.device, dtype=torch.float32)
     else:
-        pm = pl = pacc = out  # unused
+        pm = pl = pacc = tickets = out  # unused
     cos, sin = cos.expand(b, 1, dim), sin.expand(b, 1, dim)
     norms = q_norm is not None
     cap = float(softcap) if softcap else 1.0
     _decode_attention_kernel[(b * hk, splits)](
         q, k, v, k_cache, v_cache, cos, sin, mask, slot, q_norm if norms else q, k_norm if norms else q, out,
-        pm, pl, pacc, hk, rep, slots, half, split_len, float(scale), cap, 1.0 / cap, float(eps), float(norm_offset),
+        pm, pl, pacc, tickets, hk, rep, slots, half, split_len, float(scale), cap, 1.0 / cap, float(eps),
+        float(norm_offset),
         q.stride(0), q.stride(1), q.stride(3), k.stride(0), k.stride(1), k.stride(3), v.stride(0), v.stride(1), v.stride(3),
         *(k_cache.stride(i) for i in range(4)), *(v_cache.stride(i) for i in range(4)),
         cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2), mask.stride(0), mask.stride(-1),
         out.stride(0), out.stride(1), out.stride(3),
-        QK_NORM=norms, SOFTCAP=bool(softcap), SPLIT=splits > 1, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d,
-        num_warps=num_warps)
-    if splits > 1:
-        _combine_kernel[(b * hk,)](pm, pl, pacc, out, hk, rep, half, splits, out.stride(0), out.stride(1),
-                                   out.stride(3), BLOCK_P=triton.next_power_of_2(splits), BLOCK_R=block_r,
-                                   BLOCK_D=block_d, num_warps=4)
+        QK_NORM=norms, SOFTCAP=bool(softcap), SPLIT=splits > 1, BLOCK_P=triton.next_power_of_2(splits),
+        BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps)
     return out
 
 

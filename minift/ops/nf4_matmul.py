@@ -73,7 +73,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, INTERPRET, Op, use_triton
+from ._backend import HAS_TRITON, INTERPRET, Op, ticket_counters, use_triton
 from .gemv import LoraSpec, _check_lora, _lora_backward, _with_lora, _low_rank_inputs
 from .nf4 import _DTYPES, NF4Weight, base_weight, bf16_bits, out_arg, pack_base, unpack_nf4
 
@@ -421,32 +421,6 @@ def _config(m: int, n: int, k: int, device: torch.device, dtype: torch.dtype = t
 
 CONFIG_OVERRIDE: dict | None = None  # e.g. dict(BLOCK_N=16, S=4, num_warps=4, SPLIT=1)
 
-_TICKETS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tickets(device: torch.device, n: int) -> torch.Tensor | None:
-    """The split-K ticket counters of a device (int32, zero between calls: each call's last programs
-    reset theirs); None while a CUDA graph is being captured and the counters would have to grow (a
-    tensor kept across calls must not come from a graph's pool)."""
-    t = _TICKETS.get(device)
-    if t is None or t.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        t = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-        _TICKETS[device] = t
-    return t
-
-
-def prepare(device: torch.device | str, n: int = 4096) -> None:
-    """Makes the device's split-K counters now, outside any compiled or CUDA-graphed region: a
-    CUDA-graph tree's warm-up run allocates from the graph's private pool, where a tensor kept
-    across calls must not live (generation calls this before compiling its decode step)."""
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    _tickets(device, n)
-
-
 def _kernel_ok(x: torch.Tensor, meta: list[int]) -> bool:
     """Whether the Triton kernel takes this call (else the dequantise + F.linear path)."""
     if not use_triton(x) or x.dtype not in _FLOATS or len(meta) != 5:
@@ -511,7 +485,7 @@ def _launch(x: torch.Tensor, ts: list[torch.Tensor], meta: list[int], bias: torc
     cfg = _config(m, n, k, x.device, x.dtype)
     bm = _block_m(m, x.dtype)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, bm), cfg["SPLIT"])
-    tickets = _tickets(x.device, grid[0] * grid[1]) if cfg["SPLIT"] > 1 else None
+    tickets = ticket_counters(x.device, grid[0] * grid[1]) if cfg["SPLIT"] > 1 else None
     if cfg["SPLIT"] > 1 and tickets is None:
         cfg["SPLIT"], grid = 1, grid[:2] + (1,)
     part = torch.empty((cfg["SPLIT"], m, n), dtype=torch.float32, device=x.device) if cfg["SPLIT"] > 1 else out
