@@ -20,9 +20,8 @@ import sys
 import tempfile
 import time
 
-# also minift-nofuse (decode layers unfused: norms, adds apart), minift-noattn (no one-launch decode attention),
-# minift-split<KiB> (decode attention split over programs above that share of the cache a head)
-# and minift-lora (r=16 adapters, unmerged)
+# also minift-nofuse (decode layers unfused: norms, adds apart), minift-attn[<KiB>] (one-launch decode attention;
+# <KiB>: split over programs above that share of the cache a head) and minift-lora (r=16 adapters, unmerged)
 IMPLS = ("minift", "hf", "hf-static", "unsloth")
 
 
@@ -77,12 +76,14 @@ def run_one(path: str, quant: str, impl: str, batches: list[int], prompt: int, n
             from minift.arch.model import DecoderLayer
 
             DecoderLayer._fused_decoding = lambda self, x: False
-        if impl == "minift-noattn":  # attention as before ops.decode_attention: RoPE, cache writes, SDPA apart
-            minift.ops.takes_decode_attention = lambda *a: False
-        if impl.startswith("minift-split"):  # e.g. minift-split32: decode attention split above 32 KiB a head
+        if impl.startswith("minift-attn"):  # one-launch decode attention (ops.decode_attention), off by default
             import importlib
 
-            importlib.import_module("minift.ops.decode_attention").SPLIT_BYTES = int(impl[12:]) * 1024
+            from minift.arch.cache import KVCache
+
+            KVCache.fused_attention = True
+            if impl[11:]:  # e.g. minift-attn32: the cache split over programs above 32 KiB a head
+                importlib.import_module("minift.ops.decode_attention").SPLIT_BYTES = int(impl[11:]) * 1024
 
         model, _ = minift.load(path, dtype=torch.bfloat16, device=dev, load_in_4bit=quant == "4bit",
                                use_name_map=False)

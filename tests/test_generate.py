@@ -16,6 +16,7 @@ from PIL import Image
 from torch._dynamo.utils import counters
 
 import minift
+from minift.arch.cache import KVCache
 from minift.errors import InputError
 from minift.infer import sampling
 from minift.infer.text import stop_ids
@@ -253,6 +254,7 @@ def test_fused_decode_attention_equals_transformers(tmp_path, family, monkeypatc
     calls = []
     impl = kernel._op.impl
     monkeypatch.setattr(kernel._op, "impl", lambda *a: calls.append(1) or impl(*a))
+    monkeypatch.setattr(KVCache, "fused_attention", True)
     path = write_tiny_checkpoint(tmp_path, family, **FAMILIES[family])
     model, tok = minift.load(path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -328,9 +330,11 @@ def test_bad_text_level_input(tmp_path, vision):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "mistral", "gemma2", "gemma3_text"])
-def test_cuda_graph_decode_equals_transformers(tmp_path, family):
+@pytest.mark.parametrize("fused_attention", [False, True])
+def test_cuda_graph_decode_equals_transformers(tmp_path, family, fused_attention, monkeypatch):
     """The compiled (CUDA-graph) decode step on a GPU: greedy tokens equal transformers' in fp32,
     twice in a row (a second call replays the compiled step)."""
+    monkeypatch.setattr(KVCache, "fused_attention", fused_attention)
     path = write_tiny_checkpoint(tmp_path, family, **FAMILIES[family])
     model, tok = minift.load(path, device="cuda", dtype=torch.float32)
     ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda().eval()

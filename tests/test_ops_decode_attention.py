@@ -61,7 +61,7 @@ def case(draw, device: str) -> dict:
         qk_norm=draw(st.booleans()),
         layout=draw(st.sampled_from(["projected", "contiguous"])),
         table=draw(st.sampled_from(["b1", "rows"])),
-        split=draw(st.sampled_from([None, 64, 700])),  # SPLIT_BYTES: None keeps the default
+        split=draw(st.sampled_from([None, 1, 2])),  # MAX_SPLITS (None: fill the SMs)
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -106,17 +106,17 @@ def call(inputs: dict, c: dict, backend: str) -> tuple[torch.Tensor, torch.Tenso
 @given(data=st.data())
 def test_decode_attention_matches_reference(device: str, data) -> None:
     c = data.draw(case(device))
-    with split_bytes(c["split"] or kernel.SPLIT_BYTES):
+    with max_splits(c["split"]):
         check_case(c, device)
 
 
 @contextlib.contextmanager
-def split_bytes(n: int) -> Iterator[None]:
-    old, kernel.SPLIT_BYTES = kernel.SPLIT_BYTES, n
+def max_splits(n: int | None) -> Iterator[None]:
+    old, kernel.MAX_SPLITS = kernel.MAX_SPLITS, n
     try:
         yield
     finally:
-        kernel.SPLIT_BYTES = old
+        kernel.MAX_SPLITS = old
 
 
 def check_case(c: dict, device: str) -> None:
@@ -139,29 +139,31 @@ def check_case(c: dict, device: str) -> None:
     assert torch.equal(got[2], torch_out[2])  # values are stored, not computed
 
 
-def test_long_caches_split_over_programs(monkeypatch) -> None:
-    """A cache share over SPLIT_BYTES takes several programs a head in the one launch; the last of
-    each group combines (the same result up to float32 summation order, bit-identical call to call,
-    the ticket counters back at zero)."""
+def test_caches_split_over_programs(monkeypatch) -> None:
+    """The slots are split over enough programs to fill the SMs, each a tile or more, in one launch;
+    the last program of each group combines: the result of one program a group up to float32
+    summation order, bit-identical call to call, the ticket counters back at zero."""
     from minift.ops import _backend
 
-    assert kernel._splits(8, 768, 64, 2, torch.device("cpu")) == 1  # Llama-1B at 768 slots: one program a head
-    assert kernel._splits(8, 32768, 128, 2, torch.device("cpu")) > 1
+    cpu = torch.device("cpu")
+    assert kernel._splits(8, 768, 64, cpu) == 12  # Llama-1B, batch 1, 768 slots: 96 programs of one tile
+    assert kernel._splits(64, 768, 64, cpu) == 3  # batch 8: 192 programs
+    assert kernel._splits(8, 40, 64, cpu) == 1
     c = dict(batch=2, kv_heads=2, rep=3, head_dim=16, slots=300, dtype=torch.float32, softcap=None, qk_norm=False,
              layout="contiguous", table="b1", seed=3)
     inputs = make_inputs(c, "cpu")
-    whole = call(inputs, c, "triton")
-    monkeypatch.setattr(kernel, "SPLIT_BYTES", 256)
+    with max_splits(1):
+        whole = call(inputs, c, "triton")
     grids = []
     launcher = kernel._decode_attention_kernel
     monkeypatch.setattr(kernel, "_decode_attention_kernel", type("Spy", (), {
         "__getitem__": lambda self, grid: grids.append(grid) or launcher[grid]})())
     split, again = call(inputs, c, "triton"), call(inputs, c, "triton")
-    assert grids[0][1] > 1, "the cache was not split"
+    assert grids[0] == (4, 5), grids  # 300 slots in tiles of 64
     for a, b, e in zip(whole, split, again):
         torch.testing.assert_close(a, b)
         assert torch.equal(b, e)
-    assert int(_backend._TICKETS[torch.device("cpu")].abs().sum()) == 0
+    assert int(_backend._TICKETS[cpu].abs().sum()) == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -20,7 +20,13 @@ from .config import SLIDING, ModelConfig
 
 
 class KVCache:
-    """Keys and values of a batch of `batch` sequences of up to `max_len` tokens."""
+    """Keys and values of a batch of `batch` sequences of up to `max_len` tokens.
+
+    `fused_attention`: decode steps run each layer's attention as one `ops.decode_attention` launch
+    where it can. Off: on an H100 that kernel still measured slower than RoPE + cache writes + SDPA
+    (bench/RESULTS.md, twentieth session), so it waits for its rework."""
+
+    fused_attention = False
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, *, device: torch.device | str,
                  dtype: torch.dtype):

@@ -127,7 +127,8 @@ class Attention(nn.Module):
         q = q.view(b, s, -1, d).transpose(1, 2)
         k = k.view(b, s, -1, d).transpose(1, 2)
         v = v.view(b, s, -1, d).transpose(1, 2)
-        if cache is not None and not cache.prefilling and ops.takes_decode_attention(q, k, cache.keys[self.layer_idx]):
+        if (cache is not None and cache.fused_attention and not cache.prefilling
+                and ops.takes_decode_attention(q, k, cache.keys[self.layer_idx])):
             return self._decode_attention(q, k, v, cos, sin, mask, cache).transpose(1, 2).reshape(b, s, -1)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)

@@ -2,14 +2,15 @@
 and k, the new key and value written into their KV-cache slot, and softmax attention over the
 cache under its mask (with Gemma 2's soft-capping).
 
-Unfused, a decode step spends four or five small launches a layer here (RoPE, the two cache
-writes, SDPA and its reduction); at batch 1 each moves a few kilobytes, so that part of the step is
-bound by launches, not bytes (bench/RESULTS.md, the decode profiles). Each program takes one
-(row, KV head) and every query head of its group, so the cache is read once per group (GQA); the
-new key and value are used from registers for their own slot, so no program reads what another
-writes. Long caches are split along the slots over several programs (flash decoding); the last of
-a group's programs to finish (an atomic ticket, as split-K nf4_matmul) combines their partial
-softmax sums, so that is one launch too.
+Unfused, a decode step spends five small launches a layer here (RoPE, the cache writes, SDPA's
+preparation, SDPA and its reduction: ~10 us of kernels at Llama-1B's batch 1 on an H100, each moving
+a few kilobytes), so that part of the step is bound by launch latency, not bytes (bench/RESULTS.md).
+Each program takes one (row, KV head) and every query head of its group as the rows of
+tensor-core dots (q K^T, then P V, as flash attention), so the cache is read once per group (GQA).
+The slots are split over enough programs to fill the GPU (flash decoding); the last of a group's
+programs to finish (an atomic ticket, as split-K nf4_matmul) combines their partial softmax sums, so
+a long cache is one launch too. The program whose share holds the new slot writes the key and
+value there before its CTA barrier; no other program reads that slot.
 """
 
 from __future__ import annotations
@@ -20,20 +21,22 @@ import torch
 
 from ..errors import InputError
 from . import reference as ref
-from ._backend import HAS_TRITON, Op, ticket_counters, use_triton
+from ._backend import HAS_TRITON, INTERPRET, Op, ticket_counters, use_triton
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-# A program's share of the cache (bytes of keys and values) above which the slots are split over
-# several programs, and the programs a split launch aims at (two waves of an H100's / H200's 132 SMs).
-SPLIT_BYTES = 512 * 1024
-TARGET_PROGRAMS = 264
+# The most programs a (row, KV head) is split over; None: enough that the launch fills every SM
+# once (a split is at least one tile of slots). bench/generate.py's minift-attn<N> sets it.
+MAX_SPLITS: int | None = None
+CPU_PROGRAMS = 132  # the SM count assumed under the interpreter
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from ._ce_kernels import _softcap
+
+    _INTERP = tl.constexpr(INTERPRET)
 
     @triton.jit
     def _normed_rotated(lo, hi, NW, c1, c2, s1, s2, d, dmask, HALF, eps, offset, DT, NORM: tl.constexpr):
@@ -58,13 +61,17 @@ if HAS_TRITON:
             sq_b, sq_h, sq_d, sk_b, sk_h, sk_d, sv_b, sv_h, sv_d,
             skc_b, skc_h, skc_s, skc_d, svc_b, svc_h, svc_s, svc_d,
             sc_b, sc_d, ss_b, ss_d, sm_b, sm_s, so_b, so_h, so_d,
-            QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr,
-            BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+            QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr, SPLIT: tl.constexpr, FP32: tl.constexpr,
+            BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
         pid = tl.program_id(0)  # (batch row, KV head)
         split = tl.program_id(1)
         nsplit = tl.num_programs(1)
         b = (pid // HK).to(tl.int64)
         hk = (pid % HK).to(tl.int64)
+        CDT = KC.dtype.element_ty  # the dots' operand type: the cache's
+        # float32 operands and IEEE dots for a float32 cache, and under the interpreter (whose 16-bit
+        # dots are not exact; the values are the same: 16-bit operands, float32 sums)
+        F32_DOTS: tl.constexpr = _INTERP | FP32
         d = tl.arange(0, BLOCK_D)
         dmask = d < HALF
         c1 = tl.load(COS + b * sc_b + d * sc_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -72,27 +79,28 @@ if HAS_TRITON:
         s1 = tl.load(SIN + b * ss_b + d * ss_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         s2 = tl.load(SIN + b * ss_b + (d + HALF) * ss_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
         slot = tl.load(SLOT)
-
-        # The new key (normed, rotated) and value, as the cache will hold them.
-        kp = K + b * sk_b + hk * sk_h
-        k1 = tl.load(kp + d * sk_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        k2 = tl.load(kp + (d + HALF) * sk_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-        k1, k2 = _normed_rotated(k1, k2, KNW, c1, c2, s1, s2, d, dmask, HALF, eps, offset, K.dtype.element_ty, QK_NORM)
-        k1 = k1.to(KC.dtype.element_ty).to(tl.float32)
-        k2 = k2.to(KC.dtype.element_ty).to(tl.float32)
-        vp = V + b * sv_b + hk * sv_h
-        v1 = tl.load(vp + d * sv_d, mask=dmask, other=0.0).to(VC.dtype.element_ty).to(tl.float32)[None, :]
-        v2 = tl.load(vp + (d + HALF) * sv_d, mask=dmask, other=0.0).to(VC.dtype.element_ty).to(tl.float32)[None, :]
+        start = split * SPLIT_LEN
+        stop = tl.minimum(start + SPLIT_LEN, S)
         kc = KC + b * skc_b + hk * skc_h
         vc = VC + b * svc_b + hk * svc_h
-        if split == 0:  # the one writer of this (row, head)'s slot; every reader substitutes it below
-            wmask = dmask[None, :]
-            tl.store(kc + slot * skc_s + d[None, :] * skc_d, k1.to(KC.dtype.element_ty), mask=wmask)
-            tl.store(kc + slot * skc_s + (d[None, :] + HALF) * skc_d, k2.to(KC.dtype.element_ty), mask=wmask)
-            tl.store(vc + slot * svc_s + d[None, :] * svc_d, v1.to(VC.dtype.element_ty), mask=wmask)
-            tl.store(vc + slot * svc_s + (d[None, :] + HALF) * svc_d, v2.to(VC.dtype.element_ty), mask=wmask)
 
-        # The group's query heads (rows of the tile), normed and rotated.
+        if (slot >= start) & (slot < stop):  # this program's share holds the new slot: write it
+            kp = K + b * sk_b + hk * sk_h
+            k1 = tl.load(kp + d * sk_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            k2 = tl.load(kp + (d + HALF) * sk_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+            k1, k2 = _normed_rotated(k1, k2, KNW, c1, c2, s1, s2, d, dmask, HALF, eps, offset, K.dtype.element_ty,
+                                     QK_NORM)
+            vp = V + b * sv_b + hk * sv_h
+            wmask = dmask[None, :]
+            tl.store(kc + slot * skc_s + d[None, :] * skc_d, k1.to(CDT), mask=wmask)
+            tl.store(kc + slot * skc_s + (d[None, :] + HALF) * skc_d, k2.to(CDT), mask=wmask)
+            tl.store(vc + slot * svc_s + d[None, :] * svc_d, tl.load(vp + d * sv_d, mask=dmask)[None, :].to(CDT),
+                     mask=wmask)
+            tl.store(vc + slot * svc_s + (d[None, :] + HALF) * svc_d,
+                     tl.load(vp + (d + HALF) * sv_d, mask=dmask)[None, :].to(CDT), mask=wmask)
+        tl.debug_barrier()  # the slot's stores come before any thread of this CTA reads it
+
+        # The group's query heads (rows of the dots; padding rows are zeros), normed and rotated.
         r = tl.arange(0, BLOCK_R)
         rmask = r < REP
         qmask = rmask[:, None] & dmask[None, :]
@@ -100,23 +108,35 @@ if HAS_TRITON:
         q1 = tl.load(qp + d[None, :] * sq_d, mask=qmask, other=0.0).to(tl.float32)
         q2 = tl.load(qp + (d[None, :] + HALF) * sq_d, mask=qmask, other=0.0).to(tl.float32)
         q1, q2 = _normed_rotated(q1, q2, QNW, c1, c2, s1, s2, d, dmask, HALF, eps, offset, Q.dtype.element_ty, QK_NORM)
+        q1 = q1.to(CDT)
+        q2 = q2.to(CDT)
+        if F32_DOTS:
+            q1 = q1.to(tl.float32)
+            q2 = q2.to(tl.float32)
 
         m_i = tl.full((BLOCK_R,), -1.0e30, tl.float32)
         l_i = tl.zeros((BLOCK_R,), tl.float32)
         acc1 = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
         acc2 = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-        start = split * SPLIT_LEN
-        stop = tl.minimum(start + SPLIT_LEN, S)
         for s0 in range(start, stop, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             smask = s < stop
-            ok = tl.load(MASK + b * sm_b + s * sm_s, mask=smask, other=0) != 0
             tmask = smask[:, None] & dmask[None, :]
-            new = (s == slot)[:, None]
-            kt1 = tl.where(new, k1, tl.load(kc + s[:, None] * skc_s + d[None, :] * skc_d, mask=tmask, other=0.0).to(tl.float32))
-            kt2 = tl.where(new, k2, tl.load(kc + s[:, None] * skc_s + (d[None, :] + HALF) * skc_d, mask=tmask,
-                                            other=0.0).to(tl.float32))
-            sc = tl.sum(q1[:, None, :] * kt1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * kt2[None, :, :], axis=2)
+            kt1 = tl.load(kc + s[:, None] * skc_s + d[None, :] * skc_d, mask=tmask, other=0.0)
+            kt2 = tl.load(kc + s[:, None] * skc_s + (d[None, :] + HALF) * skc_d, mask=tmask, other=0.0)
+            vt1 = tl.load(vc + s[:, None] * svc_s + d[None, :] * svc_d, mask=tmask, other=0.0)
+            vt2 = tl.load(vc + s[:, None] * svc_s + (d[None, :] + HALF) * svc_d, mask=tmask, other=0.0)
+            ok = tl.load(MASK + b * sm_b + s * sm_s, mask=smask, other=0) != 0
+            if F32_DOTS:
+                kt1 = kt1.to(tl.float32)
+                kt2 = kt2.to(tl.float32)
+                vt1 = vt1.to(tl.float32)
+                vt2 = vt2.to(tl.float32)
+                sc = tl.dot(q1, tl.trans(kt1), input_precision="ieee")
+                sc = tl.dot(q2, tl.trans(kt2), sc, input_precision="ieee")
+            else:
+                sc = tl.dot(q1, tl.trans(kt1))
+                sc = tl.dot(q2, tl.trans(kt2), sc)
             sc = sc * scale
             if SOFTCAP:
                 sc = _softcap(sc, cap, inv_cap)
@@ -125,11 +145,16 @@ if HAS_TRITON:
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt1 = tl.where(new, v1, tl.load(vc + s[:, None] * svc_s + d[None, :] * svc_d, mask=tmask, other=0.0).to(tl.float32))
-            vt2 = tl.where(new, v2, tl.load(vc + s[:, None] * svc_s + (d[None, :] + HALF) * svc_d, mask=tmask,
-                                            other=0.0).to(tl.float32))
-            acc1 = acc1 * alpha[:, None] + tl.sum(p[:, :, None] * vt1[None, :, :], axis=1)
-            acc2 = acc2 * alpha[:, None] + tl.sum(p[:, :, None] * vt2[None, :, :], axis=1)
+            acc1 = acc1 * alpha[:, None]
+            acc2 = acc2 * alpha[:, None]
+            pc = p.to(CDT)  # P rounded to the cache's type for the tensor cores, as flash attention does
+            if F32_DOTS:
+                pc = pc.to(tl.float32)
+                acc1 = tl.dot(pc, vt1, acc1, input_precision="ieee")
+                acc2 = tl.dot(pc, vt2, acc2, input_precision="ieee")
+            else:
+                acc1 = tl.dot(pc, vt1, acc1)
+                acc2 = tl.dot(pc, vt2, acc2)
             m_i = m_new
         if SPLIT:  # partial sums; the (row, head)'s last program to finish combines them
             part = pid * nsplit + split
@@ -174,19 +199,26 @@ if HAS_TRITON:
 
 
 @functools.lru_cache(maxsize=8)
-def _programs_target(device: torch.device) -> int:
+def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return TARGET_PROGRAMS
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return CPU_PROGRAMS
 
 
-def _splits(rows: int, slots: int, head_dim: int, itemsize: int, device: torch.device) -> int:
-    """Programs each (row, KV head) is split over: one while its share of the cache is small (one
-    launch), else enough to fill the GPU, each with at least SPLIT_BYTES // 2 of the cache."""
-    share = 2 * slots * head_dim * itemsize
-    if share <= SPLIT_BYTES:
-        return 1
-    return max(1, min(triton.cdiv(_programs_target(device), rows), triton.cdiv(share, SPLIT_BYTES // 2)))
+def _tiles(rep: int, half: int, slots: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_S, BLOCK_D): the query rows and the halves of head_dim padded to the
+    tensor-core dots' 16, and a tile of slots (64 = 16 KiB of bf16 keys and values at head_dim 64)."""
+    block_r = max(16, triton.next_power_of_2(rep))
+    block_d = max(16, triton.next_power_of_2(half))
+    block_s = max(16, min(64 if block_d <= 64 else 32, triton.next_power_of_2(slots)))
+    return block_r, block_s, block_d
+
+
+def _splits(rows: int, slots: int, block_s: int, device: torch.device) -> int:
+    """Programs each of `rows` (row, KV head) pairs is split over: enough for the launch to fill
+    every SM once, each at least one tile of slots (MAX_SPLITS caps it)."""
+    splits = max(1, min(triton.cdiv(slots, block_s), triton.cdiv(_sm_count(device), rows)))
+    return splits if MAX_SPLITS is None else max(1, min(splits, MAX_SPLITS))
 
 
 def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -197,14 +229,8 @@ def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tens
     hk, slots = k_cache.shape[1], k_cache.shape[2]
     rep, half = hq // hk, dim // 2
     out = torch.empty(b, hq, 1, dim, device=q.device, dtype=q.dtype)
-    block_r = max(2, triton.next_power_of_2(rep))
-    block_d = max(2, triton.next_power_of_2(half))
-    # A tile of slots: its four half-tiles of K and V hold 8k float32 values (64 registers a thread at
-    # 4 warps), and the broadcast product (rows x slots x half) takes 8 warps beyond 4k values: the
-    # sizes that compile for sm_90 without spilling (tests/sm90_compile.py).
-    block_s = max(16, min(128, 2048 // block_d, triton.next_power_of_2(slots)))
-    num_warps = 8 if block_r * block_s * block_d > 4096 else 4
-    splits = _splits(b * hk, slots, dim, k_cache.element_size(), q.device)
+    block_r, block_s, block_d = _tiles(rep, half, slots)
+    splits = _splits(b * hk, slots, block_s, q.device)
     split_len = triton.cdiv(triton.cdiv(slots, splits), block_s) * block_s
     splits = triton.cdiv(slots, split_len)
     tickets = ticket_counters(q.device, b * hk) if splits > 1 else None
@@ -227,8 +253,8 @@ def _impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tens
         *(k_cache.stride(i) for i in range(4)), *(v_cache.stride(i) for i in range(4)),
         cos.stride(0), cos.stride(2), sin.stride(0), sin.stride(2), mask.stride(0), mask.stride(-1),
         out.stride(0), out.stride(1), out.stride(3),
-        QK_NORM=norms, SOFTCAP=bool(softcap), SPLIT=splits > 1, BLOCK_P=triton.next_power_of_2(splits),
-        BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=num_warps)
+        QK_NORM=norms, SOFTCAP=bool(softcap), SPLIT=splits > 1, FP32=k_cache.dtype == torch.float32,
+        BLOCK_P=triton.next_power_of_2(splits), BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
     return out
 
 
