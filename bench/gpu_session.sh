@@ -18,6 +18,8 @@
 #   bash bench/gpu_session.sh env dist notebook decode
 #   W_SHAPES=gemma-3-4b W_VARIANTS=offload+compile+graph,offload+compile+graph+mlpchunk2048 bash bench/gpu_session.sh woffload
 #     (MLPs in 2048-token chunks: their 5 x intermediate activations a token for a quarter of W's tokens)
+#   bash bench/gpu_session.sh decode   (default: the one-launch decode attention, split to fill the SMs and
+#     unsplit, against the default path and transformers' static cache, with kernel profiles)
 #   DECODE_ARGS="--shapes llama-3.2-1b --batch 1 --quant 4bit --impls minift,minift-lora" bash bench/gpu_session.sh decode
 #     (QLoRA right after training: adapters in the one-row NF4 kernel's epilogue)
 set -uo pipefail
@@ -71,6 +73,6 @@ for stage in "$@"; do
         python3 bench/notebook.py --steps 3 $([[ $run == *cprofile ]] && echo --cprofile) 2>>"$OUT/firststep.err" | sed "s/^{/{\"cache\": \"$run\", /" \
         | tee -a "$OUT/firststep.jsonl" | cut -c1-600; done ;;
     decode) bw=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200 && echo 4.8e12 || echo 3.35e12)
-      timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-nofuse,minift-lora,hf-static,unsloth} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
+      timeout ${GEN_TIMEOUT:-400} python3 bench/generate.py --bandwidth $bw ${DECODE_ARGS:---shapes llama-3.2-1b --batch 1,8 --impls minift,minift-attn,minift-attn1,hf-static --profile} 2>"$OUT/decode.err" | tee -a "$OUT/decode.jsonl" | tail -12 ;;
   esac
 done

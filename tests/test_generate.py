@@ -263,7 +263,7 @@ def test_fused_decode_attention_equals_transformers(tmp_path, family, monkeypatc
     with minift.ops.backend("triton"):
         assert_same(ours(model, enc, eos_token_id=[]), want)
         assert len(calls) == (NEW - 1) * model.config.num_hidden_layers, "the decode steps did not take the kernel"
-        if family in ("llama", "gemma3_text"):
+        if family == "gemma3_text":  # compiled: the cache written in place inside the graph
             torch._dynamo.reset()
             assert_same(ours(model, enc, eos_token_id=[], compile=True), want)
 
