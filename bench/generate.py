@@ -20,8 +20,8 @@ import sys
 import tempfile
 import time
 
-# also minift-nofuse (decode layers unfused: norms, adds apart), minift-attn[<KiB>] (one-launch decode attention;
-# <KiB>: split over programs above that share of the cache a head) and minift-lora (r=16 adapters, unmerged)
+# also minift-nofuse (decode layers unfused: norms, adds apart), minift-attn[<n>] (one-launch decode attention;
+# <n>: at most n programs a (row, KV head)) and minift-lora (r=16 adapters, unmerged)
 IMPLS = ("minift", "hf", "hf-static", "unsloth")
 
 
@@ -82,8 +82,8 @@ def run_one(path: str, quant: str, impl: str, batches: list[int], prompt: int, n
             from minift.arch.cache import KVCache
 
             KVCache.fused_attention = True
-            if impl[11:]:  # e.g. minift-attn32: the cache split over programs above 32 KiB a head
-                importlib.import_module("minift.ops.decode_attention").SPLIT_BYTES = int(impl[11:]) * 1024
+            if impl[11:]:  # e.g. minift-attn1: one program a (row, KV head), no split
+                importlib.import_module("minift.ops.decode_attention").MAX_SPLITS = int(impl[11:])
 
         model, _ = minift.load(path, dtype=torch.bfloat16, device=dev, load_in_4bit=quant == "4bit",
                                use_name_map=False)

@@ -23,8 +23,8 @@ class KVCache:
     """Keys and values of a batch of `batch` sequences of up to `max_len` tokens.
 
     `fused_attention`: decode steps run each layer's attention as one `ops.decode_attention` launch
-    where it can. Off: on an H100 that kernel still measured slower than RoPE + cache writes + SDPA
-    (bench/RESULTS.md, twentieth session), so it waits for its rework."""
+    where it can. Off until a GPU times it faster than RoPE + cache writes + SDPA: its first version
+    measured slower on an H100, and its rework is untimed (bench/RESULTS.md, twentieth session)."""
 
     fused_attention = False
 

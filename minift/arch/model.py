@@ -138,11 +138,11 @@ class Attention(nn.Module):
         out = attention(q, k, v, mask, cfg.attn_scale, cfg.attn_logit_softcapping)
         return out.transpose(1, 2).reshape(b, s, -1)
 
-
     def _decode_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor, mask: Mask, cache: KVCache) -> torch.Tensor:
-        """A decode step's q/k norms, RoPE, cache write and attention in one launch: the same
-        arithmetic as the unfused path, up to float32 summation order."""
+        """A decode step's q/k norms, RoPE, cache write and attention in one launch: the unfused
+        path's arithmetic up to float32 summation order (16-bit: the probabilities rounded for the
+        tensor cores, as SDPA's flash kernels round them)."""
         cfg = self.cfg
         keys, values, slot = cache.decode_target(self.layer_idx)
         norms = {}
