@@ -166,10 +166,14 @@ def run_one(path: str, quant: str, steps: int, sets: dict, prof: bool, phases: b
 
 
 def _cprofiled(fn, *args, n: int = 40):
-    """Run fn under cProfile; return its result and the n functions with the most cumulative and
-    the most own time, as "file:line(function)": [calls, seconds]."""
+    """Run fn under cProfile, minift and its imports loaded first (so module imports and op
+    registration stay out of it); return its result and the n functions with the most cumulative
+    and the most own time, and minift's own functions by cumulative time, as
+    "file:line(function)": [calls, seconds]."""
     import cProfile
     import pstats
+
+    import minift.train  # noqa: F401  (torch, transformers and the ops come with it)
 
     prof = cProfile.Profile()
     res = prof.runcall(fn, *args)
@@ -179,11 +183,11 @@ def _cprofiled(fn, *args, n: int = 40):
         f, line, func = k
         return f"{'/'.join(f.split('/')[-3:])}:{line}({func})"
 
-    def top(col):
-        rows = sorted(stats.items(), key=lambda kv: kv[1][col], reverse=True)[:n]
+    def top(col, keep=lambda k: True):
+        rows = sorted((kv for kv in stats.items() if keep(kv[0])), key=lambda kv: kv[1][col], reverse=True)[:n]
         return {name(k): [v[1], round(v[col], 2)] for k, v in rows}
 
-    return res, {"cumulative": top(3), "own": top(2)}
+    return res, {"cumulative": top(3), "own": top(2), "minift": top(3, lambda k: "/minift/" in k[0])}
 
 
 def run_unsloth(path: str, quant: str, steps: int) -> dict:
