@@ -72,6 +72,7 @@ if HAS_TRITON:
         # float32 operands and IEEE dots for a float32 cache, and under the interpreter (whose 16-bit
         # dots are not exact; the values are the same: 16-bit operands, float32 sums)
         F32_DOTS: tl.constexpr = _INTERP | FP32
+        PRECISION: tl.constexpr = "ieee" if F32_DOTS else "tf32"  # tf32: unused by 16-bit operands
         d = tl.arange(0, BLOCK_D)
         dmask = d < HALF
         c1 = tl.load(COS + b * sc_b + d * sc_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
@@ -132,11 +133,8 @@ if HAS_TRITON:
                 kt2 = kt2.to(tl.float32)
                 vt1 = vt1.to(tl.float32)
                 vt2 = vt2.to(tl.float32)
-                sc = tl.dot(q1, tl.trans(kt1), input_precision="ieee")
-                sc = tl.dot(q2, tl.trans(kt2), sc, input_precision="ieee")
-            else:
-                sc = tl.dot(q1, tl.trans(kt1))
-                sc = tl.dot(q2, tl.trans(kt2), sc)
+            sc = tl.dot(q1, tl.trans(kt1), input_precision=PRECISION)
+            sc = tl.dot(q2, tl.trans(kt2), sc, input_precision=PRECISION)
             sc = sc * scale
             if SOFTCAP:
                 sc = _softcap(sc, cap, inv_cap)
@@ -150,11 +148,8 @@ if HAS_TRITON:
             pc = p.to(CDT)  # P rounded to the cache's type for the tensor cores, as flash attention does
             if F32_DOTS:
                 pc = pc.to(tl.float32)
-                acc1 = tl.dot(pc, vt1, acc1, input_precision="ieee")
-                acc2 = tl.dot(pc, vt2, acc2, input_precision="ieee")
-            else:
-                acc1 = tl.dot(pc, vt1, acc1)
-                acc2 = tl.dot(pc, vt2, acc2)
+            acc1 = tl.dot(pc, vt1, acc1, input_precision=PRECISION)
+            acc2 = tl.dot(pc, vt2, acc2, input_precision=PRECISION)
             m_i = m_new
         if SPLIT:  # partial sums; the (row, head)'s last program to finish combines them
             part = pid * nsplit + split
